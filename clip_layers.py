@@ -1,0 +1,244 @@
+"""
+CLIP's two encoders, written out as plain loops over CLIP's own residual blocks, with a hook at the input of every
+layer through which a prompt-learning method inserts, replaces or removes prompt tokens.
+
+This is the only file of the project that knows CLIP's internals (attribute names of OpenAI's `clip/model.py`).
+The methods (mpl.py, isp.py) only ever see:
+
+    encode_text(clip_model, x, eot, hook)   x: token embeddings with prompts already placed, (n_cls, 77, 512)
+    encode_image(clip_model, images, hook)  images: (N, 3, 224, 224)
+    hook(layer, x) -> x                     called at the *input* of layer `layer`, x batch-first (N, L, D)
+
+Nothing here is a fork of CLIP: the blocks are CLIP's stock `ResidualAttentionBlock`s with their stock parameter names,
+so stock checkpoints load with `strict=True`. We only re-write the *call* of a block (`residual_block` below), so that
+  1. attention runs through `F.scaled_dot_product_attention` (fused kernels on GPU, same math as
+     `nn.MultiheadAttention` with the block's own in/out projection weights), and
+  2. the tensors stay batch-first, so no NLD <-> LND permutes are needed around the hooks.
+
+The text sequence is cut right after the last end-of-text (EOT) token of the prompts in hand. Under CLIP's causal mask
+no token attends to a later one, so the EOT feature (the only one CLIP reads out) is exactly the same as with all 77
+positions, and the work shrinks with the prompt length: "a photo of a dog." is 7 tokens, not 77.
+
+References: OpenAI CLIP, clip/model.py (https://github.com/openai/CLIP); the equations are those of the transformer
+(Vaswani et al. 2017) in CLIP's pre-LayerNorm form.
+
+Shapes in comments are for ViT-B/16: text width 512, context 77; vision width 768, 14 x 14 = 196 patches + 1 CLS = 197
+tokens. Letters: N images, C classes (text sequences), L sequence length, D width, h heads. No width is hard-coded:
+everything is read from the model in hand, so the tiny random CLIP of the tests runs the same code.
+"""
+import hashlib
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+with warnings.catch_warnings():  # clip imports pkg_resources, which warns about its own deprecation on every run
+    warnings.simplefilter("ignore")
+    import clip
+    from clip.model import CLIP
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading: the real `clip.load`, with errors that say what to do
+
+def _cached_weights_path(name):
+    """Where `clip.load(name)` looks for (and would download) the weights of a named model."""
+    url = clip.clip._MODELS[name]
+    return os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)), url.split("/")[-2]
+
+
+def load_clip(name_or_path="ViT-B/16", device="cpu"):
+    """Load an OpenAI CLIP (a model name such as "ViT-B/16", or the path of a local .pt file) as a frozen fp32 model.
+
+    OpenAI's checkpoints are fp16. We keep the frozen weights in fp32 and decide the compute precision in exactly one
+    place (train.py: autocast on GPU, or `--precision fp16` for the official pure-fp16 setting).
+    """
+    if name_or_path in clip.available_models():
+        path, sha256 = _cached_weights_path(name_or_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"CLIP weights for '{name_or_path}' are not on this machine: expected {path}. Download them where you "
+                f"have internet (python -c \"import clip; clip.load('{name_or_path}')\" writes that file), copy the "
+                f"file there, or pass its location with --clip /path/to/{os.path.basename(path)}.")
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != sha256:
+                raise RuntimeError(f"CLIP weights file {path} is corrupt (SHA256 does not match OpenAI's); it is most "
+                                   f"likely a truncated download. Delete it and download it again.")
+    elif not os.path.isfile(name_or_path):
+        raise FileNotFoundError(
+            f"--clip {name_or_path!r} is neither a CLIP model name ({', '.join(clip.available_models())}) nor an "
+            f"existing file. For ViT-B/16 put ViT-B-16.pt in ~/.cache/clip/ or pass --clip /path/to/ViT-B-16.pt.")
+    try:
+        model, _ = clip.load(name_or_path, device="cpu", jit=False)
+    except Exception as e:  # a truncated or foreign file fails deep inside torch.load / build_model
+        raise RuntimeError(f"could not read CLIP weights from {name_or_path!r}: the file is corrupt or not an OpenAI "
+                           f"CLIP checkpoint ({type(e).__name__}: {e})") from e
+    if not hasattr(model.visual, "conv1"):
+        raise ValueError(f"{name_or_path}: only the ViT CLIP backbones are supported, not the ResNet ones")
+    return freeze(model.float().to(device))
+
+
+# Architectures of random CLIPs, for tests and bench.py: same class, same code path as the real weights.
+RANDOM_CLIPS = {
+    # ViT-B/16 (149.6 M parameters): text 12 x 512, vision 12 x 768 on 224 x 224 images with 16 x 16 patches
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                     transformer_layers=12),
+    # tiny (3.6 M): 4 layers of width 64 in both towers, 32 x 32 images with 8 x 8 patches (16 patches + CLS)
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=4),
+}
+
+
+def random_clip(arch="tiny", seed=0, device="cpu"):
+    """A randomly initialised CLIP, frozen fp32, built through `clip.model.build_model(state_dict)` exactly as real
+    weights are (so heads = width // 64 and the fp16 round trip of OpenAI's checkpoints both happen)."""
+    torch.manual_seed(seed)
+    state_dict = CLIP(**RANDOM_CLIPS[arch]).state_dict()
+    return freeze(clip.model.build_model(state_dict).float().to(device))
+
+
+def freeze(model):
+    """Eval mode and no gradients for every CLIP parameter. The prompt modules live outside CLIP."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def widths(clip_model):
+    """(text width, vision width), e.g. (512, 768) for ViT-B/16, read from the weights."""
+    return clip_model.ln_final.weight.shape[0], clip_model.visual.conv1.weight.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One residual attention block, called through its stock parameters
+
+def attention(attn: nn.MultiheadAttention, x, causal):
+    """Multi-head self-attention with the weights of CLIP's `nn.MultiheadAttention`, through fused SDPA.
+
+    Same math as `attn(x, x, x, attn_mask=causal_mask)`: q, k, v = x W_in^T + b_in; softmax(q k^T / sqrt(d_h)) v per
+    head; output projection. CLIP's causal mask (-inf above the diagonal) is exactly SDPA's `is_causal`.
+    """
+    N, L, D = x.shape                                   # text (C, L<=77, 512) / vision (N, 197 + prompts, 768)
+    h = attn.num_heads                                  # 8 / 12
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)    # 3 x (N, L, D)
+    q, k, v = (t.view(N, L, h, D // h).transpose(1, 2) for t in (q, k, v))            # (N, h, L, D/h)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                      # (N, h, L, D/h)
+    y = y.transpose(1, 2).reshape(N, L, D)                                             # (N, L, D)
+    return F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
+
+
+def residual_block(block, x, causal):
+    """CLIP's `ResidualAttentionBlock.forward` (pre-LN), batch-first: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    x = x + attention(block.attn, block.ln_1(x), causal)
+    x = x + block.mlp(block.ln_2(x))
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text encoder
+
+def token_embedding(clip_model, ids):
+    """Token ids (C, 77) -> frozen token embeddings (C, 77, 512). Prompt methods overwrite some rows of the result."""
+    return clip_model.token_embedding(ids)
+
+
+def eot_index(ids):
+    """Position of the end-of-text token of each sequence. EOT has the largest id of CLIP's vocabulary (49407), so
+    argmax finds it (CLIP model.py does the same)."""
+    return ids.argmax(dim=-1)
+
+
+def encode_text(clip_model, x, eot, hook=None, cut=True):
+    """Text features of prompts given as token embeddings.
+
+    x:    (C, 77, 512) token embeddings, the layer-0 prompts already written into them (before the positional
+          embedding is added, as CoOp / MaPLe / MPL do);
+    eot:  (C,) EOT positions (`eot_index(ids)`);
+    hook: hook(layer, x) -> x at the input of every block, x (C, L, 512); deep prompts replace rows there;
+    cut:  drop the positions after the last EOT (exact under the causal mask). `cut=False` runs all 77.
+    Returns (C, E) features, E = 512 for ViT-B/16, not normalised.
+    """
+    L = int(eot.max()) + 1 if cut else x.shape[1]
+    x = x[:, :L] + clip_model.positional_embedding[:L].to(x.dtype)      # (C, L, 512), L = 77 when not cut
+    for i, block in enumerate(clip_model.transformer.resblocks):
+        if hook is not None:
+            x = hook(i, x)                                                # (C, L, 512): text prompts keep L fixed
+        x = residual_block(block, x, causal=True)
+    x = clip_model.ln_final(x)
+    # CLIP pools the EOT token: under the causal mask it is the only position that has seen the whole sentence.
+    x = x[torch.arange(x.shape[0], device=x.device), eot]                 # (C, 512)
+    return x @ clip_model.text_projection.to(x.dtype)                    # (C, 512)
+
+
+def encode_text_ids(clip_model, ids, hook=None, cut=True):
+    """Frozen-token text features straight from token ids (C, 77): CLIP's `encode_text`, through our blocks."""
+    return encode_text(clip_model, token_embedding(clip_model, ids), eot_index(ids), hook=hook, cut=cut)
+
+
+def tokenize(texts, context_length=77):
+    """`clip.tokenize` with an error that names the offending text."""
+    try:
+        return clip.tokenize(texts, context_length=context_length)
+    except RuntimeError as e:
+        raise ValueError(f"prompt too long for CLIP's context of {context_length} tokens: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image encoder
+
+def encode_image(clip_model, images, hook=None):
+    """Image features; hook(layer, x) edits the token sequence at the input of every layer.
+
+    The hook at layer 0 sees the sequence after the positional embedding and *before* `ln_pre`: this is where the
+    official MaPLe / IVLP / MPL code appends its first vision prompts (they get no positional embedding, but they do go
+    through ln_pre). At layers >= 1 it sees the input of block i. The sequence may grow or shrink between layers.
+    Returns (N, E) features from the CLS token, not normalised.
+    """
+    v = clip_model.visual
+    x = v.conv1(images.to(v.conv1.weight.dtype))                         # (N, 768, 14, 14) patch embeddings
+    x = x.flatten(2).transpose(1, 2)                                      # (N, 196, 768)
+    cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)         # (N, 1, 768)
+    x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)   # (N, 197, 768)
+    if hook is not None:
+        x = hook(0, x)                                                    # (N, 197 + prompts, 768)
+    x = v.ln_pre(x)
+    for i, block in enumerate(v.transformer.resblocks):
+        if hook is not None and i > 0:
+            x = hook(i, x)                                                # (N, 197 + prompts at layer i, 768)
+        x = residual_block(block, x, causal=False)
+    x = v.ln_post(x[:, 0])                                                # (N, 768) CLS token
+    return x @ v.proj.to(x.dtype)                                         # (N, 512)
+
+
+def n_layers(clip_model):
+    """(text layers, vision layers), 12 and 12 for ViT-B/16."""
+    return len(clip_model.transformer.resblocks), len(clip_model.visual.transformer.resblocks)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Zero-shot CLIP: no prompts at all, one hand-written template per dataset (CoOp's zsclip.py)
+
+def cosine_logits(image_features, text_features, logit_scale):
+    """CLIP's classifier: scaled cosine similarity, (N, E) x (C, E) -> (N, C). logit_scale.exp() = 100 for CLIP."""
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+    return logit_scale.exp() * image_features @ text_features.t()
+
+
+class ZeroShotCLIP(nn.Module):
+    """The zero-shot baseline: text features of `template.format(classname)`, computed once; nothing trains."""
+
+    def __init__(self, clip_model, classnames, template="a photo of a {}."):
+        super().__init__()
+        self.clip = clip_model
+        ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
+        with torch.no_grad():
+            self.register_buffer("text_features", encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device)),
+                                 persistent=False)
+
+    def forward(self, images):
+        return cosine_logits(encode_image(self.clip, images), self.text_features, self.clip.logit_scale)

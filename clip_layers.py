@@ -71,10 +71,20 @@ def load_clip(name_or_path="ViT-B/16", device="cpu"):
             f"--clip {name_or_path!r} is neither a CLIP model name ({', '.join(clip.available_models())}) nor an "
             f"existing file. For ViT-B/16 put ViT-B-16.pt in ~/.cache/clip/ or pass --clip /path/to/ViT-B-16.pt.")
     try:
-        model, _ = clip.load(name_or_path, device="cpu", jit=False)
-    except Exception as e:  # a truncated or foreign file fails deep inside torch.load / build_model
-        raise RuntimeError(f"could not read CLIP weights from {name_or_path!r}: the file is corrupt or not an OpenAI "
-                           f"CLIP checkpoint ({type(e).__name__}: {e})") from e
+        with warnings.catch_warnings():  # torch.jit.load warns that it is deprecated
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(name_or_path, device="cpu", jit=False)
+    except Exception as jit_error:
+        # OpenAI's files are TorchScript archives, which clip.load reads. For a plain state dict (a re-saved or
+        # converted checkpoint) clip.load retries torch.load on a file handle the failed TorchScript read has already
+        # consumed, and fails; so we read such a file ourselves, safely (weights_only), and build the model the same way.
+        try:
+            state_dict = torch.load(name_or_path, map_location="cpu", weights_only=True)
+            model = clip.model.build_model(dict(state_dict))
+        except Exception as e:  # a truncated or foreign file fails deep inside torch.load / build_model
+            raise RuntimeError(f"could not read CLIP weights from {name_or_path!r}: the file is corrupt or not an "
+                               f"OpenAI CLIP checkpoint ({type(jit_error).__name__}: {jit_error}; then "
+                               f"{type(e).__name__}: {e})") from e
     if not hasattr(model.visual, "conv1"):
         raise ValueError(f"{name_or_path}: only the ViT CLIP backbones are supported, not the ResNet ones")
     return freeze(model.float().to(device))
@@ -230,15 +240,22 @@ def cosine_logits(image_features, text_features, logit_scale):
 
 
 class ZeroShotCLIP(nn.Module):
-    """The zero-shot baseline: text features of `template.format(classname)`, computed once; nothing trains."""
+    """The zero-shot baseline: text features of `template.format(classname)`, computed once; nothing trains.
+
+    It follows the same contract as the prompt methods: `encode_classes()` gives what the image side needs from the
+    class set, `forward(images, classes=None)` gives logits (N, C)."""
 
     def __init__(self, clip_model, classnames, template="a photo of a {}."):
         super().__init__()
         self.clip = clip_model
         ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
         with torch.no_grad():
-            self.register_buffer("text_features", encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device)),
-                                 persistent=False)
+            features = encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device))    # (C, 512)
+        self.register_buffer("text_features", features, persistent=False)
 
-    def forward(self, images):
-        return cosine_logits(encode_image(self.clip, images), self.text_features, self.clip.logit_scale)
+    def encode_classes(self):
+        return self.text_features
+
+    def forward(self, images, classes=None):
+        classes = self.encode_classes() if classes is None else classes
+        return cosine_logits(encode_image(self.clip, images), classes, self.clip.logit_scale)

@@ -1,0 +1,256 @@
+"""
+Tests of the patched CLIP encoders, the training loop and the methods, on the CPU with a tiny random CLIP.
+
+    python -m pytest -q
+
+Every test compares against something computed another way (stock CLIP, the full 77-token path, the papers'
+schedule, an uninterrupted run) or against a count, so each one can fail.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip_layers
+import data
+import train
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return clip_layers.random_clip("tiny", seed=0)
+
+
+TEXTS = ["a photo of a dog.", "a photo of a big red striped circle.", "x", "a centered satellite photo of sea."]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# clip_layers: the patched encoders equal stock CLIP
+
+def test_patched_text_encoder_equals_stock(tiny):
+    ids = clip_layers.tokenize(TEXTS)
+    with torch.no_grad():
+        ours, stock = clip_layers.encode_text_ids(tiny, ids), tiny.encode_text(ids)
+    assert ours.shape == (len(TEXTS), tiny.text_projection.shape[1])
+    assert (ours - stock).abs().max() < 1e-5
+
+
+def test_patched_image_encoder_equals_stock(tiny):
+    torch.manual_seed(0)
+    images = torch.randn(5, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
+    with torch.no_grad():
+        ours, stock = clip_layers.encode_image(tiny, images), tiny.encode_image(images)
+    assert (ours - stock).abs().max() < 1e-5
+
+
+def test_eot_cut_equals_full_77_tokens_with_prompts(tiny):
+    """Cutting after the last EOT is exact under the causal mask, also when a hook rewrites prompt rows per layer."""
+    ids = clip_layers.tokenize(TEXTS)
+    torch.manual_seed(1)
+    deep = torch.randn(len(tiny.transformer.resblocks), 2, tiny.ln_final.weight.shape[0])
+
+    def hook(layer, x):  # replace rows 1..2 (just after SOS) at every layer, as deep text prompts do
+        return torch.cat([x[:, :1], deep[layer].expand(x.shape[0], -1, -1), x[:, 3:]], dim=1)
+
+    x = clip_layers.token_embedding(tiny, ids)
+    eot = clip_layers.eot_index(ids)
+    with torch.no_grad():
+        cut = clip_layers.encode_text(tiny, x, eot, hook=hook, cut=True)
+        full = clip_layers.encode_text(tiny, x, eot, hook=hook, cut=False)
+    assert (cut - full).abs().max() < 1e-5
+    assert int(eot.max()) + 1 < 77 // 4  # and it really is a much shorter sequence
+
+
+def test_image_hook_sees_every_layer_input(tiny):
+    seen = []
+
+    def hook(layer, x):
+        seen.append((layer, x.shape[1]))
+        return torch.cat([x, x[:, :1]], dim=1) if layer == 0 else x  # append one token before ln_pre
+
+    images = torch.randn(2, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
+    clip_layers.encode_image(tiny, images, hook=hook)
+    n_tok = tiny.visual.positional_embedding.shape[0]
+    assert seen == [(0, n_tok)] + [(i, n_tok + 1) for i in range(1, len(tiny.visual.transformer.resblocks))]
+
+
+def test_zeroshot_equals_stock_clip_classifier(tiny):
+    names = ["dog", "red circle", "sea"]
+    model = clip_layers.ZeroShotCLIP(tiny, names, "a photo of a {}.")
+    images = torch.randn(3, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
+    with torch.no_grad():
+        img = tiny.encode_image(images)
+        txt = tiny.encode_text(clip_layers.tokenize([f"a photo of a {n}." for n in names]))
+        img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+        expected = tiny.logit_scale.exp() * img @ txt.t()
+        assert (model(images) - expected).abs().max() < 1e-4
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
+
+
+def test_load_clip_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty ~/.cache/clip
+    with pytest.raises(FileNotFoundError, match=r"ViT-B-16\.pt.*--clip"):
+        clip_layers.load_clip("ViT-B/16")
+    with pytest.raises(FileNotFoundError, match="neither a CLIP model name"):
+        clip_layers.load_clip(str(tmp_path / "nothing.pt"))
+    bad = tmp_path / "ViT-B-16.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        clip_layers.load_clip(str(bad))
+    cache = tmp_path / ".cache" / "clip"
+    cache.mkdir(parents=True)
+    (cache / "ViT-B-16.pt").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="corrupt.*SHA256"):
+        clip_layers.load_clip("ViT-B/16")
+
+
+def test_load_clip_reads_a_real_checkpoint_file(tmp_path, tiny):
+    """A local .pt in OpenAI's layout (a state dict) goes through the real clip.load and comes back frozen fp32."""
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny.state_dict(), path)
+    model = clip_layers.load_clip(str(path))
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    ids = clip_layers.tokenize(TEXTS[:2])
+    with torch.no_grad():
+        assert (model.encode_text(ids) - tiny.encode_text(ids)).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.py: schedule, loop, checkpoints
+
+def test_lr_schedule_matches_dassl_maple():
+    lrs = [train.get_lr(e, 0.0035, 5) for e in range(5)]
+    assert lrs[0] == 1e-5
+    assert np.allclose(lrs, [1e-5, 0.0035, 0.003166, 0.002291, 0.001209], atol=5e-7)
+
+
+def test_promptsrc_last_epoch_lr():
+    assert abs(train.get_lr(19, 0.0025, 20) - 6.1e-5) < 1e-6
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def colour_benchmark(root, n_train=8, n_test=6, size=32, seed=0):
+    """Four classes told apart by colour alone: separable, so a prompt method must beat chance on train data."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "test": []}
+    for label, (name, rgb) in enumerate(COLOURS.items()):
+        for split, n in (("train", n_train), ("test", n_test)):
+            for i in range(n):
+                img = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                path = os.path.join(root, f"{split}_{name}_{i}.png")
+                Image.fromarray(img).save(path)
+                splits[split].append(data.Datum(path, label, name))
+    return data.Benchmark("colours", splits["train"], [], splits["test"], list(COLOURS), "a photo of a {}.")
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return colour_benchmark(str(tmp_path_factory.mktemp("colours")))
+
+
+def run(tmp_path, tiny, colours, *flags, name="run"):
+    argv = ["--method", "maple", "--subsample", "all", "--output", str(tmp_path / name), "--epochs", "3",
+            "--depth", "2", *flags]
+    return train.main(argv, clip_model=tiny, benchmarks={"all": colours})
+
+
+def test_training_lowers_loss_and_beats_chance(tmp_path, tiny, colours, capsys):
+    """maple on four colour classes: the per-sample loss falls, and accuracy on the training images beats chance."""
+    args = train.get_args(["--method", "maple", "--depth", "2"])
+    torch.manual_seed(0)
+    model = train.build_model(args, tiny, colours.classnames, colours.template)
+    loader = train.make_loader(colours.train, data.test_transform(32), 32, False, 0)
+    images, labels, _ = next(iter(loader))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    losses = []
+    for _ in range(30):
+        loss = train.loss_fn(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        acc = (model(images).argmax(-1) == labels).float().mean().item()
+    assert losses[-1] < 0.5 * losses[0]
+    assert acc > 0.5  # chance is 0.25
+
+
+def test_run_writes_results_and_a_small_weights_only_checkpoint(tmp_path, tiny, colours):
+    res = run(tmp_path, tiny, colours)
+    assert set(res["accuracy"]) == {"all"}
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    assert saved["accuracy"] == res["accuracy"] and saved["trainable_params"] == res["trainable_params"] > 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 3
+    assert sum(v.numel() for v in ckpt["params"].values()) == res["trainable_params"]  # no frozen CLIP inside
+    # an existing run is never overwritten silently
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        run(tmp_path, tiny, colours)
+    # --eval-only --load gives back the same accuracy from the checkpoint alone
+    res2 = run(tmp_path, tiny, colours, "--eval-only", "--load", str(tmp_path / "run" / "checkpoint.pt"), name="ev")
+    assert res2["accuracy"] == res["accuracy"]
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny, colours, monkeypatch):
+    run(tmp_path, tiny, colours, name="full")
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["params"]
+
+    calls = {"n": 0}
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, ckpt):  # the process dies right after epoch 2's checkpoint
+        real_save(path, ckpt)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny, colours, name="cut")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    run(tmp_path, tiny, colours, "--resume", name="cut")
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["params"]
+    assert resumed.keys() == full.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_base_to_new_rebuilds_with_new_classnames(tmp_path, tiny, colours):
+    base = data.Benchmark("colours", [d for d in colours.train if d.label < 2], [],
+                          [d for d in colours.test if d.label < 2], colours.classnames[:2], colours.template)
+    relabel = lambda items: [data.Datum(d.impath, d.label - 2, d.classname) for d in items if d.label >= 2]
+    new = data.Benchmark("colours", [], [], relabel(colours.test), colours.classnames[2:], colours.template)
+    res = train.main(["--method", "maple", "--output", str(tmp_path / "b2n"), "--epochs", "2", "--depth", "2"],
+                     clip_model=tiny, benchmarks={"base": base, "new": new})
+    b, n, hm = res["accuracy"]["base"], res["accuracy"]["new"], res["accuracy"]["hm"]
+    assert math.isclose(hm, 2 * b * n / (b + n)) if b + n else hm == 0
+    # the new accuracy is that of the base-trained prompts on the new classes, checked by hand
+    args = train.get_args(["--method", "maple", "--depth", "2"])
+    model = train.build_model(args, tiny, new.classnames, new.template)
+    train.load_prompts(model, str(tmp_path / "b2n" / "checkpoint.pt"), "maple")
+    assert train.evaluate(model, new.test, argparse_ns(args), train.nullcontext) == n
+
+
+def argparse_ns(args):
+    args.workers = 0
+    return args
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "mpl", "maple", "ivlp", "isp"])
+def test_only_method_parameters_train(method, tiny):
+    """CLIP is frozen; what trains is exactly the method's own parameters (counts per method are in their tests)."""
+    args = train.get_args(["--method", method])
+    model = train.build_model(args, tiny, ["a", "b", "c"], "a photo of a {}.")
+    assert all(not p.requires_grad for p in tiny.parameters())
+    clip_ids = {id(p) for p in tiny.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    own = [p for p in model.parameters() if id(p) not in clip_ids]
+    assert {id(p) for p in trainable} == {id(p) for p in own}
+    assert (len(trainable) == 0) == (method == "zeroshot")

@@ -1,0 +1,391 @@
+"""
+Train and evaluate prompt learning on a frozen CLIP: one plain loop for every method of this project.
+
+    python train.py --method mpl --shots 16                                     # the built-in mini world, CPU, minutes
+    python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16  # the paper's base-to-new, one seed
+    python train.py --method isp --help                                         # every flag, the method's included
+
+Methods (all presets of two files plus zero-shot):
+    zeroshot  CLIP with CoOp's hand-written template of the dataset, no training
+    mpl       Modular Prompt Learning (mpl.py), official vit_b4_c1_add2_rm1 recipe
+    maple     MaPLe = mpl.py with one add and n_ctx removes per layer (every deep layer replaces its prompts)
+    isp       Integrated Structural Prompts + sample probing (isp.py), PromptSRC's recipe
+    ivlp      IVLP deep prompts = isp.py with its structural modules and sample probing off
+
+The protocol is the papers' (protocol.md 3): SGD (momentum 0.9, weight decay 5e-4), a per-epoch cosine schedule after
+one warm-up epoch at a constant 1e-5, drop_last, the last-epoch model, top-1 micro accuracy. `--subsample base2new`
+(the default) trains on the base classes, then evaluates the same prompts on the base test set and, rebuilt with the
+new class names, on the new test set, and reports HM = 2BN / (B + N).
+
+What this file is not: no multi-GPU, no config files, no trainer registry. A run writes into its own directory:
+checkpoint.pt (only the trainable prompt parameters, kilobytes) and results.json.
+"""
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clip_layers
+import data
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Methods and their training recipes (protocol.md 3.4). Each prompt method is a (file, class, preset) triple: the preset
+# is a config of that file (mpl.PRESETS / isp.PRESETS), so the baselines are settings, not code.
+
+RECIPES = {  # method: (module, model class, lr, epochs, batch size)   source
+    "zeroshot": (None, None, 0.0, 0, 4),          # no training
+    "mpl": ("mpl", "MPL", 0.0035, 5, 4),          # MPL configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml + scripts
+    "maple": ("mpl", "MPL", 0.0035, 5, 4),        # MaPLe vit_b16_c2_ep5_batch4_2ctx.yaml
+    "isp": ("isp", "ISP", 0.0025, 20, 4),         # INFERRED (isp.md 4): PromptSRC vit_b16_c2_ep20_batch4_4+4ctx
+    "ivlp": ("isp", "ISP", 0.0025, 20, 4),        # PromptSRC's IVLP 4+4 baseline, same recipe
+}
+# --cross-dataset: the settings for training on ImageNet (all classes) and transferring (protocol.md 3.4).
+CROSS_DATASET = {
+    "mpl": dict(depth=3, lr=0.0026, epochs=2),    # MPL vit_b4_c1_add2_rm1_cross_datasets
+    "maple": dict(depth=3, lr=0.0026, epochs=2),  # MaPLe ..._2ctx_cross_datasets
+    "isp": dict(depth=3),                         # PromptSRC ..._cross_datasets keeps lr 0.0025, 20 epochs
+    "ivlp": dict(depth=3),
+    "zeroshot": dict(),
+}
+WARMUP_LR = 1e-5  # Dassl ConstantWarmupScheduler, cons_lr, 1 epoch (protocol.md 3.3)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="mpl", choices=list(RECIPES), help="which method (default mpl)")
+    p.add_argument("--dataset", default=None, help="a CoOp dataset (eurosat, imagenet, ...; see data.py); "
+                   "default: the built-in mini world, which needs no download")
+    p.add_argument("--root", default=os.environ.get("DATA", "data"), help="$DATA, the CoOp dataset tree")
+    p.add_argument("--shots", type=int, default=16, help="training images per class (Dassl few-shot draw)")
+    p.add_argument("--seed", type=int, default=1, help="the papers use seeds 1, 2, 3")
+    p.add_argument("--subsample", default="base2new", choices=["base2new", "all", "base", "new"],
+                   help="base2new: train on base classes, test on base and new (default); all/base/new: train and "
+                        "test on those classes")
+    p.add_argument("--epochs", type=int, default=None, help="default: the method's recipe")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate; default: the method's recipe")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the method's recipe (4)")
+    p.add_argument("--test-batch-size", type=int, default=100)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--cross-dataset", action="store_true",
+                   help="the cross-dataset / domain-generalisation recipe (depth 3; MPL/MaPLe: lr 0.0026, 2 epochs)")
+    p.add_argument("--clip", default=None, help="CLIP model name (ViT-B/16) or path to a local .pt; default ViT-B/16 "
+                   "with --dataset, else the mini world's tiny CLIP")
+    p.add_argument("--output", default=None, help="run directory (default output/<dataset>/<method>/shots<K>_seed<S>)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    p.add_argument("--load", default=None, help="initialise the prompts from a checkpoint (ours, or an official MPL "
+                   "model.pth.tar-N)")
+    p.add_argument("--eval-only", action="store_true", help="no training; evaluate (the prompts of --load)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "amp", "fp16"],
+                   help="auto: fp32 on CPU, bf16 autocast on CUDA. amp: fp16 autocast + GradScaler. fp16: the whole "
+                        "model in fp16 with plain SGD, as the official code runs (for parity checks)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
+    # The method's own hyper-parameters become flags: every field of its config dataclass (mpl.MPLConfig, ...).
+    method = p.parse_known_args(argv)[0].method
+    if RECIPES[method][0] is not None:
+        config_cls = type(importlib.import_module(RECIPES[method][0]).PRESETS[method])
+        group = p.add_argument_group(f"{method} ({config_cls.__name__}; preset values are the defaults)")
+        for f in dataclasses.fields(config_cls):
+            kw = dict(default=None, help=f.metadata.get("help", ""), dest=f"cfg_{f.name}")
+            if f.type in (bool, "bool"):
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                kw["choices"] = f.metadata.get("choices")
+            group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    args = p.parse_args(argv)
+    if args.shots < 1:
+        p.error(f"--shots must be >= 1, got {args.shots}")
+    return args
+
+
+def method_config(args):
+    """The method's config: its preset, then --cross-dataset, then explicit flags (highest priority)."""
+    module = RECIPES[args.method][0]
+    if module is None:
+        return None
+    preset = importlib.import_module(module).PRESETS[args.method]
+    names = {f.name for f in dataclasses.fields(preset)}
+    changes = {k: v for k, v in CROSS_DATASET[args.method].items() if k in names} if args.cross_dataset else {}
+    changes.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None})
+    return dataclasses.replace(preset, **changes)
+
+
+def recipe(args):
+    """(lr, epochs, batch size): flags override --cross-dataset, which overrides the method's recipe."""
+    _, _, lr, epochs, bs = RECIPES[args.method]
+    xd = CROSS_DATASET[args.method] if args.cross_dataset else {}
+    lr, epochs = xd.get("lr", lr), xd.get("epochs", epochs)
+    return (args.lr if args.lr is not None else lr, args.epochs if args.epochs is not None else epochs,
+            args.batch_size if args.batch_size is not None else bs)
+
+
+def build_model(args, clip_model, classnames, template):
+    if args.method == "zeroshot":
+        return clip_layers.ZeroShotCLIP(clip_model, classnames, template)
+    module, cls, *_ = RECIPES[args.method]
+    return getattr(importlib.import_module(module), cls)(clip_model, classnames, method_config(args))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Learning rate and precision
+
+def get_lr(epoch, base_lr, epochs):
+    """LR used during 0-based `epoch` (Dassl, protocol.md 3.3): 1) epoch 0 is a warm-up at a constant 1e-5;
+    2) then cosine annealing over T = epochs, restarted after the warm-up, so it is shifted by one epoch and never
+    reaches 0 (MaPLe, lr 0.0035, 5 epochs: 1e-5, 0.0035, 0.003166, 0.002291, 0.001209)."""
+    if epoch == 0:
+        return WARMUP_LR
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+def precision_setup(precision, device, model):
+    """Precision is decided here and nowhere else. Returns (autocast context factory, GradScaler or None).
+    The prompts are fp32 master weights in every mode but `fp16`, which puts the whole model (frozen CLIP and prompts)
+    in fp16 and trains with plain SGD and no loss scaling, as the official MaPLe/MPL code does."""
+    cuda = device.startswith("cuda")
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "amp") if cuda else "fp32"
+    if precision in ("bf16", "amp") and not cuda:
+        raise ValueError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 (--device is {device})")
+    if precision == "fp16":
+        model.half()  # CLIP's LayerNorm still computes in fp32 internally (clip/model.py)
+    dtype = {"bf16": torch.bfloat16, "amp": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
+    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+    return autocast, scaler, precision
+
+
+def loss_fn(logits, labels, weights=None):
+    """Cross-entropy, optionally weighted per sample (ISP's sample probing): mean_i w_i * CE_i."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return ce.mean() if weights is None else (weights.float() * ce).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: only the trainable tensors and plain values, written atomically, read with weights_only=True
+
+def trainable_state(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def load_trainable(model, params, source):
+    """Load prompt parameters into a model (possibly built for other class names). Every trainable parameter must be
+    given, with its shape; nothing else may be."""
+    own = dict((k, v) for k, v in model.named_parameters() if v.requires_grad)
+    missing, unexpected = sorted(set(own) - set(params)), sorted(set(params) - set(own))
+    wrong = [f"{k}: {tuple(params[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in params and params[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source} does not fit this model ({model.__class__.__name__}): missing {missing}, "
+                         f"unexpected {unexpected}, shape mismatch {wrong}")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(params[k])
+
+
+def save_checkpoint(path, ckpt):
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+
+
+def load_prompts(model, path, method):
+    """--load: a checkpoint of ours ({"params": ...}) or, for mpl/maple, an official Dassl model.pth.tar-N."""
+    ckpt = load_checkpoint(path)
+    if "params" in ckpt:
+        load_trainable(model, ckpt["params"], path)
+    elif "state_dict" in ckpt and method in ("mpl", "maple"):
+        importlib.import_module("mpl").load_official(model, ckpt)
+    else:
+        raise ValueError(f"{path}: not a checkpoint of this project (no 'params') nor an official MPL one")
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def make_loader(items, transform, batch_size, train, workers):
+    return torch.utils.data.DataLoader(data.ImageDataset(items, transform), batch_size=batch_size, shuffle=train,
+                                       drop_last=train and len(items) >= batch_size, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def evaluate(model, items, args, autocast):
+    """Top-1 micro accuracy (%) over `items`. The class side is encoded once, not once per batch."""
+    model.eval()
+    res = model.clip.visual.input_resolution
+    loader = make_loader(items, data.test_transform(res), args.test_batch_size, False, args.workers)
+    correct = 0
+    with autocast():
+        classes = model.encode_classes()
+        for images, labels, _ in tqdm(loader, desc="test", leave=False, disable=None):
+            logits = model(images.to(args.device), classes)
+            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+    return 100.0 * correct / len(items)
+
+
+def train(model, items, args, run_dir, autocast, scaler, ckpt=None):
+    """The loop: per epoch set the LR, then zero_grad -> forward -> loss -> backward -> step for each batch."""
+    lr, epochs, batch_size = recipe(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start = 0
+    if ckpt is not None:  # --resume: the schedule is a function of the epoch, so the epoch is its whole state
+        load_trainable(model, ckpt["params"], "--resume checkpoint")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        start = ckpt["epoch"]
+    loader = make_loader(items, data.train_transform(model.clip.visual.input_resolution), batch_size, True,
+                         args.workers)
+    step_times = []
+    for epoch in range(start, epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(epoch, lr, epochs)
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs} lr {optimizer.param_groups[0]['lr']:.6f}", disable=None)
+        for images, labels, _ in bar:
+            t0 = time.time()
+            images, labels = images.to(args.device), labels.to(args.device)  # clip_layers casts to CLIP's dtype
+            with autocast():
+                logits = model(images)
+                weights = model.sample_weights(images, labels, logits=logits.detach()) \
+                    if hasattr(model, "sample_weights") else None
+            loss = loss_fn(logits, labels, weights)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            step_times.append(time.time() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), dict(
+            params=trainable_state(model), method=args.method, epoch=epoch + 1, config=plain_config(args),
+            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
+            rng=dict(torch=torch.get_rng_state(), python=random.getstate())))
+        print(f"epoch {epoch + 1}/{epochs}  lr {optimizer.param_groups[0]['lr']:.6f}  last loss {loss.item():.4f}")
+    # seconds per step, leaving out the first (warm-up of kernels and allocators)
+    return sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None
+
+
+def plain_config(args):
+    lr, epochs, batch_size = recipe(args)
+    cfg = method_config(args)
+    return dict(args=vars(args), lr=lr, epochs=epochs, batch_size=batch_size,
+                method_config=dataclasses.asdict(cfg) if cfg is not None else None)
+
+
+def prepare_run_dir(args):
+    name = args.dataset or "mini_world"
+    run_dir = args.output or os.path.join("output", name, args.method + ("_xd" if args.cross_dataset else ""),
+                                          f"shots{args.shots}_seed{args.seed}")
+    taken = [f for f in ("checkpoint.pt", "results.json") if os.path.exists(os.path.join(run_dir, f))]
+    if taken and not (args.resume or args.overwrite):
+        raise FileExistsError(f"run directory {run_dir} already holds {', '.join(taken)}; pass --resume to continue "
+                              f"it, --overwrite to replace it, or --output for a new directory")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def main(argv=None, clip_model=None, benchmarks=None):
+    """Run one (method, dataset, seed). Tests and protocol scripts may pass the CLIP model and the benchmarks in
+    (`benchmarks`: {"base": Benchmark, "new": Benchmark} or {"all": ...}); otherwise they are loaded from the flags."""
+    args = get_args(argv)
+    if args.workers is None:
+        args.workers = 4 if args.device.startswith("cuda") else 0
+    run_dir = prepare_run_dir(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    if clip_model is None:
+        if args.dataset or args.clip:
+            clip_model = clip_layers.load_clip(args.clip or "ViT-B/16", args.device)
+        else:
+            clip_model = data.load_world_clip(device=args.device)
+    if args.dataset is None and benchmarks is None:
+        print("no --dataset given: running in the built-in mini world (data.py). For the real benchmark: "
+              "python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16")
+
+    def benchmark(subsample):  # base/new: the few-shot draw over all classes, then the class subsample (data.py)
+        if benchmarks is not None:
+            return benchmarks[subsample]
+        return data.load_benchmark(args.dataset or "mini_world", args.root, args.shots, args.seed, subsample)
+
+    train_on = "base" if args.subsample == "base2new" else args.subsample
+    bench = benchmark(train_on)
+    torch.manual_seed(args.seed)  # prompt initialisation draws from the torch RNG
+    model = build_model(args, clip_model, bench.classnames, bench.template).to(args.device)
+    autocast, scaler, precision = precision_setup(args.precision, args.device, model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.method} on {bench.name} ({train_on} classes): {len(bench.classnames)} classes, {len(bench.train)} "
+          f"training images, {n_trainable:,} trainable parameters, precision {precision}, run directory {run_dir}")
+
+    if args.load:
+        load_prompts(model, args.load, args.method)
+    sec_per_step = None
+    if not args.eval_only and recipe(args)[1] > 0 and n_trainable > 0:
+        last = os.path.join(run_dir, "checkpoint.pt")
+        ckpt = load_checkpoint(last) if args.resume and os.path.exists(last) else None
+        sec_per_step = train(model, bench.train, args, run_dir, autocast, scaler, ckpt)
+
+    acc = {train_on: evaluate(model, bench.test, args, autocast)}
+    if args.subsample == "base2new":  # the same prompts; the model rebuilt with the new class names
+        new = benchmark("new")
+        new_model = build_model(args, clip_model, new.classnames, new.template).to(args.device)
+        load_trainable(new_model, trainable_state(model), "the prompts trained on the base classes")
+        precision_setup(precision, args.device, new_model)
+        acc["new"] = evaluate(new_model, new.test, args, autocast)
+        b, n = acc["base"], acc["new"]
+        acc["hm"] = 2 * b * n / (b + n) if b + n > 0 else 0.0  # harmonic mean, HM = 2BN / (B + N)
+    print(f"{args.method} {bench.name} seed {args.seed}: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+
+    results = dict(method=args.method, dataset=bench.name, seed=args.seed, shots=args.shots,
+                   subsample=args.subsample, accuracy=acc, config=plain_config(args), trainable_params=n_trainable,
+                   sec_per_step=sec_per_step, precision=precision, device=args.device, git_commit=git_commit())
+    tmp = os.path.join(run_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, "results.json"))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,610 @@
+"""
+Datasets for CLIP prompt learning, read the way CoOp reads them and sampled the way Dassl samples them.
+
+All of it in this single file: the 11 base-to-new datasets (ImageNet, Caltech101, OxfordPets, StanfordCars,
+Flowers102, Food101, FGVCAircraft, SUN397, DTD, EuroSAT, UCF101) and the four test-only ImageNet variants
+(V2, Sketch, A, R), read from an unchanged CoOp `$DATA` tree (CoOp's DATASETS.md; spec: protocol.md sec. 1).
+The point is comparability with the published tables, so the parts that decide *which* images a run sees
+are copies of Dassl's behaviour, not improvements on it:
+- the official split files (`split_zhou_*.json`, FGVC's variant files, ImageNet's `classnames.txt` + folders)
+  are required and never regenerated (protocol.md 1.1);
+- the few-shot draw is Dassl's `generate_fewshot_dataset` on Python's `random` seeded with the run's seed
+  (protocol.md 2.1-2.2), and the base/new split is CoOp's `subsample_classes` (protocol.md 2.4).
+Deliberate deviations, each harmless to the comparison: ImageNet file listings are sorted (Dassl used the
+unsorted `os.listdir` order, sec. 2.3), and the few-shot cache is JSON with relative paths under
+`split_fewshot_ref/` (Dassl's `split_fewshot/*.pkl` hold absolute paths and are never touched here).
+
+Usage:
+    bench = load_benchmark("eurosat", root="$DATA", shots=16, seed=1, subsample="base")
+    res = clip_model.visual.input_resolution          # 224 for ViT-B/16; a tiny test CLIP may use 32
+    train_set = ImageDataset(bench.train, train_transform(res))
+    python data.py --check --root $DATA               # what is on disk vs. protocol.md 1.1
+
+Left out: no dataset downloading, no split generation, no Dassl `repeat=True` sampling, no data loaders
+(train.py builds those), no reading of Dassl's pickles.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+# -----------------------------------------------------------------------------
+# Items and the benchmark container
+
+# CLIP's own normalisation (protocol.md 3.1); Dassl's configs use the same numbers.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Datum:
+    impath: str     # absolute path in everything load_benchmark returns
+    label: int      # 0-based; after base/new subsampling, relabelled 0..n_selected-1
+    classname: str  # as the split source spells it (e.g. "american_bulldog"); see Benchmark.classnames
+
+
+@dataclass
+class Benchmark:
+    name: str               # canonical key of DATASETS, e.g. "eurosat"
+    train: list[Datum]      # few-shot (or full) training set; empty for test-only variants
+    val: list[Datum]        # few-shot val (min(shots, 4) per class); ImageNet: the test set, as in CoOp
+    test: list[Datum]       # always the full test split of the selected classes
+    classnames: list[str]   # index == label, "_" already replaced by " " (what every CoOp trainer tokenises)
+    template: str           # hand-crafted zero-shot template, protocol.md 1.4
+
+    @property
+    def num_classes(self):
+        return len(self.classnames)
+
+
+# -----------------------------------------------------------------------------
+# The dataset table: folders, split sources and expected sizes (protocol.md 1.1), templates (1.4)
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    coop_name: str      # CoOp's cfg DATASET.NAME; also accepted as --dataset
+    section: str        # heading of CoOp's DATASETS.md that explains how to prepare it
+    dir: str            # $DATA/<dir>
+    image_dir: str      # relative to $DATA/<dir>; every relative image path is joined to it
+    split_file: str     # the file that defines the split, relative to $DATA/<dir>
+    reader: str         # "json" | "fgvc" | "imagenet" | "imagenet_v2" | "imagenet_folders"
+    template: str
+    classes: int        # expected counts of the full split (protocol.md 1.1), shown by --check
+    train: int
+    val: int            # ImageNet: 0, its val set is the test set
+    test: int
+
+    @property
+    def test_only(self):
+        return self.reader in ("imagenet_v2", "imagenet_folders")
+
+
+DATASETS = {
+    # protocol.md gives ImageNet train as "1.28M"; 1,281,167 is the exact size of the ILSVRC-2012 train set
+    "imagenet": DatasetSpec("ImageNet", "ImageNet", "imagenet", "images", "classnames.txt", "imagenet",
+                            "a photo of a {}.", 1000, 1281167, 0, 50000),
+    "caltech101": DatasetSpec("Caltech101", "Caltech101", "caltech-101", "101_ObjectCategories",
+                              "split_zhou_Caltech101.json", "json", "a photo of a {}.", 100, 4128, 1649, 2465),
+    "oxford_pets": DatasetSpec("OxfordPets", "OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json",
+                               "json", "a photo of a {}, a type of pet.", 37, 2944, 736, 3669),
+    "stanford_cars": DatasetSpec("StanfordCars", "StanfordCars", "stanford_cars", "",
+                                 "split_zhou_StanfordCars.json", "json", "a photo of a {}.", 196, 6509, 1635, 8041),
+    "oxford_flowers": DatasetSpec("OxfordFlowers", "Flowers102", "oxford_flowers", "jpg",
+                                  "split_zhou_OxfordFlowers.json", "json", "a photo of a {}, a type of flower.",
+                                  102, 4093, 1633, 2463),
+    "food101": DatasetSpec("Food101", "Food101", "food-101", "images", "split_zhou_Food101.json", "json",
+                           "a photo of {}, a type of food.", 101, 50500, 20200, 30300),
+    "fgvc_aircraft": DatasetSpec("FGVCAircraft", "FGVCAircraft", "fgvc_aircraft", "images", "variants.txt", "fgvc",
+                                 "a photo of a {}, a type of aircraft.", 100, 3334, 3333, 3333),
+    "sun397": DatasetSpec("SUN397", "SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", "json",
+                          "a photo of a {}.", 397, 15880, 3970, 19850),
+    "dtd": DatasetSpec("DescribableTextures", "DTD", "dtd", "images", "split_zhou_DescribableTextures.json", "json",
+                       "{} texture.", 47, 2820, 1128, 1692),
+    "eurosat": DatasetSpec("EuroSAT", "EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", "json",
+                           "a centered satellite photo of {}.", 10, 13500, 5400, 8100),
+    "ucf101": DatasetSpec("UCF101", "UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "json",
+                          "a photo of a person doing {}.", 101, 7639, 1898, 3783),
+    "imagenet_v2": DatasetSpec("ImageNetV2", "ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val",
+                               "classnames.txt", "imagenet_v2", "a photo of a {}.", 1000, 0, 0, 10000),
+    "imagenet_sketch": DatasetSpec("ImageNetSketch", "ImageNet-Sketch", "imagenet-sketch", "images",
+                                   "classnames.txt", "imagenet_folders", "a photo of a {}.", 1000, 0, 0, 50889),
+    "imagenet_a": DatasetSpec("ImageNetA", "ImageNet-A", "imagenet-adversarial", "imagenet-a", "classnames.txt",
+                              "imagenet_folders", "a photo of a {}.", 200, 0, 0, 7500),
+    "imagenet_r": DatasetSpec("ImageNetR", "ImageNet-R", "imagenet-rendition", "imagenet-r", "classnames.txt",
+                              "imagenet_folders", "a photo of a {}.", 200, 0, 0, 30000),
+}
+
+FEWSHOT_CACHE_DIR = "split_fewshot_ref"  # not Dassl's "split_fewshot/", so its pickles are never overwritten
+SUBSAMPLE_MODES = ("all", "base", "new")
+
+
+def _normalise(name):
+    return name.lower().replace("_", "").replace("-", "").replace(" ", "")
+
+
+# Matching ignores case, "_" and "-", so CoOp's config names (OxfordPets, ImageNetV2, ...) and yaml file names
+# (imagenetv2, imagenet_sketch, ...) resolve by themselves; only the names that differ in words need an entry.
+_ALIASES = {_normalise(k): k for k in DATASETS}
+_ALIASES.update({_normalise(s.coop_name): k for k, s in DATASETS.items()})
+_ALIASES.update({"flowers102": "oxford_flowers"})  # DATASETS.md's heading for OxfordFlowers
+
+
+def resolve_name(name):
+    """Canonical DATASETS key for a --dataset value (canonical key or CoOp name, any case)."""
+    key = _ALIASES.get(_normalise(str(name)))
+    if key is None:
+        raise ValueError(f"Unknown dataset {name!r} (--dataset). Known datasets: {', '.join(DATASETS)}. "
+                         f"CoOp's config names (e.g. OxfordPets, DescribableTextures, ImageNetV2) work too.")
+    return key
+
+
+# -----------------------------------------------------------------------------
+# Reading the CoOp tree (protocol.md 1.1-1.2). Readers return Datum with paths *relative* to the image root;
+# load_benchmark makes them absolute at the very end, so the cache can store exactly what was sampled.
+
+def _listdir(path):
+    # Dassl's listdir_nohidden drops dot-files; we also sort, which Dassl does not do for image files
+    # (sec. 2.3: its ImageNet order was whatever os.listdir returned on the machine that wrote preprocessed.pkl).
+    return sorted(f for f in os.listdir(path) if not f.startswith("."))
+
+
+def _subdirs(path):
+    return [f for f in _listdir(path) if os.path.isdir(os.path.join(path, f))]
+
+
+def _sha256(*chunks):
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk if isinstance(chunk, bytes) else chunk.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _howto(spec):
+    return f"see the {spec.section} section of CoOp's DATASETS.md"
+
+
+def _require_file(spec, ddir, fname, what):
+    path = os.path.join(ddir, fname)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Split file not found: {path}. Expected {what} ({_howto(spec)}). It is required: "
+                                f"a split made up here would not match the published numbers.")
+    return path
+
+
+def _require_image_root(spec, ddir):
+    image_root = os.path.join(ddir, spec.image_dir)
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"Image folder not found: {image_root} (expected $DATA/{spec.dir}/{spec.image_dir} "
+                                f"for --dataset {spec.coop_name}); {_howto(spec)}.")
+    return image_root
+
+
+def _check_images(spec, image_root, items, source):
+    # Dassl's Datum asserts every image file exists, so an incomplete extraction fails at load time, not
+    # mid-training. We do the same, but report all missing files at once.
+    missing = [d.impath for d in items if not os.path.isfile(os.path.join(image_root, d.impath))]
+    if missing:
+        shown = ", ".join(missing[:5])
+        raise FileNotFoundError(f"{len(missing)} of {len(items)} images listed in {source} are missing under "
+                                f"{image_root}: {shown}{', ...' if len(missing) > 5 else ''}. "
+                                f"Re-extract the images; {_howto(spec)}.")
+
+
+def _check_nonempty(splits, source, names):
+    for name in names:
+        if not splits[name]:
+            raise ValueError(f"The {name!r} split read from {source} is empty; expected the full {name} split "
+                             f"of protocol.md 1.1. Check that the file / folders are complete.")
+
+
+def _read_json(spec, ddir):
+    """split_zhou_*.json: {"train"|"val"|"test": [[relpath, label, classname], ...]} (protocol.md 1.2)."""
+    what = f"{spec.split_file}, downloaded from the Google Drive link"
+    path = _require_file(spec, ddir, spec.split_file, what)
+    raw = _read_bytes(path)
+    fmt = 'CoOp\'s split format {"train": [[path, label, classname], ...], "val": [...], "test": [...]}'
+    try:
+        split = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); expected {fmt}.") from None
+    splits = {}
+    for name in ("train", "val", "test"):
+        if not isinstance(split, dict) or not isinstance(split.get(name), list):
+            raise ValueError(f"{path} has no {name!r} list; expected {fmt}.")
+        # list order is kept: the few-shot sampler groups labels in first-appearance order (sec. 2.2)
+        try:
+            splits[name] = [Datum(str(p), int(y), str(c)) for p, y, c in split[name]]
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: an entry of {name!r} is not [path, label, classname]; expected {fmt}.") from None
+    _check_nonempty(splits, path, ("train", "val", "test"))
+    image_root = _require_image_root(spec, ddir)
+    for name in ("train", "val", "test"):
+        _check_images(spec, image_root, splits[name], f"{path} ({name})")
+    return splits, _sha256(raw)
+
+
+def _read_fgvc(spec, ddir):
+    """FGVCAircraft: label = line index in variants.txt; images_variant_<split>.txt lines are '<id> <variant>'."""
+    files = {"variants": _require_file(spec, ddir, "variants.txt", "variants.txt of fgvc-aircraft-2013b/data")}
+    for name in ("train", "val", "test"):
+        fname = f"images_variant_{name}.txt"
+        files[name] = _require_file(spec, ddir, fname, f"{fname} of fgvc-aircraft-2013b/data")
+    raw = {k: _read_bytes(p) for k, p in files.items()}
+    variants = [line.strip() for line in raw["variants"].decode().splitlines() if line.strip()]
+    label_of = {v: i for i, v in enumerate(variants)}
+    splits = {}
+    for name in ("train", "val", "test"):
+        items = []
+        for line in raw[name].decode().splitlines():
+            if not line.strip():
+                continue
+            imid, _, variant = line.strip().partition(" ")
+            if variant not in label_of:
+                raise ValueError(f"Variant {variant!r} in {files[name]} is not a line of {files['variants']}.")
+            items.append(Datum(imid + ".jpg", label_of[variant], variant))
+        splits[name] = items
+    _check_nonempty(splits, os.path.join(ddir, "images_variant_*.txt"), ("train", "val", "test"))
+    image_root = _require_image_root(spec, ddir)
+    for name in ("train", "val", "test"):
+        _check_images(spec, image_root, splits[name], files[name])
+    # the cache key covers every file that defines the split, in a fixed order
+    return splits, _sha256(*(raw[k] for k in ("variants", "train", "val", "test")))
+
+
+def _read_classnames(spec, ddir):
+    """classnames.txt: '<wnid> <class name words...>' per line, in CLIP's ImageNet order (protocol.md 1.2)."""
+    if spec.reader == "imagenet":
+        what = "classnames.txt, downloaded from the Google Drive link"
+    else:
+        what = "a copy of $DATA/imagenet/classnames.txt"
+    path = _require_file(spec, ddir, "classnames.txt", what)
+    names = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                wnid, _, words = line.strip().partition(" ")
+                names[wnid] = words
+    return names, path
+
+
+def _read_wnid_folders(split_dir, prefix, names, names_path):
+    # Label = index of the wnid in the *sorted* folder list (CoOp's ImageNet, -Sketch, -A, -R readers). Only
+    # folders count, which also drops the README.txt that ImageNet-A/-R ship next to their class folders.
+    items = []
+    for label, wnid in enumerate(_subdirs(split_dir)):
+        if wnid not in names:
+            raise ValueError(f"Class folder {os.path.join(split_dir, wnid)} has no line in {names_path}.")
+        for f in _listdir(os.path.join(split_dir, wnid)):
+            items.append(Datum(os.path.join(prefix, wnid, f), label, names[wnid]))
+    return items
+
+
+def _read_imagenet(spec, ddir):
+    """ImageNet: images/{train,val}/<wnid>/*; the val set is the test set (and CoOp's "val")."""
+    names, names_path = _read_classnames(spec, ddir)
+    image_root = _require_image_root(spec, ddir)
+    splits = {}
+    for name, folder in (("train", "train"), ("test", "val")):
+        split_dir = os.path.join(image_root, folder)
+        if not os.path.isdir(split_dir):
+            raise FileNotFoundError(f"ImageNet {folder} folder not found: {split_dir}; {_howto(spec)}.")
+        files = _listdir(split_dir)
+        if files and not _subdirs(split_dir):
+            raise ValueError(f"{split_dir} is flat ({len(files)} files, no class folders). CoOp expects one "
+                             f"folder per wnid, like train/ (val/n01440764/ILSVRC2012_val_*.JPEG); move the val "
+                             f"images into wnid folders first (e.g. with the valprep.sh script used by PyTorch's "
+                             f"ImageNet example).")
+        splits[name] = _read_wnid_folders(split_dir, folder, names, names_path)
+    splits["val"] = []
+    _check_nonempty(splits, os.path.join(image_root, "{train,val}"), ("train", "test"))
+    # Labels are folder indices computed separately for train/ and val/, so both must hold the same wnids.
+    train_wnids, val_wnids = _subdirs(os.path.join(image_root, "train")), _subdirs(os.path.join(image_root, "val"))
+    if train_wnids != val_wnids:
+        raise ValueError(f"{image_root}/train and {image_root}/val hold different class folders "
+                         f"({len(train_wnids)} vs {len(val_wnids)}); labels would not match between them.")
+    # No split file exists, so the cache key hashes what the sampler reads: classnames.txt + the sorted listing.
+    key = _sha256(_read_bytes(names_path), "\n".join(f"{d.impath}\t{d.label}" for d in splits["train"]))
+    return splits, key
+
+
+def _read_imagenet_variant(spec, ddir):
+    """ImageNetV2 (folders 0..999 = line i of classnames.txt) and -Sketch/-A/-R (sorted wnid folders)."""
+    names, names_path = _read_classnames(spec, ddir)
+    image_root = _require_image_root(spec, ddir)
+    if spec.reader == "imagenet_v2":
+        wnids = list(names)
+        absent = [str(y) for y in range(len(wnids)) if not os.path.isdir(os.path.join(image_root, str(y)))]
+        if absent:
+            raise FileNotFoundError(f"{len(absent)} of {len(wnids)} class folders are missing under {image_root}: "
+                                    f"{', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}; {_howto(spec)}.")
+        test = [Datum(os.path.join(str(y), f), y, names[wnid])
+                for y, wnid in enumerate(wnids) for f in _listdir(os.path.join(image_root, str(y)))]
+    else:
+        test = _read_wnid_folders(image_root, "", names, names_path)
+    splits = {"train": [], "val": [], "test": test}
+    _check_nonempty(splits, image_root, ("test",))
+    return splits, None
+
+
+_READERS = {"json": _read_json, "fgvc": _read_fgvc, "imagenet": _read_imagenet,
+            "imagenet_v2": _read_imagenet_variant, "imagenet_folders": _read_imagenet_variant}
+
+
+def read_splits(key, root):
+    """Full train/val/test of one dataset (relative paths) and the split hash used to key the few-shot cache."""
+    spec = DATASETS[key]
+    ddir = os.path.join(root, spec.dir)
+    if not os.path.isdir(ddir):
+        extra = "" if os.path.isdir(root) else f" (--root {root} itself does not exist)"
+        raise FileNotFoundError(f"Dataset folder not found: {ddir}{extra}. --dataset {key} expects "
+                                f"$DATA/{spec.dir} under --root; {_howto(spec)}.")
+    return _READERS[spec.reader](spec, ddir)
+
+
+# -----------------------------------------------------------------------------
+# Few-shot sampling and base/new subsampling, exactly as Dassl/CoOp (protocol.md 2.2, 2.4)
+
+def generate_fewshot(items, num_shots):
+    """Dassl's generate_fewshot_dataset(..., repeat=False) on one data source, drawing from the global `random`.
+
+    Labels are visited in first-appearance order (Dassl's defaultdict keeps insertion order), items within a label
+    keep the split order, and a label with fewer than num_shots items keeps all of them without a draw.
+    """
+    by_label = {}
+    for item in items:
+        by_label.setdefault(item.label, []).append(item)
+    out = []
+    for group in by_label.values():
+        out.extend(random.sample(group, num_shots) if len(group) >= num_shots else group)
+    return out
+
+
+def subsample_classes(*splits, subsample="all"):
+    """CoOp's subsample_classes: sorted labels of the first split, first ceil(n/2) = base, rest = new, relabelled."""
+    if subsample == "all":
+        return splits
+    labels = sorted({d.label for d in splits[0]})
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {y: i for i, y in enumerate(selected)}
+    return tuple([Datum(d.impath, relabel[d.label], d.classname) for d in items if d.label in relabel]
+                 for items in splits)
+
+
+# -----------------------------------------------------------------------------
+# Few-shot cache: JSON, relative paths, keyed by (dataset, shots, seed, split hash) so it cannot go stale.
+# Dassl keys its pickles by (shots, seed) only and stores absolute paths (protocol.md 2.3).
+
+def _cache_path(ddir, key, shots, seed, split_hash):
+    return os.path.join(ddir, FEWSHOT_CACHE_DIR, f"{key}-shot_{shots}-seed_{seed}-split_{split_hash}.json")
+
+
+def _load_cache(path, meta, full):
+    """The cached {train, val} or None. Anything unexpected (edited, truncated, from another split) is a miss."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if any(data.get(k) != v for k, v in meta.items()):
+            return None
+        out = {}
+        for name in full:  # "train" and "val"; ImageNet only "train"
+            items = [Datum(p, int(y), c) for p, y, c in data[name]]
+            if not set(items) <= full[name]:
+                return None
+            out[name] = items
+        return out
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(path, meta, sampled):
+    # Atomic (temp file + os.replace) so an interrupted or concurrent run never leaves half a file behind.
+    # A read-only $DATA (shared cluster storage) is normal: then we just don't cache.
+    data = dict(meta, **{k: [[d.impath, d.label, d.classname] for d in v] for k, v in sampled.items()})
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# The one entry point train.py uses
+
+def load_benchmark(name, root, shots, seed, subsample="all", cache=True):
+    """Read one dataset from the CoOp tree under `root` and return its few-shot, base/new-subsampled Benchmark.
+
+    shots: K images per class (>= 1), or None for the full training split (no draw, no cache).
+    seed:  the run's seed. Right before the draw this function calls random.seed(seed) on Python's *global*
+           `random` and draws nothing from it earlier, so the K-shot sets equal Dassl's for that seed whatever
+           the caller did with `random` before (protocol.md 2.1). The global stream is left advanced by the draw,
+           as in Dassl; on a cache hit it is not touched at all.
+    subsample: "all" | "base" | "new", applied after sampling over all classes (protocol.md 2.4).
+    Test-only variants (imagenet_v2/_sketch/_a/_r) return empty train/val and the full test set; `shots` is
+    validated but unused, and subsample must be "all".
+    """
+    key = resolve_name(name)
+    spec = DATASETS[key]
+    if shots is not None and shots < 1:
+        raise ValueError(f"--shots must be >= 1 (got {shots}); pass shots=None for the full training split.")
+    if subsample not in SUBSAMPLE_MODES:
+        raise ValueError(f"--subsample must be one of {SUBSAMPLE_MODES} (got {subsample!r}).")
+    if spec.test_only and subsample != "all":
+        raise ValueError(f"--dataset {key} is test-only (all classes); --subsample must be 'all' (got {subsample!r}).")
+    root = os.path.abspath(os.path.expanduser(root))
+    ddir = os.path.join(root, spec.dir)
+
+    splits, split_hash = read_splits(key, root)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+
+    if shots is not None and not spec.test_only:
+        if seed is None or seed < 0:
+            # CPython's random.seed(-s) equals random.seed(s), and Dassl does not seed at all for s < 0.
+            raise ValueError(f"--seed must be an int >= 0 when sampling shots (got {seed}).")
+        draws = ("train",) if spec.reader == "imagenet" else ("train", "val")  # CoOp never samples ImageNet val
+        meta = {"dataset": key, "shots": shots, "seed": seed, "split_hash": split_hash}
+        path = _cache_path(ddir, key, shots, seed, split_hash)
+        sampled = _load_cache(path, meta, {k: set(splits[k]) for k in draws}) if cache else None
+        if sampled is None:
+            random.seed(seed)
+            sampled = {"train": generate_fewshot(train, shots)}
+            if "val" in draws:
+                # second draw on the same stream, after train: keeps parity with Dassl's cached pickles
+                sampled["val"] = generate_fewshot(val, min(shots, 4))
+            if cache:
+                _write_cache(path, meta, sampled)
+        train, val = sampled["train"], sampled.get("val", val)
+
+    if spec.reader == "imagenet":
+        val = test  # CoOp: "evaluation on the val set, also used as the val set"
+    train, val, test = subsample_classes(train, val, test, subsample=subsample)
+
+    image_root = os.path.join(ddir, spec.image_dir)
+    train, val, test = ([Datum(os.path.join(image_root, d.impath), d.label, d.classname) for d in items]
+                        for items in (train, val, test))
+    return Benchmark(key, train, val, test, _classnames(train, val, test), spec.template)
+
+
+def _classnames(*splits):
+    # Dassl builds label -> name from train_x; we take the first name seen over train, val, test (identical for
+    # the real splits) so that test-only variants work, and insist on labels 0..n-1 so index == label holds.
+    names = {}
+    for items in splits:
+        for d in items:
+            names.setdefault(d.label, d.classname)
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"Labels are not 0..n-1 (found {sorted(names)[:10]}...); the split file is inconsistent.")
+    # every CoOp trainer does name.replace("_", " ") before tokenising (protocol.md 1.3)
+    return [names[y].replace("_", " ") for y in range(len(names))]
+
+
+# -----------------------------------------------------------------------------
+# Transforms (protocol.md 3.1) and the torch Dataset
+
+def train_transform(resolution):
+    """Dassl's train pipeline at `resolution` (224 for ViT-B/16): bicubic RandomResizedCrop(0.08-1) + flip.
+
+    There is no Resize before the crop: Dassl skips it when random_resized_crop is configured.
+    """
+    return T.Compose([
+        T.RandomResizedCrop(resolution, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(p=0.5),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def test_transform(resolution):
+    """Resize shorter side (bicubic) + CenterCrop, i.e. CLIP's own preprocess, at the model's input resolution."""
+    return T.Compose([
+        T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(resolution),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image, label, index) for a list of Datum; images are read as RGB, like Dassl's read_image."""
+
+    def __init__(self, items, transform):
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        d = self.items[index]
+        with Image.open(d.impath) as img:
+            image = self.transform(img.convert("RGB"))
+        return image, d.label, index
+
+
+# -----------------------------------------------------------------------------
+# `python data.py --check --root $DATA`: what is on disk, against protocol.md 1.1
+
+def check(root, names=None, out=print):
+    """Print one row per dataset (found / missing / error, counts found vs expected); return the rows."""
+    root = os.path.abspath(os.path.expanduser(root))
+    rows, errors = [], []
+    for key in (names or DATASETS):
+        key = resolve_name(key)
+        spec = DATASETS[key]
+        expected = {"classes": spec.classes, "train": spec.train, "val": spec.val, "test": spec.test}
+        found = None
+        if not os.path.isdir(os.path.join(root, spec.dir)):
+            status = "missing"
+        else:
+            try:
+                splits, _ = read_splits(key, root)
+                labels = {d.label for items in splits.values() for d in items}
+                found = {"classes": len(labels), **{k: len(v) for k, v in splits.items()}}
+                status = "ok" if found == expected else "counts differ"
+            except (OSError, ValueError) as e:
+                status = "error"
+                errors.append(f"{key}: {e}")
+        rows.append({"dataset": key, "dir": spec.dir, "status": status, "found": found, "expected": expected})
+
+    def cell(row, k):
+        if row["expected"][k] == 0 and (row["found"] is None or row["found"][k] == 0):
+            return "= test" if (k == "val" and row["dataset"] == "imagenet") else "-"
+        got = "-" if row["found"] is None else str(row["found"][k])
+        return f"{got}/{row['expected'][k]}"
+
+    out(f"root: {root}    (cells are found/expected)")
+    out(f"{'dataset':<16} {'$DATA/<dir>':<22} {'status':<14} {'classes':>10} {'train':>16} {'val':>12} {'test':>12}")
+    for r in rows:
+        out(f"{r['dataset']:<16} {r['dir']:<22} {r['status']:<14} {cell(r, 'classes'):>10} {cell(r, 'train'):>16} "
+            f"{cell(r, 'val'):>12} {cell(r, 'test'):>12}")
+    for e in errors:
+        out(f"error: {e}")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="CoOp dataset tree checks / few-shot split preview.")
+    parser.add_argument("--root", default=os.environ.get("DATA"), help="the CoOp $DATA folder (default: $DATA)")
+    parser.add_argument("--check", action="store_true", help="table of every dataset against protocol.md 1.1")
+    parser.add_argument("--dataset", nargs="*", help="restrict to these datasets (default: all for --check)")
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--subsample", default="all", choices=SUBSAMPLE_MODES)
+    args = parser.parse_args(argv)
+    if args.root is None:
+        parser.error("--root is required (or set $DATA)")
+    if args.check:
+        rows = check(args.root, args.dataset)
+        return 1 if any(r["status"] == "error" for r in rows) else 0
+    if not args.dataset:
+        parser.error("give --check, or --dataset NAME to preview its few-shot split")
+    for name in args.dataset:
+        b = load_benchmark(name, args.root, args.shots, args.seed, args.subsample)
+        print(f"{b.name}: {b.num_classes} classes, train {len(b.train)}, val {len(b.val)}, test {len(b.test)}; "
+              f"template {b.template!r}; first classes: {', '.join(b.classnames[:5])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

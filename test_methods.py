@@ -19,6 +19,9 @@ import clip_layers
 import data
 import train
 
+# Tiny models gain nothing from several threads, and on a loaded 2-core machine OpenMP's spinning threads make them
+# 50x slower; one thread keeps the whole suite (all test files run in this process) fast and steady.
+torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -246,7 +249,7 @@ def argparse_ns(args):
 @pytest.mark.parametrize("method", ["zeroshot", "mpl", "maple", "ivlp", "isp"])
 def test_only_method_parameters_train(method, tiny):
     """CLIP is frozen; what trains is exactly the method's own parameters (counts per method are in their tests)."""
-    args = train.get_args(["--method", method])
+    args = train.get_args(["--method", method] + ([] if method == "zeroshot" else ["--depth", "2"]))
     model = train.build_model(args, tiny, ["a", "b", "c"], "a photo of a {}.")
     assert all(not p.requires_grad for p in tiny.parameters())
     clip_ids = {id(p) for p in tiny.parameters()}
@@ -254,3 +257,24 @@ def test_only_method_parameters_train(method, tiny):
     own = [p for p in model.parameters() if id(p) not in clip_ids]
     assert {id(p) for p in trainable} == {id(p) for p in own}
     assert (len(trainable) == 0) == (method == "zeroshot")
+
+
+def test_nan_loss_stops_with_step_paths_and_lr_and_keeps_checkpoint(tmp_path, tiny, colours, monkeypatch):
+    real_getitem = data.ImageDataset.__getitem__
+    calls = {"n": 0}
+
+    def poisoned(self, index):  # from the third epoch on, one image of every batch is NaN
+        image, label, i = real_getitem(self, index)
+        calls["n"] += 1
+        if calls["n"] > 2 * len(colours.train) and self.transform.__class__.__name__ == "Compose" and index == 0:
+            image = image * float("nan")
+        return image, label, i
+
+    monkeypatch.setattr(data.ImageDataset, "__getitem__", poisoned)
+    with pytest.raises(FloatingPointError) as err:
+        run(tmp_path, tiny, colours, name="nan")
+    msg = str(err.value)
+    assert "loss is nan at epoch 3, step" in msg and colours.train[0].impath in msg
+    assert f"LR {train.get_lr(2, 0.0035, 3):.6g}" in msg
+    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and all(torch.isfinite(v).all() for v in ckpt["params"].values())

@@ -33,6 +33,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 with warnings.catch_warnings():  # clip imports pkg_resources, which warns about its own deprecation on every run
     warnings.simplefilter("ignore")
@@ -162,16 +163,43 @@ def eot_index(ids):
     return ids.argmax(dim=-1)
 
 
-def encode_text(clip_model, x, eot, hook=None, cut=True):
+# Classes per text chunk when a method encodes a large class set (None: all at once). With gradients on, each chunk is
+# also recomputed in the backward pass (activation checkpointing), so the text activations of only one chunk are held
+# at a time: ImageNet's 1000 classes fit where they otherwise take most of the memory. Exact: the same numbers.
+# train.py sets it with --text-chunk; bench.py measures it.
+TEXT_CHUNK = None
+
+
+def encode_text(clip_model, x, eot, hook=None, cut=True, chunk="default"):
     """Text features of prompts given as token embeddings.
 
-    x:    (C, 77, 512) token embeddings, the layer-0 prompts already written into them (before the positional
-          embedding is added, as CoOp / MaPLe / MPL do);
-    eot:  (C,) EOT positions (`eot_index(ids)`);
-    hook: hook(layer, x) -> x at the input of every block, x (C, L, 512); deep prompts replace rows there;
-    cut:  drop the positions after the last EOT (exact under the causal mask). `cut=False` runs all 77.
+    x:     (C, 77, 512) token embeddings, the layer-0 prompts already written into them (before the positional
+           embedding is added, as CoOp / MaPLe / MPL do);
+    eot:   (C,) EOT positions (`eot_index(ids)`);
+    hook:  hook(layer, x) -> x at the input of every block, x (C, L, 512); deep prompts replace rows there;
+    cut:   drop the positions after the last EOT (exact under the causal mask). `cut=False` runs all 77;
+    chunk: encode at most this many classes at a time (default: TEXT_CHUNK). A hook then sees one chunk at a time, so
+           it must treat every class row alike (MPL's and IVLP's do); a method whose hook depends on the class of a row
+           passes chunk=None.
     Returns (C, E) features, E = 512 for ViT-B/16, not normalised.
     """
+    chunk = TEXT_CHUNK if chunk == "default" else chunk
+    if not chunk or x.shape[0] <= chunk:
+        return _encode_text(clip_model, x, eot, hook, cut)
+    # Classes sorted by length, so that each chunk is cut at its own last EOT: long class names do not make every
+    # chunk long. Gradients flow through the checkpoint to the prompts inside x and to the hook's parameters.
+    order = eot.argsort()
+    parts = []
+    for rows in order.split(chunk):
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(_encode_text, clip_model, x[rows], eot[rows], hook, cut,
+                                                           use_reentrant=False))
+        else:
+            parts.append(_encode_text(clip_model, x[rows], eot[rows], hook, cut))
+    return torch.cat(parts)[order.argsort()]                              # back to class order, (C, 512)
+
+
+def _encode_text(clip_model, x, eot, hook, cut):
     L = int(eot.max()) + 1 if cut else x.shape[1]
     x = x[:, :L] + clip_model.positional_embedding[:L].to(x.dtype)      # (C, L, 512), L = 77 when not cut
     for i, block in enumerate(clip_model.transformer.resblocks):

@@ -278,3 +278,24 @@ def test_nan_loss_stops_with_step_paths_and_lr_and_keeps_checkpoint(tmp_path, ti
     assert f"LR {train.get_lr(2, 0.0035, 3):.6g}" in msg
     ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and all(torch.isfinite(v).all() for v in ckpt["params"].values())
+
+
+def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):
+    """Class chunks (sorted by length, each cut at its own EOT, checkpointed) give the same features and gradients."""
+    names = ["dog", "a very long class name with many many words in it", "sea", "red circle", "x y", "cat"] * 3
+    ids = clip_layers.tokenize([f"a photo of a {n}." for n in names])
+    eot = clip_layers.eot_index(ids)
+    prompt = torch.randn(len(tiny.transformer.resblocks), 2, tiny.ln_final.weight.shape[0], requires_grad=True)
+
+    def hook(layer, x):
+        return torch.cat([x[:, :1], prompt[layer].expand(x.shape[0], -1, -1), x[:, 3:]], dim=1)
+
+    grads, feats = [], []
+    for chunk in (None, 4):
+        f = clip_layers.encode_text(tiny, clip_layers.token_embedding(tiny, ids), eot, hook=hook, chunk=chunk)
+        (f ** 2).sum().backward()
+        feats.append(f.detach())
+        grads.append(prompt.grad.clone())
+        prompt.grad = None
+    assert (feats[0] - feats[1]).abs().max() < 1e-5
+    assert (grads[0] - grads[1]).abs().max() < 1e-4 * grads[0].abs().max()

@@ -94,6 +94,8 @@ def get_args(argv=None):
                    help="auto: fp32 on CPU, bf16 autocast on CUDA. amp: fp16 autocast + GradScaler. fp16: the whole "
                         "model in fp16 with plain SGD, as the official code runs (for parity checks)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
+    p.add_argument("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
+                   "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
     p.add_argument("--protocol", default=None, choices=["base2new", "cross_dataset", "domain_generalization"],
                    help="run a whole protocol (every dataset x seed) into --output, then print its tables")
     p.add_argument("--datasets", nargs="+", default=None, help="with --protocol: base2new datasets, or the source "
@@ -344,6 +346,7 @@ def main(argv=None, clip_model=None, benchmarks=None):
     if args.workers is None:
         args.workers = 4 if args.device.startswith("cuda") else 0
     run_dir = prepare_run_dir(args)
+    clip_layers.TEXT_CHUNK = args.text_chunk or None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

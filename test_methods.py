@@ -299,3 +299,67 @@ def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):
         prompt.grad = None
     assert (feats[0] - feats[1]).abs().max() < 1e-5
     assert (grads[0] - grads[1]).abs().max() < 1e-4 * grads[0].abs().max()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Protocols and the summary tables (fake CoOp trees from test_data.py)
+
+def fake_result(protocol, method, dataset, seed, **acc):
+    return dict(protocol=protocol, method=method, dataset=dataset, seed=seed, accuracy=acc,
+                config=dict(args=dict(cross_dataset=False)))
+
+
+def test_summary_means_hm_average_and_missing_seed(tmp_path):
+    runs = [fake_result("base2new", "maple", "eurosat", s, base=b, new=n)
+            for s, b, n in ((1, 90.0, 60.0), (2, 92.0, 64.0), (3, 94.0, 62.0))]
+    runs += [fake_result("base2new", "maple", "dtd", s, base=b, new=n) for s, b, n in ((1, 80.0, 50.0), (2, 82.0, 52.0))]
+    runs += [fake_result("domain_generalization", "maple", t, 1, all=a)
+             for t, a in (("imagenet_v2", 60.0), ("imagenet_sketch", 40.0))]
+    for i, r in enumerate(runs):
+        os.makedirs(tmp_path / str(i))
+        json.dump(r, open(tmp_path / str(i) / "results.json", "w"))
+    text = train.summarize(str(tmp_path))
+    eurosat = next(l for l in text.splitlines() if l.startswith("| eurosat"))
+    hm = 2 * 92 * 62 / (92 + 62)  # HM of the seed means, not the mean of per-seed HMs
+    assert f"| 92.00 ± 2.00 | 62.00 ± 2.00 | {hm:.2f} |" in eurosat
+    assert "| 94.07 / 73.23 / 82.35 | " + f"{hm - 82.35:+.2f} |" in eurosat  # MaPLe's published row beside it
+    dtd = next(l for l in text.splitlines() if l.startswith("| dtd"))
+    assert "missing seed 3" in dtd and "81.00" not in dtd  # never averaged over fewer seeds
+    assert "| **average** | incomplete" in text
+    dg = next(l for l in text.splitlines() if l.startswith("| imagenet_sketch"))
+    assert "| 40.00 ± 0.00 | 49.15 | -9.15 |" in dg
+    assert "| **average (2)** | 50.00 |" in text
+    csv = open(tmp_path / "summary.csv").read().splitlines()
+    assert f"base2new,maple,eurosat,hm,{hm:.4f},,3,82.35" in csv
+    assert os.path.exists(tmp_path / "summary.md")
+
+
+def test_protocols_end_to_end_on_fake_trees(tmp_path, tiny):
+    from test_data import (EUROSAT_COUNTS, EUROSAT_FOLDERS, EUROSAT_NAMES, PETS_COUNTS, PETS_NAMES, make_imagenet,
+                           make_imagenet_r, make_imagenet_v2, make_json_dataset)
+    root = str(tmp_path / "DATA")
+    make_json_dataset(root, "eurosat", EUROSAT_FOLDERS, EUROSAT_NAMES, EUROSAT_COUNTS)
+    make_json_dataset(root, "oxford_pets", PETS_NAMES, PETS_NAMES, PETS_COUNTS, seed=3)
+    make_imagenet(root), make_imagenet_r(root), make_imagenet_v2(root)
+    out = str(tmp_path / "out")
+    flags = ["--method", "maple", "--depth", "2", "--epochs", "1", "--root", root, "--shots", "2"]
+    train.run_protocol("base2new", flags, ["eurosat", "oxford_pets"], [1, 2], out, tiny)
+    for d in ("eurosat", "oxford_pets"):
+        for s in (1, 2):
+            res = json.load(open(os.path.join(out, "base2new", "maple", d, f"seed{s}", "results.json")))
+            assert set(res["accuracy"]) == {"base", "new", "hm"} and res["protocol"] == "base2new"
+    train.run_protocol("cross_dataset", flags, ["imagenet"], [1], out, tiny, targets=["eurosat", "oxford_pets"])
+    train.run_protocol("domain_generalization", flags, ["imagenet"], [1], out, tiny,
+                       targets=["imagenet_r", "imagenet_v2"])
+    src = os.path.join(out, "source", "maple", "imagenet", "seed1")
+    assert sorted(os.listdir(src)) == ["checkpoint.pt", "results.json"]  # trained once, for both protocols
+    for protocol, targets in (("cross_dataset", ["eurosat", "oxford_pets"]),
+                              ("domain_generalization", ["imagenet_r", "imagenet_v2"])):
+        for t in targets:
+            res = json.load(open(os.path.join(out, protocol, "maple", t, "seed1", "results.json")))
+            assert set(res["accuracy"]) == {"all"} and res["source"]["dataset"] == "imagenet"
+            assert res["config"]["args"]["load"] == os.path.join(src, "checkpoint.pt")
+    text = train.summarize(out)
+    assert "### base2new: maple (seeds 1, 2)" in text and "### cross_dataset: maple (seeds 1)" in text
+    assert "### domain_generalization: maple (seeds 1)" in text
+    assert {"summary.md", "summary.csv"} <= set(os.listdir(out))

@@ -416,7 +416,7 @@ DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # d
 WORLD = dict(b2n=["mini_world"], source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
 
 
-def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
+def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None, targets=None):
     """Run every (dataset, seed) of a protocol with the flags `argv` (method, root, clip, ...). Each run has its own
     directory <out>/<protocol>/<method>/<dataset>/seed<S>/; a finished one (results.json present) is skipped and an
     interrupted one resumes from its last epoch, so re-running the same command completes a protocol."""
@@ -438,8 +438,8 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
             src_dir = os.path.join(out, "source", method, source, f"seed{seed}")
             src = _run_once(argv + ["--dataset", source, "--seed", str(seed), "--subsample", "all", "--output",
                                     src_dir], src_dir, clip_model, "source")
-            targets = {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
-                       "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
+            targets = targets or {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
+                                  "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
             for t in targets:
                 run_dir = os.path.join(out, protocol, method, t, f"seed{seed}")
                 results.append(_run_once(argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all",

@@ -104,12 +104,16 @@ def get_args(argv=None):
     p.add_argument("--summary", default=None, metavar="DIR", help="print and write the tables of the results.json "
                    "files under DIR (summary.md, summary.csv, summary.png)")
     # The method's own hyper-parameters become flags: every field of its config dataclass (mpl.MPLConfig, ...).
-    method = p.parse_known_args(argv)[0].method
+    pre = argparse.ArgumentParser(add_help=False)  # a first look at --method, before --help prints everything
+    pre.add_argument("--method", default="mpl", choices=list(RECIPES))
+    method = pre.parse_known_args(argv)[0].method
     if RECIPES[method][0] is not None:
         config_cls = type(importlib.import_module(RECIPES[method][0]).PRESETS[method])
         group = p.add_argument_group(f"{method} ({config_cls.__name__}; preset values are the defaults)")
         for f in dataclasses.fields(config_cls):
             kw = dict(default=None, help=f.metadata.get("help", ""), dest=f"cfg_{f.name}")
+            if f.type not in (bool, "bool"):
+                kw["metavar"] = f.name.upper()
             if f.type in (bool, "bool"):
                 kw["action"] = argparse.BooleanOptionalAction
             else:

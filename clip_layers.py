@@ -119,6 +119,19 @@ def freeze(model):
     return model
 
 
+def to_official_fp16(model):
+    """The official pure-fp16 setting (PREC "fp16" of CoOp / MaPLe / MPL), for parity runs: CLIP's weights as OpenAI
+    ships them (`clip.model.convert_weights`: linear, convolution, attention and projection weights in fp16; LayerNorms
+    and embeddings in fp32, CLIP's LayerNorm computing in fp32) and the method's own parameters in fp16, trained with
+    plain SGD. `model.clip` is the frozen CLIP inside a method's module."""
+    clip_ids = {id(p) for p in model.clip.parameters()}
+    clip.model.convert_weights(model.clip)
+    for p in model.parameters():
+        if id(p) not in clip_ids:
+            p.data = p.data.half()
+    return model
+
+
 def widths(clip_model):
     """(text width, vision width), e.g. (512, 768) for ViT-B/16, read from the weights."""
     return clip_model.ln_final.weight.shape[0], clip_model.visual.conv1.weight.shape[0]
@@ -201,7 +214,8 @@ def encode_text(clip_model, x, eot, hook=None, cut=True, chunk="default"):
 
 def _encode_text(clip_model, x, eot, hook, cut):
     L = int(eot.max()) + 1 if cut else x.shape[1]
-    x = x[:, :L] + clip_model.positional_embedding[:L].to(x.dtype)      # (C, L, 512), L = 77 when not cut
+    x = x[:, :L].to(clip_model.dtype)  # CLIP's own encode_text casts to its weights' dtype: a no-op but in pure fp16
+    x = x + clip_model.positional_embedding[:L].to(x.dtype)             # (C, L, 512), L = 77 when not cut
     for i, block in enumerate(clip_model.transformer.resblocks):
         if hook is not None:
             x = hook(i, x)                                                # (C, L, 512): text prompts keep L fixed
@@ -264,7 +278,7 @@ def cosine_logits(image_features, text_features, logit_scale):
     """CLIP's classifier: scaled cosine similarity, (N, E) x (C, E) -> (N, C). logit_scale.exp() = 100 for CLIP."""
     image_features = image_features / image_features.norm(dim=-1, keepdim=True)
     text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-    return logit_scale.exp() * image_features @ text_features.t()
+    return logit_scale.exp() * image_features @ text_features.to(image_features.dtype).t()
 
 
 class ZeroShotCLIP(nn.Module):

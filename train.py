@@ -176,7 +176,7 @@ def precision_setup(precision, device, model):
     if precision in ("bf16", "amp") and not cuda:
         raise ValueError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 (--device is {device})")
     if precision == "fp16":
-        model.half()  # CLIP's LayerNorm still computes in fp32 internally (clip/model.py)
+        clip_layers.to_official_fp16(model)
     dtype = {"bf16": torch.bfloat16, "amp": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
     scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None

@@ -1,0 +1,271 @@
+"""
+Modular Prompt Learning (MPL) for CLIP, all of it in this single file.
+
+Paper: Zhenhan Huang, Tejaswini Pedapati, Pin-Yu Chen, Jianxi Gao, "Modular Prompt Learning Improves Vision-Language
+Models", ICASSP 2025, arXiv:2502.14125. Official code: github.com/Zhenhan-Huang/Modular-Prompt-Learning (commit cb5f63f),
+`trainers/mpl.py` and `clip/model.py` (`ResidualAttentionBlock_MPL`); it is a fork of MaPLe (Khattak et al., CVPR 2023,
+github.com/muzairkhattak/multimodal-prompt-learning).
+
+Idea. Deep prompting (VPT, IVLP, MaPLe) puts fresh prompt tokens into the input of every prompted layer and throws away
+the prompt tokens that came out of the layer before, so whatever attention wrote into them is lost. MPL edits the
+prompt tokens of the vision sequence with three operations at the input of each deep layer: *remove* (O_rm) drops some
+of the tokens that the previous layer produced, *add* (O_add) appends new ones, and *carry* (O_cr) lets all the others
+go on, so the sequence can grow from layer to layer. The text side is MaPLe's: n_ctx learnable tokens right after SOS,
+replaced at every deep layer by new "compound" prompts; the vision tokens are linear projections of those text prompts
+(MaPLe's V-L coupling), so both towers learn from one set of text prompts.
+
+MaPLe is a preset of the same class: n_add = 1 and n_rm = n_ctx remove exactly what the previous layer added and add as
+many, so every deep layer replaces its prompts and nothing is carried (`PRESETS["maple"]`).
+
+Equation numbers: only the abstract and third-party summaries of the paper were available to us, not the text of its
+method section, so the lines below cite the operations by the paper's names (O_add, O_rm, O_cr) and the official code,
+not equation numbers.
+
+Left out on purpose: the Dassl trainer, YAML configs and the loss (train.py owns the loss, the optimizer, the schedule
+and the precision; the official model returns the CE loss in training mode); the official `.half()` casts and
+hard-coded 512 / 768 widths (read from the model here); ResNet backbones; training on fp16 master weights.
+
+Shapes in comments are for ViT-B/16: text width 512, 77 tokens; vision width 768, 196 patches + CLS = 197 tokens.
+Letters: C classes (text sequences), N images, L sequence length.
+"""
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+import clip_layers
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class MPLConfig:
+    """MPL hyper-parameters. Defaults: the official config `configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml`.
+
+    Per prompted layer l = 1 .. depth-1 the vision sequence changes by n_add * n_ctx - n_rm tokens (+1 by default:
+    198, 199, ..., 206 tokens at the inputs of layers 0..8 of ViT-B/16, then 206). MaPLe is the preset n_ctx = 2,
+    n_add = 1, n_rm = n_ctx (every deep layer replaces its prompts, nothing is carried); see PRESETS.
+    """
+    n_ctx: int = field(default=1, metadata={"help": "learnable text tokens after SOS (and vision tokens per add)"})
+    # ^ official config N_CTX: 1 (train.py's own default is 2, overridden by the YAML)
+    n_add: int = field(default=2, metadata={"help": "O_add: projections of the text prompts added per deep layer"})
+    # ^ official config N_ADD_OP: 2 (each adds n_ctx vision tokens)
+    n_rm: int = field(default=1, metadata={"help": "O_rm: vision tokens removed from the end per deep layer"})
+    # ^ official config N_RM_OP: 1
+    depth: int = field(default=9, metadata={"help": "prompt depth J: prompts at the inputs of layers 0..J-1"})
+    # ^ official config PROMPT_DEPTH: 9 (3 in the cross-dataset config, see CROSS_DATASET)
+    ctx_init: str = field(default="a photo of a", metadata={"help": "fixed words after the learnable tokens"})
+    # ^ official config CTX_INIT: "a photo of a"; the text is "X " * n_ctx + ctx_init + " {class}."
+
+
+PRESETS = {
+    "mpl": MPLConfig(),                              # official vit_b4_c1_add2_rm1
+    # MaPLe's architecture (vit_b16_c2_ep5_batch4_2ctx: 2 tokens, depth 9) run through MPL's code: one projection per
+    # layer and n_rm = n_ctx, so every deep layer replaces its prompts. One difference to the MaPLe repository remains:
+    # MPL's text is "X X a photo of a {class}." with ctx initialised from "X X", where MaPLe writes
+    # "a photo of a {class}." and initialises ctx from "a photo".
+    "maple": MPLConfig(n_ctx=2, n_add=1, n_rm=2),
+}
+
+# Cross-dataset / domain generalisation (official `vit_b4_c1_add2_rm1_cross_datasets.yaml`): shallower prompts. Its LR
+# 0.0026 and 2 epochs are train.py's business.
+CROSS_DATASET = dict(depth=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt learner: every learnable tensor, under the official parameter names
+
+class ModularPromptLearner(nn.Module):
+    """The learnable prompts of MPL. Parameter names are the official ones, so the `prompt_learner.*` keys of an official
+    checkpoint map one to one onto `state_dict()` (token buffers are non-persistent, as the official loader drops them).
+
+      ctx                        (n_ctx, 512)          text prompts of layer 0, initialised from the embedding of "X"
+      proj                       Linear(512 -> 768)    shallow vision prompts proj(ctx), appended at layer 0
+      compound_prompts_text[l]   (n_ctx, 512)          text prompts of layer l+1, N(0, 0.02^2)
+      txt2img_proj[a][l]         Linear(512 -> 768)    a = 0..n_add-1: vision tokens added at layer l+1 (O_add)
+    """
+
+    def __init__(self, clip_model, classnames, *, n_ctx, n_add, n_rm, depth, ctx_init):
+        super().__init__()
+        text_width, vision_width = clip_layers.widths(clip_model)                # 512, 768
+        n_layers = min(clip_layers.n_layers(clip_model))                         # 12
+        if n_ctx < 1 or n_add < 1 or n_rm < 0:  # official: n_add = 0 with depth > 1 crashes (empty cat)
+            raise ValueError(f"MPL needs n_ctx >= 1, n_add >= 1 and n_rm >= 0, got {n_ctx}, {n_add}, {n_rm}")
+        if not 1 <= depth <= n_layers:  # the official code does not check the upper bound; extra prompts go unused
+            raise ValueError(f"MPL prompt depth must be in 1..{n_layers} for this CLIP, got {depth}")
+        if n_rm > n_add * n_ctx:        # asserted by the official code: the vision sequence never shrinks
+            raise ValueError(f"MPL removes at most what it adds: n_rm={n_rm} > n_add * n_ctx = {n_add * n_ctx}")
+        # Not checked, as in the official code: with n_rm > n_ctx the first removal (layer 1) cuts patch tokens,
+        # because at that point only n_ctx prompt tokens sit at the end of the sequence.
+        self.n_ctx, self.n_add, self.n_rm, self.depth = n_ctx, n_add, n_rm, depth
+        device = clip_model.logit_scale.device
+
+        # The official text: n_ctx placeholder words in front of the template, "X a photo of a {class}." by default.
+        # Only the X positions learn; "a photo of a" stays as fixed tokens in the suffix.
+        prefix = " ".join(["X"] * n_ctx) + " " + ctx_init.replace("_", " ")
+        ids = clip_layers.tokenize([f"{prefix} {name}." for name in classnames]).to(device)               # (C, 77)
+        with torch.no_grad():
+            embedding = clip_layers.token_embedding(clip_model, ids)                                        # (C, 77, 512)
+            ctx_vectors = clip_layers.token_embedding(clip_model, clip_layers.tokenize([prefix]).to(device))[0]
+        dtype = embedding.dtype
+
+        # Created in the official order (proj, ctx, compound prompts, projections), so the same torch RNG state on
+        # entry gives the official initial values.
+        self.proj = nn.Linear(text_width, vision_width, dtype=dtype, device=device)
+        self.ctx = nn.Parameter(ctx_vectors[1:1 + n_ctx].clone())                                         # (n_ctx, 512)
+        self.compound_prompts_text = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_ctx, text_width, dtype=dtype, device=device)) for _ in range(depth - 1)])
+        for prompt in self.compound_prompts_text:
+            nn.init.normal_(prompt, std=0.02)
+        # Quirk kept from the official code: all n_add * (depth-1) projections start as copies of one Linear, so they
+        # start with identical weights and only training tells them apart.
+        coupling = nn.Linear(text_width, vision_width, dtype=dtype, device=device)
+        self.txt2img_proj = nn.ModuleList(
+            [nn.ModuleList([copy.deepcopy(coupling) for _ in range(depth - 1)]) for _ in range(n_add)])
+
+        # Frozen tokens around ctx, rebuilt from the class names in hand (never loaded from a checkpoint).
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)                 # (C, 1, 512) SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:], persistent=False)         # (C, 76 - n_ctx, 512)
+        self.register_buffer("eot", clip_layers.eot_index(ids), persistent=False)                # (C,)
+
+    def text_input(self):
+        """Layer-0 text input as token embeddings: [SOS, ctx, "a photo of a {class}." EOT, padding]."""
+        ctx = self.ctx.expand(self.token_prefix.shape[0], -1, -1)                                # (C, n_ctx, 512)
+        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)                      # (C, 77, 512)
+
+    def vision_added(self):
+        """The vision tokens each prompted layer adds: [proj(ctx)] for layer 0, then for layer l = 1..depth-1 the
+        n_add projections of that layer's text prompt, one after the other (the V-L coupling: the vision prompts are
+        made from the text prompts, which therefore get gradients from both towers)."""
+        added = [self.proj(self.ctx)]                                                             # (n_ctx, 768)
+        for l, text_prompt in enumerate(self.compound_prompts_text):
+            added.append(torch.cat([proj[l](text_prompt) for proj in self.txt2img_proj], dim=0))  # (n_add*n_ctx, 768)
+        return added
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model: frozen CLIP + the prompt learner, through clip_layers' hooks
+
+class MPL(nn.Module):
+    """MPL on a frozen CLIP: `forward(images)` -> logits (N, C). `cfg` is an `MPLConfig`; `PRESETS["maple"]` gives
+    MaPLe (n_add = 1, n_rm = n_ctx: every deep layer replaces its prompts, nothing carried)."""
+
+    def __init__(self, clip_model, classnames, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg if cfg is not None else MPLConfig()
+        self.clip = clip_model  # frozen by clip_layers.load_clip / random_clip; nothing here touches requires_grad
+        self.prompt_learner = ModularPromptLearner(clip_model, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
+                                                   n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init)
+
+    def encode_classes(self):
+        """(C, 512) text features of all classes (MaPLe's deep text prompting; MPL does not change the text side)."""
+        pl = self.prompt_learner
+
+        def text_hook(layer, x):                                          # x: (C, L, 512), L = last EOT + 1 <= 77
+            if 1 <= layer < pl.depth:
+                # The text side is MaPLe's deep prompting, unchanged by MPL: rows 1..n_ctx (right after SOS) are
+                # *replaced* by this layer's prompts, nothing is carried, and the text length never changes.
+                deep = pl.compound_prompts_text[layer - 1].expand(x.shape[0], -1, -1)          # (C, n_ctx, 512)
+                x = torch.cat([x[:, :1], deep, x[:, 1 + pl.n_ctx:]], dim=1)                    # (C, L, 512)
+            return x
+
+        return clip_layers.encode_text(self.clip, pl.text_input(), pl.eot, hook=text_hook)
+
+    def encode_images(self, images):
+        """(N, 512) image features; this is where MPL's add / remove / carry happen."""
+        pl = self.prompt_learner
+        added = pl.vision_added()
+
+        def vision_hook(layer, x):                                        # x: (N, L_layer, 768)
+            if layer == 0:
+                # After the positional embedding and before ln_pre, as in the official code: the prompts have no
+                # position of their own, but they do go through ln_pre.
+                x = torch.cat([x, added[0].expand(x.shape[0], -1, -1)], dim=1)                  # (N, 197 + n_ctx, 768)
+            elif layer < pl.depth:
+                # O_rm: drop the *last* n_rm tokens, i.e. the newest prompt outputs of the previous layer (official).
+                x = x[:, :x.shape[1] - pl.n_rm]                                                 # (N, L - n_rm, 768)
+                # O_add: append n_add * n_ctx new tokens; O_cr: everything not removed goes on.
+                x = torch.cat([x, added[layer].expand(x.shape[0], -1, -1)], dim=1)  # (N, L - n_rm + n_add*n_ctx, 768)
+            return x                                                      # default: 198, 199, ..., 206, 206, ...
+
+        return clip_layers.encode_image(self.clip, images, hook=vision_hook)
+
+    def forward(self, images, classes=None):
+        text_features = self.encode_classes() if classes is None else classes                    # (C, 512)
+        return clip_layers.cosine_logits(self.encode_images(images), text_features, self.clip.logit_scale)  # (N, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official checkpoints (Dassl `output/.../MultiModalPromptLearner/model.pth.tar-N`)
+
+# What the official CustomCLIP registers besides its prompt learner: the frozen CLIP (fp16), which we take from `clip`.
+_OFFICIAL_FROZEN = ("image_encoder.", "text_encoder.", "logit_scale")
+# Token embeddings of the training-time class names; the official loader drops them too.
+_OFFICIAL_DROPPED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+
+
+def load_official(model, checkpoint):
+    """Load the prompts of an official MPL checkpoint into `model` (an `MPL` with the same config); returns its epoch.
+
+    `checkpoint` is the path of a Dassl `model.pth.tar-N` or the dict `torch.load` gave for it (`state_dict`, `epoch`,
+    ...). The frozen CLIP in it is ignored and so are the token buffers; fp16 values are cast to the model's dtype
+    (by the copy in `load_state_dict`). Missing or unexpected prompt keys and shape mismatches raise a ValueError.
+
+    A path is read with `torch.load(weights_only=True)`. Files written by Dassl also pickle the LR scheduler, which
+    that refuses: then the error says so, and a user who trusts the file loads it with weights_only=False and passes
+    the dict.
+    """
+    name = "the given checkpoint dict" if isinstance(checkpoint, dict) else str(checkpoint)
+    if not isinstance(checkpoint, dict):
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:
+            if type(e).__name__ != "UnpicklingError":
+                raise
+            # Real Dassl checkpoints also store the LR scheduler, whose state holds a pickled scheduler object
+            # (`successor`), which weights_only=True refuses. Unpickling runs code from the file: the user decides.
+            raise ValueError(
+                f"{name}: torch.load(weights_only=True) refused the file because it holds pickled Python objects "
+                f"besides tensors (official Dassl checkpoints pickle their LR scheduler). We do not retry with "
+                f"weights_only=False on our own, since that can run arbitrary code. If you trust the file, load it "
+                f"yourself with torch.load(path, map_location='cpu', weights_only=False) and pass the resulting dict "
+                f"to load_official. ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{name}: not a Dassl checkpoint (no 'state_dict' dict; keys: {sorted(checkpoint)})")
+
+    prompts, unexpected = {}, []
+    for key, value in checkpoint["state_dict"].items():
+        if key in _OFFICIAL_DROPPED or key.startswith(_OFFICIAL_FROZEN):
+            continue
+        if key.startswith("prompt_learner."):
+            prompts[key[len("prompt_learner."):]] = value
+        else:
+            unexpected.append(key)
+    own = model.prompt_learner.state_dict()
+    missing = sorted(f"prompt_learner.{k}" for k in own.keys() - prompts.keys())
+    unexpected += sorted(f"prompt_learner.{k}" for k in prompts.keys() - own.keys())
+    shapes = [f"prompt_learner.{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k, v in prompts.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{name} does not match this MPL model (config {model.cfg}): missing prompt keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {shapes}. Is it a checkpoint of the same "
+                         f"config (n_ctx, n_add, depth) and backbone?")
+    model.prompt_learner.load_state_dict(prompts, strict=True)  # copy_ casts fp16 -> the model's dtype
+    return checkpoint.get("epoch")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    import dataclasses
+    clip_model = clip_layers.random_clip("tiny")
+    images = torch.randn(2, 3, 32, 32)
+    for preset, cfg in PRESETS.items():
+        cfg = dataclasses.replace(cfg, depth=min(cfg.depth, *clip_layers.n_layers(clip_model)))  # tiny has 4 layers
+        model = MPL(clip_model, ["cat", "dog", "sea lion"], cfg)
+        with torch.no_grad():
+            logits = model(images)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{preset}: {cfg}\n  logits {tuple(logits.shape)}, trainable parameters {n_train:,}")

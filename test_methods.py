@@ -1209,3 +1209,18 @@ def test_config_fields_have_help(isp_tiny):
     with pytest.raises(ValueError):
         ISP(isp_tiny, NAMES, ISPConfig())     # depth 9 > the tiny CLIP's 4 layers
     assert math.isclose(ISPConfig().sp_lambda, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The main job in the mini world, reduced: draw the world, load the shipped tiny CLIP, train on base, test base and new
+
+def test_main_job_in_the_mini_world_end_to_end(tmp_path, capsys):
+    res = train.main(["--method", "mpl", "--shots", "2", "--epochs", "2", "--root", str(tmp_path / "DATA"),
+                      "--output", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "no --dataset given: running in the built-in mini world" in out
+    assert res["dataset"] == "mini_world" and set(res["accuracy"]) == {"base", "new", "hm"}
+    assert res["config"]["method_config"]["depth"] == 3  # 9 of ViT-B/16's 12 layers -> 3 of the tiny CLIP's 4
+    chance = 100 / 18
+    assert res["accuracy"]["base"] > 3 * chance and res["accuracy"]["new"] > 3 * chance
+    assert os.path.exists(tmp_path / "run" / "results.json")

@@ -1224,3 +1224,21 @@ def test_main_job_in_the_mini_world_end_to_end(tmp_path, capsys):
     chance = 100 / 18
     assert res["accuracy"]["base"] > 3 * chance and res["accuracy"]["new"] > 3 * chance
     assert os.path.exists(tmp_path / "run" / "results.json")
+
+
+def test_isp_ablation_grid_writes_one_table(tmp_path, colours, monkeypatch):
+    """--ablation runs base2new for the 8 switch combinations and writes one table; (off, none, off) is IVLP."""
+    seen = []
+
+    def fake_protocol(protocol, argv, datasets, seeds, out, clip_model=None):
+        args = train.get_args(argv)
+        seen.append((args.cfg_isp_self, args.cfg_isp_cross, args.cfg_sample_probing))
+        b = 50.0 + 10 * bool(args.cfg_isp_self) + 5 * (args.cfg_isp_cross == "c2") + 2 * bool(args.cfg_sample_probing)
+        return [dict(dataset="mini_world", accuracy=dict(base=b + s, new=40.0)) for s in seeds]
+
+    monkeypatch.setattr(train, "run_protocol", fake_protocol)
+    text = train.run_ablation(["--method", "isp"], None, [1, 3], str(tmp_path))
+    assert len(set(seen)) == 8
+    assert "| off | none | off | 52.00 | 40.00 |" in text    # mean of seeds 1 and 3: 51, 53
+    assert "| on | c2 | on | 69.00 | 40.00 |" in text
+    assert open(tmp_path / "ablation" / "ablation.md").read().strip() == text.strip()

@@ -104,6 +104,8 @@ def get_args(argv=None):
     p.add_argument("--datasets", nargs="+", default=None, help="with --protocol: base2new datasets, or the source "
                    "of a transfer protocol (default: the papers' 11 datasets / imagenet; the mini world without $DATA)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="with --protocol (default 1 2 3)")
+    p.add_argument("--ablation", action="store_true", help="with --method isp: base-to-new for each of the 2 x 2 x 2 "
+                   "(self-structural, cross-structural c2, sample probing) switches, one table")
     p.add_argument("--summary", default=None, metavar="DIR", help="print and write the tables of the results.json "
                    "files under DIR (summary.md, summary.csv, summary.png)")
     # The method's own hyper-parameters become flags: every field of its config dataclass (mpl.MPLConfig, ...).
@@ -498,6 +500,35 @@ def _run_once(argv, run_dir, clip_model, protocol=None, source=None):
     return res
 
 
+def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
+    """ISP's ablation: base-to-new with each of (self-structural on/off) x (cross-structural none/c2) x (sample probing
+    on/off), the same seeds and datasets, one table (<out>/ablation/ablation.md). Row (off, none, off) is IVLP."""
+    lines = ["| self-structural | cross-structural | sample probing | base | new | HM |", "|---|---|---|---|---|---|"]
+    for isp_self in (False, True):
+        for cross in ("none", "c2"):
+            for probing in (False, True):
+                flags = ["--isp-self" if isp_self else "--no-isp-self", "--isp-cross", cross,
+                         "--sample-probing" if probing else "--no-sample-probing"]
+                name = f"self-{'on' if isp_self else 'off'}_cross-{cross}_probing-{'on' if probing else 'off'}"
+                runs = run_protocol("base2new", argv + flags, datasets, seeds, os.path.join(out, "ablation", name),
+                                    clip_model)
+                by_dataset = {}
+                for r in runs:
+                    by_dataset.setdefault(r["dataset"], []).append(r["accuracy"])
+                # per dataset the mean over seeds, then the mean over datasets, and HM of those (protocol.md 3.6)
+                b = np.mean([np.mean([a["base"] for a in accs]) for accs in by_dataset.values()])
+                n = np.mean([np.mean([a["new"] for a in accs]) for accs in by_dataset.values()])
+                lines.append(f"| {'on' if isp_self else 'off'} | {cross} | {'on' if probing else 'off'} | {b:.2f} | "
+                             f"{n:.2f} | {2 * b * n / (b + n):.2f} |")
+    text = (f"ISP ablation, base-to-new, {', '.join(sorted(by_dataset))}, seeds {', '.join(map(str, seeds))} "
+            f"(mean over seeds, then datasets)\n\n" + "\n".join(lines))
+    print(text)
+    os.makedirs(os.path.join(out, "ablation"), exist_ok=True)
+    with open(os.path.join(out, "ablation", "ablation.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
 # Published anchors (protocol.md 4; ViT-B/16, 16 shots, mean of seeds 1-3): base2new (B, N, HM), transfer accuracy.
 # MPL and ISP publish no per-dataset table that could be read; IVLP only its 11-dataset average.
 _B2N_CLIP = [(72.43, 68.14, 70.22), (96.84, 94.00, 95.40), (91.17, 97.26, 94.12), (63.37, 74.89, 68.65),
@@ -631,6 +662,10 @@ if __name__ == "__main__":
     cli = get_args(sys.argv[1:])
     if cli.summary:
         summarize(cli.summary)
+    elif cli.ablation:
+        if cli.method != "isp":
+            sys.exit("--ablation switches ISP's modules: use it with --method isp")
+        run_ablation(sys.argv[1:], cli.datasets, cli.seeds, cli.output or "output")
     elif cli.protocol:
         # each run gets these flags plus its own --dataset/--seed/--output (argparse: the last occurrence wins)
         run_protocol(cli.protocol, sys.argv[1:], cli.datasets, cli.seeds, cli.output or "output")

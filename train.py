@@ -300,8 +300,10 @@ def train(model, items, args, run_dir, autocast, scaler, ckpt=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        torch.set_rng_state(ckpt["rng"]["torch"])  # the batch order and the random crops of the next epochs
         random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"].get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start = ckpt["epoch"]
     loader = make_loader(items, data.train_transform(model.clip.visual.input_resolution, args.crop_scale),
                          batch_size, True, args.workers)
@@ -338,7 +340,8 @@ def train(model, items, args, run_dir, autocast, scaler, ckpt=None):
         save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), dict(
             params=trainable_state(model), method=args.method, epoch=epoch + 1, config=plain_config(args, model),
             optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
-            rng=dict(torch=torch.get_rng_state(), python=random.getstate())))
+            rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])))
         print(f"epoch {epoch + 1}/{epochs}  lr {optimizer.param_groups[0]['lr']:.6f}  last loss {loss.item():.4f}")
     # seconds per step, leaving out the first (warm-up of kernels and allocators)
     return sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None

@@ -1242,3 +1242,12 @@ def test_isp_ablation_grid_writes_one_table(tmp_path, colours, monkeypatch):
     assert "| off | none | off | 52.00 | 40.00 |" in text    # mean of seeds 1 and 3: 51, 53
     assert "| on | c2 | on | 69.00 | 40.00 |" in text
     assert open(tmp_path / "ablation" / "ablation.md").read().strip() == text.strip()
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
+    here = os.path.dirname(os.path.abspath(__file__))
+    readme = open(os.path.join(here, "README.md")).read().split("```bash\n", 1)[1].split("```")[0].splitlines()
+    assert readme == ["pip install -r requirements.txt && python train.py --method mpl --shots 16",
+                      "pip install -r requirements.txt && python -m pytest -q"]
+    ci = open(os.path.join(here, ".ci", "run")).read().splitlines()
+    assert ci[-1] == readme[1]

@@ -56,17 +56,20 @@ class MPLConfig:
     # ^ official config N_RM_OP: 1
     depth: int = field(default=9, metadata={"help": "prompt depth J: prompts at the inputs of layers 0..J-1"})
     # ^ official config PROMPT_DEPTH: 9 (3 in the cross-dataset config, see CROSS_DATASET)
-    ctx_init: str = field(default="a photo of a", metadata={"help": "fixed words after the learnable tokens"})
-    # ^ official config CTX_INIT: "a photo of a"; the text is "X " * n_ctx + ctx_init + " {class}."
+    ctx_init: str = field(default="a photo of a", metadata={"help": "the prompt's words (CTX_INIT)"})
+    # ^ official config CTX_INIT: "a photo of a"
+    x_prefix: bool = field(default=True, metadata={"help": "MPL's text: n_ctx learnable 'X' tokens before ctx_init; "
+                                                           "off: MaPLe's, the first n_ctx words of ctx_init learn"})
+    # ^ official MPL code: the text is "X " * n_ctx + ctx_init + " {class}.", ctx starts as the embedding of "X".
+    #   The MaPLe repository writes ctx_init + " {class}." and ctx starts as its first n_ctx words ("a photo").
 
 
 PRESETS = {
     "mpl": MPLConfig(),                              # official vit_b4_c1_add2_rm1
-    # MaPLe's architecture (vit_b16_c2_ep5_batch4_2ctx: 2 tokens, depth 9) run through MPL's code: one projection per
-    # layer and n_rm = n_ctx, so every deep layer replaces its prompts. One difference to the MaPLe repository remains:
-    # MPL's text is "X X a photo of a {class}." with ctx initialised from "X X", where MaPLe writes
-    # "a photo of a {class}." and initialises ctx from "a photo".
-    "maple": MPLConfig(n_ctx=2, n_add=1, n_rm=2),
+    # MaPLe (vit_b16_c2_ep5_batch4_2ctx: 2 tokens, depth 9) through MPL's code: one projection per layer and
+    # n_rm = n_ctx, so every deep layer replaces its prompts; and MaPLe's text, "a photo of a {class}." with ctx
+    # initialised from "a photo" (positions 1..2), "of a" staying fixed in the suffix.
+    "maple": MPLConfig(n_ctx=2, n_add=1, n_rm=2, x_prefix=False),
 }
 
 # Cross-dataset / domain generalisation (official `vit_b4_c1_add2_rm1_cross_datasets.yaml`): shallower prompts. Its LR
@@ -87,7 +90,7 @@ class ModularPromptLearner(nn.Module):
       txt2img_proj[a][l]         Linear(512 -> 768)    a = 0..n_add-1: vision tokens added at layer l+1 (O_add)
     """
 
-    def __init__(self, clip_model, classnames, *, n_ctx, n_add, n_rm, depth, ctx_init):
+    def __init__(self, clip_model, classnames, *, n_ctx, n_add, n_rm, depth, ctx_init, x_prefix=True):
         super().__init__()
         text_width, vision_width = clip_layers.widths(clip_model)                # 512, 768
         n_layers = min(clip_layers.n_layers(clip_model))                         # 12
@@ -103,8 +106,9 @@ class ModularPromptLearner(nn.Module):
         device = clip_model.logit_scale.device
 
         # The official text: n_ctx placeholder words in front of the template, "X a photo of a {class}." by default.
-        # Only the X positions learn; "a photo of a" stays as fixed tokens in the suffix.
-        prefix = " ".join(["X"] * n_ctx) + " " + ctx_init.replace("_", " ")
+        # Only the X positions learn; "a photo of a" stays as fixed tokens in the suffix. MaPLe's text has no X: its
+        # first n_ctx words ("a photo") learn, starting from their own embeddings, and the rest stays fixed.
+        prefix = (" ".join(["X"] * n_ctx) + " " if x_prefix else "") + ctx_init.replace("_", " ")
         ids = clip_layers.tokenize([f"{prefix} {name}." for name in classnames]).to(device)               # (C, 77)
         with torch.no_grad():
             embedding = clip_layers.token_embedding(clip_model, ids)                                        # (C, 77, 512)
@@ -157,7 +161,8 @@ class MPL(nn.Module):
         self.cfg = cfg = cfg if cfg is not None else MPLConfig()
         self.clip = clip_model  # frozen by clip_layers.load_clip / random_clip; nothing here touches requires_grad
         self.prompt_learner = ModularPromptLearner(clip_model, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
-                                                   n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init)
+                                                   n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init,
+                                                   x_prefix=cfg.x_prefix)
 
     def encode_classes(self):
         """(C, 512) text features of all classes (MaPLe's deep text prompting; MPL does not change the text side)."""

@@ -296,6 +296,12 @@ def train(model, items, args, run_dir, autocast, scaler, ckpt=None):
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     start = 0
     if ckpt is not None:  # --resume: the schedule is a function of the epoch, so the epoch is its whole state
+        now, then = plain_config(args, model), ckpt["config"]
+        changed = [k for k in ("lr", "epochs", "batch_size", "method_config") if now[k] != then[k]]
+        if ckpt["method"] != args.method or changed:
+            raise ValueError(f"--resume: {os.path.join(run_dir, 'checkpoint.pt')} is a {ckpt['method']} run with "
+                             f"other settings ({', '.join(f'{k}: {then[k]} then, {now[k]} now' for k in changed)}); "
+                             f"give the same flags, or --overwrite to start again")
         load_trainable(model, ckpt["params"], "--resume checkpoint")
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
@@ -362,6 +368,9 @@ def prepare_run_dir(args):
     if taken and not (args.resume or args.overwrite):
         raise FileExistsError(f"run directory {run_dir} already holds {', '.join(taken)}; pass --resume to continue "
                               f"it, --overwrite to replace it, or --output for a new directory")
+    if args.overwrite and not args.resume:  # asked for: the old run goes, so that nothing can resume from it
+        for f in taken:
+            os.remove(os.path.join(run_dir, f))
     os.makedirs(run_dir, exist_ok=True)
     return run_dir
 
@@ -379,7 +388,7 @@ def load_clip(args, real=None):
     return clip_layers.freeze(data.load_world_clip(device=args.device))
 
 
-def main(argv=None, clip_model=None, benchmarks=None):
+def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     """Run one (method, dataset, seed). Tests and protocol scripts may pass the CLIP model and the benchmarks in
     (`benchmarks`: {"base": Benchmark, "new": Benchmark} or {"all": ...}); otherwise they are loaded from the flags."""
     t_start = time.time()
@@ -414,6 +423,9 @@ def main(argv=None, clip_model=None, benchmarks=None):
 
     if args.load:
         load_prompts(model, args.load, args.method)
+    elif args.eval_only and n_trainable > 0:
+        raise ValueError(f"--eval-only with --method {args.method} needs --load PATH: the prompts to evaluate "
+                         f"(e.g. {os.path.join(run_dir, 'checkpoint.pt')} of a finished run)")
     sec_per_step = None
     if not args.eval_only and recipe(args)[1] > 0 and n_trainable > 0:
         last = os.path.join(run_dir, "checkpoint.pt")
@@ -434,7 +446,7 @@ def main(argv=None, clip_model=None, benchmarks=None):
     results = dict(method=args.method, dataset=bench.name, seed=args.seed, shots=args.shots,
                    subsample=args.subsample, accuracy=acc, config=plain_config(args, model), trainable_params=n_trainable,
                    sec_per_step=sec_per_step, wall_seconds=time.time() - t_start, precision=precision,
-                   device=args.device, git_commit=git_commit())
+                   device=args.device, git_commit=git_commit(), **(extra or {}))
     tmp = os.path.join(run_dir, "results.json.tmp")
     with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
@@ -460,7 +472,10 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     directory <out>/<protocol>/<method>/<dataset>/seed<S>/; a finished one (results.json present) is skipped and an
     interrupted one resumes from its last epoch, so re-running the same command completes a protocol."""
     args = get_args(argv)
-    real = not in_world(datasets[0] if datasets else args.dataset)
+    if datasets or args.dataset:
+        real = not in_world(datasets[0] if datasets else args.dataset)
+    else:  # the papers' datasets when a CoOp tree is named (--root or $DATA), else the mini world's analogues
+        real = any(a == "--root" or a.startswith("--root=") for a in argv) or "DATA" in os.environ
     if clip_model is None:
         clip_model = load_clip(args, real)
     method = args.method + ("_xd" if args.cross_dataset else "")
@@ -468,18 +483,18 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     for seed in seeds:
         if protocol == "base2new":
             for d in datasets or (B2N if real else WORLD["b2n"]):
-                run_dir = os.path.join(out, "base2new", method, d, f"seed{seed}")
+                run_dir = os.path.join(out, "base2new", method, d, f"shots{args.shots}_seed{seed}")
                 results.append(_run_once(argv + ["--dataset", d, "--seed", str(seed), "--output", run_dir],
                                          run_dir, clip_model, "base2new"))
         else:  # cross_dataset / domain_generalization: train once on the source, all classes, then transfer
             source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
-            src_dir = os.path.join(out, "source", method, source, f"seed{seed}")
+            src_dir = os.path.join(out, "source", method, source, f"shots{args.shots}_seed{seed}")
             src = _run_once(argv + ["--dataset", source, "--seed", str(seed), "--subsample", "all", "--output",
                                     src_dir], src_dir, clip_model, "source")
             targets = targets or {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
                                   "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
             for t in targets:
-                run_dir = os.path.join(out, protocol, method, t, f"seed{seed}")
+                run_dir = os.path.join(out, protocol, method, t, f"shots{args.shots}_seed{seed}")
                 results.append(_run_once(argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all",
                                                   "--eval-only", "--load", os.path.join(src_dir, "checkpoint.pt"),
                                                   "--output", run_dir], run_dir, clip_model, protocol, src))
@@ -494,13 +509,10 @@ def _run_once(argv, run_dir, clip_model, protocol=None, source=None):
             return json.load(f)
     if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and "--eval-only" not in argv:
         argv = argv + ["--resume"]
-    res = main(argv, clip_model=clip_model)
-    res["protocol"] = protocol
+    extra = dict(protocol=protocol)
     if source is not None:  # a transfer result also records the run it transfers from
-        res["source"] = dict(dataset=source["dataset"], accuracy=source["accuracy"])
-    with open(done, "w") as f:
-        json.dump(res, f, indent=2)
-    return res
+        extra["source"] = dict(dataset=source["dataset"], accuracy=source["accuracy"])
+    return main(argv, clip_model=clip_model, extra=extra)
 
 
 def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
@@ -555,25 +567,29 @@ def _mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarize(out_dir, write=True):
+def summarize(out_dir, write=True, seeds=None):
     """Read every results.json under `out_dir` and build the papers' tables: per dataset the 3-seed mean (and std)
     of B, N and HM = HM(mean B, mean N) (MaPLe#3), the average row as HM of the averaged B and N (protocol.md 3.6),
     transfer tables averaged over the targets; the published anchors beside them. A dataset with fewer seeds than the
     table's seed set is shown as missing, and the average is then not computed."""
     runs = []
-    for dirpath, _, files in os.walk(out_dir):
+    for dirpath, dirnames, files in os.walk(out_dir):
+        if "ablation" in dirnames:  # ISP's ablation variants have their own table (ablation.md)
+            dirnames.remove("ablation")
         if "results.json" in files:
             with open(os.path.join(dirpath, "results.json")) as f:
                 runs.append(json.load(f))
+    seeds_expected = seeds  # every table must have these seeds (default: the union of the seeds found)
     tables, csv_rows, chart = [], ["protocol,method,dataset,metric,mean,std,seeds,published"], {}
     groups = {}
     for r in runs:
         if r.get("protocol") in ("base2new", "cross_dataset", "domain_generalization"):
-            method = r["method"] + ("_xd" if r["config"]["args"].get("cross_dataset") else "")
+            method = r["method"] + ("_xd" if r["config"]["args"].get("cross_dataset") else "") + \
+                (f" ({r['shots']} shots)" if r.get("shots", 16) != 16 else "")
             groups.setdefault((r["protocol"], method), {}).setdefault(r["dataset"], {})[r["seed"]] = r["accuracy"]
     for (protocol, method), by_dataset in sorted(groups.items()):
-        seeds = sorted({s for d in by_dataset.values() for s in d})
-        anchors = ANCHORS[protocol].get(method.removesuffix("_xd"), {})
+        seeds = sorted(set(seeds_expected or []) | {s for d in by_dataset.values() for s in d})
+        anchors = ANCHORS[protocol].get(method.removesuffix("_xd"), {}) if " shots" not in method else {}
         order = [d for d in B2N + DG_TARGETS if d in by_dataset] + sorted(d for d in by_dataset
                                                                            if d not in B2N + DG_TARGETS)
         metrics = ["base", "new", "hm"] if protocol == "base2new" else ["all"]
@@ -664,7 +680,7 @@ def _bar_chart(chart, path):
 if __name__ == "__main__":
     cli = get_args(sys.argv[1:])
     if cli.summary:
-        summarize(cli.summary)
+        summarize(cli.summary, seeds=cli.seeds)
     elif cli.ablation:
         if cli.method != "isp":
             sys.exit("--ablation switches ISP's modules: use it with --method isp")
@@ -672,6 +688,6 @@ if __name__ == "__main__":
     elif cli.protocol:
         # each run gets these flags plus its own --dataset/--seed/--output (argparse: the last occurrence wins)
         run_protocol(cli.protocol, sys.argv[1:], cli.datasets, cli.seeds, cli.output or "output")
-        summarize(cli.output or "output")
+        summarize(cli.output or "output", seeds=cli.seeds)
     else:
         main(sys.argv[1:])

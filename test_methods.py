@@ -388,6 +388,9 @@ def test_protocols_end_to_end_on_fake_trees(tmp_path, tiny):
             res = json.load(open(os.path.join(out, protocol, "maple", t, "shots2_seed1", "results.json")))
             assert set(res["accuracy"]) == {"all"} and res["source"]["dataset"] == "imagenet"
             assert res["config"]["args"]["load"] == os.path.join(src, "checkpoint.pt")
+    zs = train.run_protocol("domain_generalization", ["--method", "zeroshot", "--root", root], ["imagenet"], [1], out,
+                            tiny, targets=["imagenet_r"])  # nothing trains: the targets are evaluated directly
+    assert zs[0]["dataset"] == "imagenet_r" and zs[0]["protocol"] == "domain_generalization"
     text = train.summarize(out)
     assert "### base2new: maple (2 shots) (seeds 1, 2)" in text and "### cross_dataset: maple (2 shots) (seeds 1)" in text
     assert "### domain_generalization: maple (2 shots) (seeds 1)" in text

@@ -495,9 +495,10 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
                                   "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
             for t in targets:
                 run_dir = os.path.join(out, protocol, method, t, f"shots{args.shots}_seed{seed}")
+                load = [] if args.method == "zeroshot" else \
+                    ["--eval-only", "--load", os.path.join(src_dir, "checkpoint.pt")]  # the source's prompts
                 results.append(_run_once(argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all",
-                                                  "--eval-only", "--load", os.path.join(src_dir, "checkpoint.pt"),
-                                                  "--output", run_dir], run_dir, clip_model, protocol, src))
+                                                  *load, "--output", run_dir], run_dir, clip_model, protocol, src))
     return results
 
 

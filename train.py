@@ -107,7 +107,7 @@ def get_args(argv=None):
     p.add_argument("--ablation", action="store_true", help="with --method isp: base-to-new for each of the 2 x 2 x 2 "
                    "(self-structural, cross-structural c2, sample probing) switches, one table")
     p.add_argument("--summary", default=None, metavar="DIR", help="print and write the tables of the results.json "
-                   "files under DIR (summary.md, summary.csv, summary.png)")
+                   "files under DIR (summary.md, summary.csv, summary_<protocol>.png)")
     # The method's own hyper-parameters become flags: every field of its config dataclass (mpl.MPLConfig, ...).
     pre = argparse.ArgumentParser(add_help=False)  # a first look at --method, before --help prints everything
     pre.add_argument("--method", default="mpl", choices=list(RECIPES))
@@ -618,7 +618,7 @@ def summarize(out_dir, write=True, seeds=None):
                                 f"{len(seeds)},{'' if pub is None else (pub if not isinstance(pub, tuple) else pub[metrics.index(k)])}")
             means[d] = m
             lines.append(f"| {d} | " + " | ".join(cells) + f" | {_fmt_pub(pub)} | {_diff(m[metrics[-1]], pub)} |")
-            chart.setdefault(method, {})[d] = m[metrics[-1]]
+            chart.setdefault(protocol, {}).setdefault(method, {})[d] = m[metrics[-1]]
         if complete and means:
             if protocol == "base2new":
                 b, n = np.mean([m["base"] for m in means.values()]), np.mean([m["new"] for m in means.values()])
@@ -639,7 +639,9 @@ def summarize(out_dir, write=True, seeds=None):
         for name, content in (("summary.md", text + "\n"), ("summary.csv", "\n".join(csv_rows) + "\n")):
             with open(os.path.join(out_dir, name), "w") as f:
                 f.write(content)
-        _bar_chart(chart, os.path.join(out_dir, "summary.png"))
+        for protocol, by_method in chart.items():
+            _bar_chart(by_method, os.path.join(out_dir, f"summary_{protocol}.png"),
+                       "HM (%)" if protocol == "base2new" else "accuracy (%)", protocol)
     return text
 
 
@@ -655,8 +657,8 @@ def _diff(value, pub):
     return f"{value - (pub[-1] if isinstance(pub, tuple) else pub):+.2f}"
 
 
-def _bar_chart(chart, path):
-    """HM (base2new) or accuracy (transfer) per dataset per method; matplotlib is optional."""
+def _bar_chart(chart, path, ylabel, title):
+    """HM (base2new) or accuracy (transfer) per dataset per method, one chart per protocol; matplotlib is optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -671,8 +673,9 @@ def _bar_chart(chart, path):
         ax.bar([j + i * width for j in range(len(datasets))], [values.get(d, 0) for d in datasets], width,
                label=method)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))], datasets, rotation=30, ha="right")
-    ax.set_ylabel("HM / accuracy (%)")
-    ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

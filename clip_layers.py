@@ -197,19 +197,27 @@ def encode_text(clip_model, x, eot, hook=None, cut=True, chunk="default"):
     Returns (C, E) features, E = 512 for ViT-B/16, not normalised.
     """
     chunk = TEXT_CHUNK if chunk == "default" else chunk
-    if not chunk or x.shape[0] <= chunk:
-        return _encode_text(clip_model, x, eot, hook, cut)
-    # Classes sorted by length, so that each chunk is cut at its own last EOT: long class names do not make every
-    # chunk long. Gradients flow through the checkpoint to the prompts inside x and to the hook's parameters.
+    return over_class_chunks(lambda rows: _encode_text(clip_model, x[rows], eot[rows], hook, cut), eot, chunk)
+
+
+def over_class_chunks(encode, eot, chunk):
+    """encode(rows) for the class rows `rows`, at most `chunk` classes at a time, results back in class order.
+
+    encode returns a tensor (R, ...) or a tuple of them. Classes are sorted by length (EOT position), so that each
+    chunk is cut at its own last EOT: long class names do not make every chunk long. With gradients on, each chunk is
+    recomputed in the backward pass (activation checkpointing), so only one chunk's activations are held at a time;
+    gradients still flow to whatever `encode` reads (prompts, hook parameters). Exact: the same numbers as one pass.
+    A method whose hook depends on which class a row is calls this with its own `encode` (isp.py does).
+    """
+    if not chunk or eot.shape[0] <= chunk:
+        return encode(slice(None))
     order = eot.argsort()
-    parts = []
-    for rows in order.split(chunk):
-        if torch.is_grad_enabled():
-            parts.append(torch.utils.checkpoint.checkpoint(_encode_text, clip_model, x[rows], eot[rows], hook, cut,
-                                                           use_reentrant=False))
-        else:
-            parts.append(_encode_text(clip_model, x[rows], eot[rows], hook, cut))
-    return torch.cat(parts)[order.argsort()]                              # back to class order, (C, 512)
+    parts = [torch.utils.checkpoint.checkpoint(encode, rows, use_reentrant=False) if torch.is_grad_enabled()
+             else encode(rows) for rows in order.split(chunk)]
+    back = order.argsort()                                                # sorted rows -> class order
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p)[back] for p in zip(*parts))
+    return torch.cat(parts)[back]                                         # (C, 512)
 
 
 def _encode_text(clip_model, x, eot, hook, cut):

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 import clip_layers as cl
 
@@ -307,27 +306,19 @@ class ISP(nn.Module):
         prompts read under C1/C2. Under C1 the text features returned here are the image-free ones; forward()
         re-encodes the classes per image.
         chunk: classes per text pass (default clip_layers.TEXT_CHUNK, train.py's --text-chunk; None: all at once).
-        As in clip_layers: classes sorted by length so each chunk is cut at its own last EOT, and with gradients on
-        each chunk is recomputed in the backward pass (activation checkpointing) to bound memory. Exact."""
-        C, J = self.eot.shape[0], self.cfg.depth
+        The chunks come from clip_layers.over_class_chunks (sorted by length, checkpointed with gradients on, exact),
+        with our own per-rows encoder, since the hook depends on which class each row is."""
+        J = self.cfg.depth
         chunk = cl.TEXT_CHUNK if chunk == "default" else chunk
         need = self.cfg.isp_cross in ("c1", "c2")
-        if not chunk or C <= chunk:
+
+        def encode(rows):  # (R, 512) features, and under C1/C2 the J summaries (R, 512) as further outputs
             summaries = {} if need else None
-            return self._encode_text(slice(None), summaries), [summaries[l] for l in range(J)] if need else None
-        order = self.eot.argsort()
-        feats, summaries = [], []
-        for rows in order.split(chunk):
-            summaries.append({} if need else None)
-            if torch.is_grad_enabled():
-                feats.append(torch.utils.checkpoint.checkpoint(self._encode_text, rows, summaries[-1],
-                                                               use_reentrant=False))
-            else:
-                feats.append(self._encode_text(rows, summaries[-1]))
-        back = order.argsort()                                            # sorted rows -> class order
-        if need:
-            summaries = [torch.cat([s[l] for s in summaries])[back] for l in range(J)]   # J x (C, 512)
-        return torch.cat(feats)[back], summaries if need else None
+            features = self._encode_text(rows, summaries)
+            return (features, *(summaries[l] for l in range(J))) if need else features
+
+        out = cl.over_class_chunks(encode, self.eot, chunk)
+        return (out[0], list(out[1:])) if need else (out, None)
 
     # -- image branch and logits ---------------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import clip_layers
 import train
@@ -41,7 +40,7 @@ def stock_residual_block(block, x, causal):
     return block(x.transpose(0, 1)).transpose(0, 1)
 
 
-def build(method, clip_model, n_classes, official):
+def build(method, clip_model, n_classes):
     tiny = ARCH == "tiny" and method != "zeroshot"  # the tiny CLIP has 4 layers, fewer than the prompt depth 9
     args = train.get_args(["--method", method] + (["--depth", "3"] if tiny else []))
     model = train.build_model(args, clip_model, classnames(n_classes), "a photo of a {}.")
@@ -60,25 +59,19 @@ def step(model, images, labels):
     return logits
 
 
+ARCH = "ViT-B/16"
+OUR_BLOCK, OUR_ENCODE = clip_layers.residual_block, clip_layers._encode_text
+
+
+def _encode_text_all_77(clip_model, x, eot, hook, cut):
+    return OUR_ENCODE(clip_model, x, eot, hook, False)  # the official way: no cut after the EOT
+
+
 def set_official(official, text_chunk):
     """Switch clip_layers between our path and the official one (stock blocks, 77 tokens, one pass)."""
     clip_layers.residual_block = stock_residual_block if official else OUR_BLOCK
+    clip_layers._encode_text = _encode_text_all_77 if official else OUR_ENCODE
     clip_layers.TEXT_CHUNK = None if official else text_chunk
-    global CUT_OFF
-    CUT_OFF = official
-
-
-ARCH = "ViT-B/16"
-OUR_BLOCK = clip_layers.residual_block
-OUR_ENCODE = clip_layers._encode_text
-CUT_OFF = False
-
-
-def _encode_text_switch(clip_model, x, eot, hook, cut):
-    return OUR_ENCODE(clip_model, x, eot, hook, False if CUT_OFF else cut)
-
-
-clip_layers._encode_text = _encode_text_switch
 
 
 def measure(method, n_classes, official, steps, device, text_chunk, precision):
@@ -86,7 +79,7 @@ def measure(method, n_classes, official, steps, device, text_chunk, precision):
     torch.manual_seed(0)
     clip_model = clip_layers.random_clip(ARCH, device=device)
     set_official(official, text_chunk)
-    model = build(method, clip_model, n_classes, official)
+    model = build(method, clip_model, n_classes)
     r = clip_model.visual.input_resolution
     images, labels = torch.randn(4, 3, r, r, device=device), torch.arange(4, device=device) % n_classes
     cuda = device.startswith("cuda")
@@ -117,7 +110,7 @@ def check_same_logits(method, device, text_chunk, n_classes=10):
     for official in (True, False):
         set_official(official, text_chunk)
         torch.manual_seed(0)
-        model = build(method, clip_model, n_classes, official)
+        model = build(method, clip_model, n_classes)
         torch.manual_seed(1)
         r = clip_model.visual.input_resolution
         with torch.no_grad():

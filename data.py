@@ -36,7 +36,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -984,11 +983,9 @@ class WorldClipConfig:
 
 
 def _import_clip():
-    # Imported where used: `import clip` takes seconds and warns that pkg_resources is deprecated.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-        import clip
-    return clip
+    # Imported where used (`import clip` takes seconds), through clip_layers, which silences its pkg_resources warning.
+    import clip_layers
+    return clip_layers.clip
 
 
 def build_tiny_clip(cfg):
@@ -1101,11 +1098,9 @@ def pretrain_world_clip(path=WORLD_CLIP_PATH, cfg=None):
 
 def load_world_clip(path=None, device="cpu"):
     """The shipped tiny CLIP, through CLIP's own loading path, as a frozen fp32 model in eval mode."""
-    clip = _import_clip()
+    import clip_layers
     state_dict = torch.load(path or WORLD_CLIP_PATH, map_location="cpu", weights_only=True)
-    model = clip.model.build_model(state_dict).float().to(device).eval()
-    model.requires_grad_(False)
-    return model
+    return clip_layers.freeze(clip_layers.clip.model.build_model(state_dict).float().to(device))
 
 
 # -----------------------------------------------------------------------------

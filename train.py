@@ -385,7 +385,7 @@ def load_clip(args, real=None):
         return clip_layers.load_clip(args.clip, args.device)
     if real if real is not None else not in_world(args.dataset):
         return clip_layers.load_clip("ViT-B/16", args.device)
-    return clip_layers.freeze(data.load_world_clip(device=args.device))
+    return data.load_world_clip(device=args.device)
 
 
 def main(argv=None, clip_model=None, benchmarks=None, extra=None):

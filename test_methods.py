@@ -23,6 +23,7 @@ from PIL import Image
 import clip_layers
 import data
 import mpl
+import protocols
 import train
 from isp import ISP, ISPConfig, PRESETS, sample_probing_weights
 
@@ -347,7 +348,7 @@ def test_summary_means_hm_average_and_missing_seed(tmp_path):
     for i, r in enumerate(runs):
         os.makedirs(tmp_path / str(i))
         json.dump(r, open(tmp_path / str(i) / "results.json", "w"))
-    text = train.summarize(str(tmp_path))
+    text = protocols.summarize(str(tmp_path))
     eurosat = next(l for l in text.splitlines() if l.startswith("| eurosat"))
     hm = 2 * 92 * 62 / (92 + 62)  # HM of the seed means, not the mean of per-seed HMs
     assert f"| 92.00 ± 2.00 | 62.00 ± 2.00 | {hm:.2f} |" in eurosat
@@ -372,13 +373,13 @@ def test_protocols_end_to_end_on_fake_trees(tmp_path, tiny):
     make_imagenet(root), make_imagenet_r(root), make_imagenet_v2(root)
     out = str(tmp_path / "out")
     flags = ["--method", "maple", "--depth", "2", "--epochs", "1", "--root", root, "--shots", "2"]
-    train.run_protocol("base2new", flags, ["eurosat", "oxford_pets"], [1, 2], out, tiny)
+    protocols.run_protocol("base2new", flags, ["eurosat", "oxford_pets"], [1, 2], out, tiny)
     for d in ("eurosat", "oxford_pets"):
         for s in (1, 2):
             res = json.load(open(os.path.join(out, "base2new", "maple", d, f"shots2_seed{s}", "results.json")))
             assert set(res["accuracy"]) == {"base", "new", "hm"} and res["protocol"] == "base2new"
-    train.run_protocol("cross_dataset", flags, ["imagenet"], [1], out, tiny, targets=["eurosat", "oxford_pets"])
-    train.run_protocol("domain_generalization", flags, ["imagenet"], [1], out, tiny,
+    protocols.run_protocol("cross_dataset", flags, ["imagenet"], [1], out, tiny, targets=["eurosat", "oxford_pets"])
+    protocols.run_protocol("domain_generalization", flags, ["imagenet"], [1], out, tiny,
                        targets=["imagenet_r", "imagenet_v2"])
     src = os.path.join(out, "source", "maple", "imagenet", "shots2_seed1")
     assert sorted(os.listdir(src)) == ["checkpoint.pt", "results.json"]  # trained once, for both protocols
@@ -388,15 +389,15 @@ def test_protocols_end_to_end_on_fake_trees(tmp_path, tiny):
             res = json.load(open(os.path.join(out, protocol, "maple", t, "shots2_seed1", "results.json")))
             assert set(res["accuracy"]) == {"all"} and res["source"]["dataset"] == "imagenet"
             assert res["config"]["args"]["load"] == os.path.join(src, "checkpoint.pt")
-    zs = train.run_protocol("domain_generalization", ["--method", "zeroshot", "--root", root], ["imagenet"], [1], out,
+    zs = protocols.run_protocol("domain_generalization", ["--method", "zeroshot", "--root", root], ["imagenet"], [1], out,
                             tiny, targets=["imagenet_r"])  # nothing trains: the targets are evaluated directly
     assert zs[0]["dataset"] == "imagenet_r" and zs[0]["protocol"] == "domain_generalization"
-    text = train.summarize(out)
+    text = protocols.summarize(out)
     assert "### base2new: maple (2 shots) (seeds 1, 2)" in text and "### cross_dataset: maple (2 shots) (seeds 1)" in text
     assert "### domain_generalization: maple (2 shots) (seeds 1)" in text
     assert "published" in text and "64.07" not in text  # MaPLe's 16-shot anchors are not shown beside 2-shot runs
     # a table must hold every expected seed: asking for seeds 1-3 turns the 2-seed rows into "missing seed 3"
-    assert "missing seed 3" in train.summarize(out, write=False, seeds=[1, 2, 3])
+    assert "missing seed 3" in protocols.summarize(out, write=False, seeds=[1, 2, 3])
     assert {"summary.md", "summary.csv"} <= set(os.listdir(out))
 
 
@@ -1252,8 +1253,8 @@ def test_isp_ablation_grid_writes_one_table(tmp_path, colours, monkeypatch):
         b = 50.0 + 10 * bool(args.cfg_isp_self) + 5 * (args.cfg_isp_cross == "c2") + 2 * bool(args.cfg_sample_probing)
         return [dict(dataset="mini_world", accuracy=dict(base=b + s, new=40.0)) for s in seeds]
 
-    monkeypatch.setattr(train, "run_protocol", fake_protocol)
-    text = train.run_ablation(["--method", "isp"], None, [1, 3], str(tmp_path))
+    monkeypatch.setattr(protocols, "run_protocol", fake_protocol)
+    text = protocols.run_ablation(["--method", "isp"], None, [1, 3], str(tmp_path))
     assert len(set(seen)) == 8
     assert "| off | none | off | 52.00 | 40.00 |" in text    # mean of seeds 1 and 3: 51, 53
     assert "| on | c2 | on | 69.00 | 40.00 |" in text

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import clip_layers
 import data
+import mini_world
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Methods and their training recipes (protocol.md 3.4). Each prompt method is a (file, class, preset) triple: the preset
@@ -99,15 +100,6 @@ def get_args(argv=None):
                    "reduces to 9 x 9 pixels)")
     p.add_argument("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
                    "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
-    p.add_argument("--protocol", default=None, choices=["base2new", "cross_dataset", "domain_generalization"],
-                   help="run a whole protocol (every dataset x seed) into --output, then print its tables")
-    p.add_argument("--datasets", nargs="+", default=None, help="with --protocol: base2new datasets, or the source "
-                   "of a transfer protocol (default: the papers' 11 datasets / imagenet; the mini world without $DATA)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="with --protocol (default 1 2 3)")
-    p.add_argument("--ablation", action="store_true", help="with --method isp: base-to-new for each of the 2 x 2 x 2 "
-                   "(self-structural, cross-structural c2, sample probing) switches, one table")
-    p.add_argument("--summary", default=None, metavar="DIR", help="print and write the tables of the results.json "
-                   "files under DIR (summary.md, summary.csv, summary_<protocol>.png)")
     # The method's own hyper-parameters become flags: every field of its config dataclass (mpl.MPLConfig, ...).
     pre = argparse.ArgumentParser(add_help=False)  # a first look at --method, before --help prints everything
     pre.add_argument("--method", default="mpl", choices=list(RECIPES))
@@ -127,7 +119,7 @@ def get_args(argv=None):
             group.add_argument("--" + f.name.replace("_", "-"), **kw)
     args = p.parse_args(argv)
     if args.crop_scale is None:
-        args.crop_scale = 0.5 if in_world(args.dataset) else 0.08
+        args.crop_scale = 0.5 if mini_world.is_world(args.dataset) else 0.08
     if args.shots < 1:
         p.error(f"--shots must be >= 1, got {args.shots}")
     return args
@@ -375,17 +367,13 @@ def prepare_run_dir(args):
     return run_dir
 
 
-def in_world(dataset):
-    return dataset is None or data.resolve_name(dataset).startswith("mini_world")
-
-
 def load_clip(args, real=None):
     """--clip if given; else ViT-B/16 for a real dataset and the mini world's tiny CLIP in the mini world."""
     if args.clip:
         return clip_layers.load_clip(args.clip, args.device)
-    if real if real is not None else not in_world(args.dataset):
+    if real if real is not None else not mini_world.is_world(args.dataset):
         return clip_layers.load_clip("ViT-B/16", args.device)
-    return data.load_world_clip(device=args.device)
+    return mini_world.load_world_clip(device=args.device)
 
 
 def main(argv=None, clip_model=None, benchmarks=None, extra=None):
@@ -404,13 +392,15 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     if clip_model is None:
         clip_model = load_clip(args)
     if args.dataset is None and benchmarks is None:
-        print("no --dataset given: running in the built-in mini world (data.py). For the real benchmark: "
+        print("no --dataset given: running in the built-in mini world (mini_world.py). For the real benchmark: "
               "python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16")
 
     def benchmark(subsample):  # base/new: the few-shot draw over all classes, then the class subsample (data.py)
         if benchmarks is not None:
             return benchmarks[subsample]
-        return data.load_benchmark(args.dataset or "mini_world", args.root, args.shots, args.seed, subsample)
+        if mini_world.is_world(args.dataset):
+            return mini_world.load_benchmark(args.dataset or "mini_world", args.root, args.shots, args.seed, subsample)
+        return data.load_benchmark(args.dataset, args.root, args.shots, args.seed, subsample)
 
     train_on = "base" if args.subsample == "base2new" else args.subsample
     bench = benchmark(train_on)
@@ -454,244 +444,5 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Protocols: the many runs behind one table of the papers, and the tables themselves.
-# They live here, under the loop they call, because a protocol is nothing but a list of `main(...)` calls plus a reader
-# of their results.json files; a second script would repeat every flag.
-
-B2N = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
-       "sun397", "dtd", "eurosat", "ucf101"]                         # base-to-new, protocol.md 4.1
-XD_SOURCE, XD_TARGETS = "imagenet", B2N[1:]                           # cross-dataset, 4.2
-DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # domain generalisation, 4.3
-# The same three protocols in the built-in mini world (no download): data.py's world datasets.
-WORLD = dict(b2n=["mini_world"], source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
-
-
-def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None, targets=None):
-    """Run every (dataset, seed) of a protocol with the flags `argv` (method, root, clip, ...). Each run has its own
-    directory <out>/<protocol>/<method>/<dataset>/seed<S>/; a finished one (results.json present) is skipped and an
-    interrupted one resumes from its last epoch, so re-running the same command completes a protocol."""
-    args = get_args(argv)
-    if datasets or args.dataset:
-        real = not in_world(datasets[0] if datasets else args.dataset)
-    else:  # the papers' datasets when a CoOp tree is named (--root or $DATA), else the mini world's analogues
-        real = any(a == "--root" or a.startswith("--root=") for a in argv) or "DATA" in os.environ
-    if clip_model is None:
-        clip_model = load_clip(args, real)
-    method = args.method + ("_xd" if args.cross_dataset else "")
-    results = []
-    for seed in seeds:
-        if protocol == "base2new":
-            for d in datasets or (B2N if real else WORLD["b2n"]):
-                run_dir = os.path.join(out, "base2new", method, d, f"shots{args.shots}_seed{seed}")
-                results.append(_run_once(argv + ["--dataset", d, "--seed", str(seed), "--output", run_dir],
-                                         run_dir, clip_model, "base2new"))
-        else:  # cross_dataset / domain_generalization: train once on the source, all classes, then transfer
-            source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
-            src_dir = os.path.join(out, "source", method, source, f"shots{args.shots}_seed{seed}")
-            src = _run_once(argv + ["--dataset", source, "--seed", str(seed), "--subsample", "all", "--output",
-                                    src_dir], src_dir, clip_model, "source")
-            targets = targets or {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
-                                  "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
-            for t in targets:
-                run_dir = os.path.join(out, protocol, method, t, f"shots{args.shots}_seed{seed}")
-                load = [] if args.method == "zeroshot" else \
-                    ["--eval-only", "--load", os.path.join(src_dir, "checkpoint.pt")]  # the source's prompts
-                results.append(_run_once(argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all",
-                                                  *load, "--output", run_dir], run_dir, clip_model, protocol, src))
-    return results
-
-
-def _run_once(argv, run_dir, clip_model, protocol=None, source=None):
-    done = os.path.join(run_dir, "results.json")
-    if os.path.exists(done):
-        print(f"{done} exists: skipped")
-        with open(done) as f:
-            return json.load(f)
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and "--eval-only" not in argv:
-        argv = argv + ["--resume"]
-    extra = dict(protocol=protocol)
-    if source is not None:  # a transfer result also records the run it transfers from
-        extra["source"] = dict(dataset=source["dataset"], accuracy=source["accuracy"])
-    return main(argv, clip_model=clip_model, extra=extra)
-
-
-def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
-    """ISP's ablation: base-to-new with each of (self-structural on/off) x (cross-structural none/c2) x (sample probing
-    on/off), the same seeds and datasets, one table (<out>/ablation/ablation.md). Row (off, none, off) is IVLP."""
-    lines = ["| self-structural | cross-structural | sample probing | base | new | HM |", "|---|---|---|---|---|---|"]
-    for isp_self in (False, True):
-        for cross in ("none", "c2"):
-            for probing in (False, True):
-                flags = ["--isp-self" if isp_self else "--no-isp-self", "--isp-cross", cross,
-                         "--sample-probing" if probing else "--no-sample-probing"]
-                name = f"self-{'on' if isp_self else 'off'}_cross-{cross}_probing-{'on' if probing else 'off'}"
-                runs = run_protocol("base2new", argv + flags, datasets, seeds, os.path.join(out, "ablation", name),
-                                    clip_model)
-                by_dataset = {}
-                for r in runs:
-                    by_dataset.setdefault(r["dataset"], []).append(r["accuracy"])
-                # per dataset the mean over seeds, then the mean over datasets, and HM of those (protocol.md 3.6)
-                b = np.mean([np.mean([a["base"] for a in accs]) for accs in by_dataset.values()])
-                n = np.mean([np.mean([a["new"] for a in accs]) for accs in by_dataset.values()])
-                lines.append(f"| {'on' if isp_self else 'off'} | {cross} | {'on' if probing else 'off'} | {b:.2f} | "
-                             f"{n:.2f} | {2 * b * n / (b + n):.2f} |")
-    text = (f"ISP ablation, base-to-new, {', '.join(sorted(by_dataset))}, seeds {', '.join(map(str, seeds))} "
-            f"(mean over seeds, then datasets)\n\n" + "\n".join(lines))
-    print(text)
-    os.makedirs(os.path.join(out, "ablation"), exist_ok=True)
-    with open(os.path.join(out, "ablation", "ablation.md"), "w") as f:
-        f.write(text + "\n")
-    return text
-
-
-# Published anchors (protocol.md 4; ViT-B/16, 16 shots, mean of seeds 1-3): base2new (B, N, HM), transfer accuracy.
-# MPL and ISP publish no per-dataset table that could be read; IVLP only its 11-dataset average.
-_B2N_CLIP = [(72.43, 68.14, 70.22), (96.84, 94.00, 95.40), (91.17, 97.26, 94.12), (63.37, 74.89, 68.65),
-             (72.08, 77.80, 74.83), (90.10, 91.22, 90.66), (27.19, 36.29, 31.09), (69.36, 75.35, 72.23),
-             (53.24, 59.90, 56.37), (56.48, 64.05, 60.03), (70.53, 77.50, 73.85)]
-_B2N_MAPLE = [(76.66, 70.54, 73.47), (97.74, 94.36, 96.02), (95.43, 97.76, 96.58), (72.94, 74.00, 73.47),
-              (95.92, 72.46, 82.56), (90.71, 92.05, 91.38), (37.44, 35.61, 36.50), (80.82, 78.70, 79.75),
-              (80.36, 59.18, 68.16), (94.07, 73.23, 82.35), (83.00, 78.66, 80.77)]
-ANCHORS = {
-    "base2new": {"zeroshot": dict(zip(B2N, _B2N_CLIP), average=(69.34, 74.22, 71.70)),
-                 "maple": dict(zip(B2N, _B2N_MAPLE), average=(82.28, 75.14, 78.55)),
-                 "ivlp": dict(average=(84.21, 71.79, 77.51))},        # PromptSRC repo, IVLP 4+4 depth 9
-    "cross_dataset": {"maple": dict(zip(XD_TARGETS, [93.53, 90.49, 65.57, 72.23, 86.20, 24.74, 67.01, 46.49, 48.06,
-                                                     68.69]), average=66.30, imagenet=70.72)},
-    "domain_generalization": {"zeroshot": dict(zip(DG_TARGETS, [60.83, 46.15, 47.77, 73.96]), average=57.18),
-                              "maple": dict(zip(DG_TARGETS, [64.07, 49.15, 50.90, 76.98]), average=60.28)},
-}
-
-
-def _mean_std(values):
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def summarize(out_dir, write=True, seeds=None):
-    """Read every results.json under `out_dir` and build the papers' tables: per dataset the 3-seed mean (and std)
-    of B, N and HM = HM(mean B, mean N) (MaPLe#3), the average row as HM of the averaged B and N (protocol.md 3.6),
-    transfer tables averaged over the targets; the published anchors beside them. A dataset with fewer seeds than the
-    table's seed set is shown as missing, and the average is then not computed."""
-    runs = []
-    for dirpath, dirnames, files in os.walk(out_dir):
-        if "ablation" in dirnames:  # ISP's ablation variants have their own table (ablation.md)
-            dirnames.remove("ablation")
-        if "results.json" in files:
-            with open(os.path.join(dirpath, "results.json")) as f:
-                runs.append(json.load(f))
-    seeds_expected = seeds  # every table must have these seeds (default: the union of the seeds found)
-    tables, csv_rows, chart = [], ["protocol,method,dataset,metric,mean,std,seeds,published"], {}
-    groups = {}
-    for r in runs:
-        if r.get("protocol") in ("base2new", "cross_dataset", "domain_generalization"):
-            method = r["method"] + ("_xd" if r["config"]["args"].get("cross_dataset") else "") + \
-                (f" ({r['shots']} shots)" if r.get("shots", 16) != 16 else "")
-            groups.setdefault((r["protocol"], method), {}).setdefault(r["dataset"], {})[r["seed"]] = r["accuracy"]
-    for (protocol, method), by_dataset in sorted(groups.items()):
-        seeds = sorted(set(seeds_expected or []) | {s for d in by_dataset.values() for s in d})
-        anchors = ANCHORS[protocol].get(method.removesuffix("_xd"), {}) if " shots" not in method else {}
-        order = [d for d in B2N + DG_TARGETS if d in by_dataset] + sorted(d for d in by_dataset
-                                                                           if d not in B2N + DG_TARGETS)
-        metrics = ["base", "new", "hm"] if protocol == "base2new" else ["all"]
-        lines = [f"### {protocol}: {method} (seeds {', '.join(map(str, seeds))})", "",
-                 "| dataset | " + " | ".join(m.upper() if m != "all" else "accuracy" for m in metrics) +
-                 " | published | difference |", "|---" * (len(metrics) + 3) + "|"]
-        means, complete = {}, True
-        for d in order:
-            missing = [s for s in seeds if s not in by_dataset[d]]
-            pub = anchors.get(d)
-            if missing:
-                complete = False
-                lines.append(f"| {d} | " + " | ".join(["missing seed " + ", ".join(map(str, missing))] * len(metrics))
-                             + f" | {_fmt_pub(pub)} | |")
-                continue
-            cells, m = [], {}
-            for k in metrics:
-                if k == "hm":  # HM of the seed-averaged B and N, not the mean of per-seed HMs
-                    m[k] = 2 * m["base"] * m["new"] / (m["base"] + m["new"]) if m["base"] + m["new"] else 0.0
-                    sd = None
-                else:
-                    m[k], sd = _mean_std([by_dataset[d][s][k] for s in seeds])
-                cells.append(f"{m[k]:.2f}" + (f" ± {sd:.2f}" if sd is not None else ""))
-                csv_rows.append(f"{protocol},{method},{d},{k},{m[k]:.4f},{'' if sd is None else f'{sd:.4f}'},"
-                                f"{len(seeds)},{'' if pub is None else (pub if not isinstance(pub, tuple) else pub[metrics.index(k)])}")
-            means[d] = m
-            lines.append(f"| {d} | " + " | ".join(cells) + f" | {_fmt_pub(pub)} | {_diff(m[metrics[-1]], pub)} |")
-            chart.setdefault(protocol, {}).setdefault(method, {})[d] = m[metrics[-1]]
-        if complete and means:
-            if protocol == "base2new":
-                b, n = np.mean([m["base"] for m in means.values()]), np.mean([m["new"] for m in means.values()])
-                avg = dict(base=b, new=n, hm=2 * b * n / (b + n) if b + n else 0.0)
-            else:
-                avg = dict(all=float(np.mean([m["all"] for m in means.values()])))
-            pub = anchors.get("average") if len(means) == (len(B2N) if protocol == "base2new" else
-                                                           len(XD_TARGETS if protocol == "cross_dataset" else
-                                                               DG_TARGETS)) else None
-            lines.append(f"| **average ({len(means)})** | " + " | ".join(f"{avg[k]:.2f}" for k in metrics) +
-                         f" | {_fmt_pub(pub)} | {_diff(avg[metrics[-1]], pub)} |")
-        else:
-            lines.append("| **average** | " + " | ".join(["incomplete"] * len(metrics)) + " | | |")
-        tables.append("\n".join(lines))
-    text = "\n\n".join(tables) if tables else f"no protocol results.json under {out_dir}"
-    print(text)
-    if write and tables:
-        for name, content in (("summary.md", text + "\n"), ("summary.csv", "\n".join(csv_rows) + "\n")):
-            with open(os.path.join(out_dir, name), "w") as f:
-                f.write(content)
-        for protocol, by_method in chart.items():
-            _bar_chart(by_method, os.path.join(out_dir, f"summary_{protocol}.png"),
-                       "HM (%)" if protocol == "base2new" else "accuracy (%)", protocol)
-    return text
-
-
-def _fmt_pub(pub):
-    if pub is None:
-        return ""
-    return " / ".join(f"{v:.2f}" for v in pub) if isinstance(pub, tuple) else f"{pub:.2f}"
-
-
-def _diff(value, pub):
-    if pub is None:
-        return ""
-    return f"{value - (pub[-1] if isinstance(pub, tuple) else pub):+.2f}"
-
-
-def _bar_chart(chart, path, ylabel, title):
-    """HM (base2new) or accuracy (transfer) per dataset per method, one chart per protocol; matplotlib is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no bar chart (pip install matplotlib)")
-        return
-    datasets = sorted({d for v in chart.values() for d in v})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(datasets)), 4))
-    width = 0.8 / max(1, len(chart))
-    for i, (method, values) in enumerate(sorted(chart.items())):
-        ax.bar([j + i * width for j in range(len(datasets))], [values.get(d, 0) for d in datasets], width,
-               label=method)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))], datasets, rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 if __name__ == "__main__":
-    cli = get_args(sys.argv[1:])
-    if cli.summary:
-        summarize(cli.summary, seeds=cli.seeds)
-    elif cli.ablation:
-        if cli.method != "isp":
-            sys.exit("--ablation switches ISP's modules: use it with --method isp")
-        run_ablation(sys.argv[1:], cli.datasets, cli.seeds, cli.output or "output")
-    elif cli.protocol:
-        # each run gets these flags plus its own --dataset/--seed/--output (argparse: the last occurrence wins)
-        run_protocol(cli.protocol, sys.argv[1:], cli.datasets, cli.seeds, cli.output or "output")
-        summarize(cli.output or "output", seeds=cli.seeds)
-    else:
-        main(sys.argv[1:])
+    main(sys.argv[1:])

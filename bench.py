@@ -13,6 +13,7 @@ cut after the last EOT, classes in chunks of --text-chunk with activation checkp
 of a fresh process per measurement (so each number is that step's own high-water mark, CLIP's weights included).
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -35,16 +36,17 @@ def classnames(n):
     return [f"{WORDS[i % len(WORDS)]} {NOUNS[(i // len(WORDS)) % len(NOUNS)]} {i}" for i in range(n)]
 
 
-def stock_residual_block(block, x, causal):
-    """The official way: CLIP's own block forward, LND layout, nn.MultiheadAttention with the 77 x 77 mask."""
-    return block(x.transpose(0, 1)).transpose(0, 1)
-
-
-def build(method, clip_model, n_classes):
-    tiny = ARCH == "tiny" and method != "zeroshot"  # the tiny CLIP has 4 layers, fewer than the prompt depth 9
-    args = train.get_args(["--method", method] + (["--depth", "3"] if tiny else []))
-    model = train.build_model(args, clip_model, classnames(n_classes), "a photo of a {}.")
-    return model.to(next(clip_model.parameters()).device)
+def build(method, clip_model, n_classes, official, text_chunk):
+    """The method at its preset, on the CLIP in hand. official: fast=False, the official code's way of running CLIP
+    (stock blocks, all 77 text positions, the whole class set in one pass); else ours, chunked by text_chunk."""
+    names = classnames(n_classes)
+    if method == "zeroshot":
+        return clip_layers.ZeroShotCLIP(clip_model, names, fast=not official)
+    recipe = train.RECIPES[method]
+    cfg = recipe.config
+    if cfg.depth > min(clip_layers.n_layers(clip_model)):  # --arch tiny: 4 layers, fewer than the prompt depth 9
+        cfg = dataclasses.replace(cfg, depth=3)
+    return recipe.model(clip_model, names, cfg, text_chunk=None if official else text_chunk, fast=not official)
 
 
 def step(model, images, labels):
@@ -59,27 +61,11 @@ def step(model, images, labels):
     return logits
 
 
-ARCH = "ViT-B/16"
-OUR_BLOCK, OUR_ENCODE = clip_layers.residual_block, clip_layers._encode_text
-
-
-def _encode_text_all_77(clip_model, x, eot, hook, cut):
-    return OUR_ENCODE(clip_model, x, eot, hook, False)  # the official way: no cut after the EOT
-
-
-def set_official(official, text_chunk):
-    """Switch clip_layers between our path and the official one (stock blocks, 77 tokens, one pass)."""
-    clip_layers.residual_block = stock_residual_block if official else OUR_BLOCK
-    clip_layers._encode_text = _encode_text_all_77 if official else OUR_ENCODE
-    clip_layers.TEXT_CHUNK = None if official else text_chunk
-
-
-def measure(method, n_classes, official, steps, device, text_chunk, precision):
+def measure(method, n_classes, official, steps, device, text_chunk, precision, arch):
     """Seconds per step (mean of `steps` after one warm-up) and peak memory in MB, for one configuration."""
     torch.manual_seed(0)
-    clip_model = clip_layers.random_clip(ARCH, device=device)
-    set_official(official, text_chunk)
-    model = build(method, clip_model, n_classes)
+    clip_model = clip_layers.random_clip(arch, device=device)
+    model = build(method, clip_model, n_classes, official, text_chunk).to(device)
     r = clip_model.visual.input_resolution
     images, labels = torch.randn(4, 3, r, r, device=device), torch.arange(4, device=device) % n_classes
     cuda = device.startswith("cuda")
@@ -103,14 +89,13 @@ def measure(method, n_classes, official, steps, device, text_chunk, precision):
     return dict(method=method, classes=n_classes, official=official, sec=sec, peak_mb=peak)
 
 
-def check_same_logits(method, device, text_chunk, n_classes=10):
+def check_same_logits(method, device, text_chunk, arch, n_classes=10):
     torch.manual_seed(0)
-    clip_model = clip_layers.random_clip(ARCH, device=device)
+    clip_model = clip_layers.random_clip(arch, device=device)
     outs = []
     for official in (True, False):
-        set_official(official, text_chunk)
         torch.manual_seed(0)
-        model = build(method, clip_model, n_classes)
+        model = build(method, clip_model, n_classes, official, text_chunk).to(device)
         torch.manual_seed(1)
         r = clip_model.visual.input_resolution
         with torch.no_grad():
@@ -129,12 +114,10 @@ def main():
     p.add_argument("--arch", default="ViT-B/16", choices=list(clip_layers.RANDOM_CLIPS), help="tiny: a quick check")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = p.parse_args()
-    global ARCH
-    ARCH = args.arch
     if args.one:
         method, n, official = args.one.split(",")
         print(json.dumps(measure(method, int(n), official == "1", args.steps, args.device, args.text_chunk,
-                                 args.precision)))
+                                 args.precision, args.arch)))
         return
     classes = args.classes or ([10, 100, 1000] if args.device.startswith("cuda") else [10, 100])
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}, "
@@ -143,7 +126,7 @@ def main():
     print(f"{'method':9s} {'classes':>7s} {'official s':>10s} {'ours s':>8s} {'speed-up':>8s} "
           f"{'official MB':>11s} {'ours MB':>8s} {'memory':>7s}  max |logit diff|")
     for method in args.methods:
-        diff = check_same_logits(method, args.device, args.text_chunk)
+        diff = check_same_logits(method, args.device, args.text_chunk, args.arch)
         for n in classes:
             res = {}
             for official in (True, False):

@@ -113,7 +113,27 @@ def random_clip(arch="tiny", seed=0, device="cpu"):
 
 
 def freeze(model):
-    """Eval mode and no gradients for every CLIP parameter. The prompt modules live outside CLIP."""
+    """The contract every method in this project relies on, applied to any CLIP it is handed (e.g. straight from
+    `clip.load`): a ViT CLIP, in eval mode, no gradients for any CLIP parameter, fp32 weights. Returns the same model,
+    changed in place. The prompt modules live outside CLIP and are the only thing that trains.
+
+    fp32: `clip.load(..., device="cuda")` returns OpenAI's fp16 weights. We turn them into fp32 (and say so) because
+    the compute precision is the caller's decision, made in one place: `torch.autocast` around the forward (train.py's
+    --precision bf16 / amp), or `to_official_fp16(method_model)` for the official pure-fp16 setting. Frozen fp32
+    weights cost 0.6 GB for ViT-B/16 and never see an optimizer.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("this CLIP is a TorchScript module (clip.load(..., jit=True)); its blocks cannot be called one "
+                        "by one. Load it with clip.load(name, jit=False) or clip_layers.load_clip(name).")
+    if not isinstance(model, CLIP) or not hasattr(model.visual, "conv1"):
+        raise TypeError(f"expected an OpenAI ViT CLIP (clip.model.CLIP with a VisionTransformer, as clip.load returns "
+                        f"for ViT-B/16), got {type(model).__name__}"
+                        f"{' with a ResNet image encoder' if isinstance(model, CLIP) else ''}")
+    if model.visual.conv1.weight.dtype != torch.float32:
+        warnings.warn(f"CLIP's weights are {model.visual.conv1.weight.dtype} (clip.load on CUDA returns fp16): "
+                      f"converted to fp32 in place. Choose the compute precision with torch.autocast, or call "
+                      f"clip_layers.to_official_fp16(model) on the method for the official pure-fp16 setting.")
+        model.float()
     model.eval()
     model.requires_grad_(False)
     return model
@@ -155,8 +175,13 @@ def attention(attn: nn.MultiheadAttention, x, causal):
     return F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
 
 
-def residual_block(block, x, causal):
-    """CLIP's `ResidualAttentionBlock.forward` (pre-LN), batch-first: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+def residual_block(block, x, causal, fast=True):
+    """CLIP's `ResidualAttentionBlock.forward` (pre-LN), batch-first: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+    fast=False calls the stock block itself, sequence-first, as the official code does (nn.MultiheadAttention with the
+    block's 77 x 77 causal mask, so the text must be all 77 positions): the same numbers, slower (bench.py's baseline).
+    """
+    if not fast:
+        return block(x.transpose(0, 1)).transpose(0, 1)                  # NLD -> LND -> stock block -> NLD
     x = x + attention(block.attn, block.ln_1(x), causal)
     x = x + block.mlp(block.ln_2(x))
     return x
@@ -176,14 +201,7 @@ def eot_index(ids):
     return ids.argmax(dim=-1)
 
 
-# Classes per text chunk when a method encodes a large class set (None: all at once). With gradients on, each chunk is
-# also recomputed in the backward pass (activation checkpointing), so the text activations of only one chunk are held
-# at a time: ImageNet's 1000 classes fit where they otherwise take most of the memory. Exact: the same numbers.
-# train.py sets it with --text-chunk; bench.py measures it.
-TEXT_CHUNK = None
-
-
-def encode_text(clip_model, x, eot, hook=None, cut=True, chunk="default"):
+def encode_text(clip_model, x, eot, hook=None, cut=True, chunk=None, fast=True, eot_rows=False):
     """Text features of prompts given as token embeddings.
 
     x:     (C, 77, 512) token embeddings, the layer-0 prompts already written into them (before the positional
@@ -191,13 +209,19 @@ def encode_text(clip_model, x, eot, hook=None, cut=True, chunk="default"):
     eot:   (C,) EOT positions (`eot_index(ids)`);
     hook:  hook(layer, x) -> x at the input of every block, x (C, L, 512); deep prompts replace rows there;
     cut:   drop the positions after the last EOT (exact under the causal mask). `cut=False` runs all 77;
-    chunk: encode at most this many classes at a time (default: TEXT_CHUNK). A hook then sees one chunk at a time, so
-           it must treat every class row alike (MPL's and IVLP's do); a method whose hook depends on the class of a row
-           passes chunk=None.
-    Returns (C, E) features, E = 512 for ViT-B/16, not normalised.
+    chunk: encode at most this many classes at a time, with activation checkpointing when gradients are on (see
+           over_class_chunks; None: all at once). A hook then sees one chunk at a time, so it must treat every class
+           row alike (MPL's and IVLP's do); a method whose hook depends on the class of a row chunks by itself;
+    fast:  False runs the official way: CLIP's stock blocks over all 77 positions, one pass (bench.py's baseline);
+    eot_rows: also return each class's EOT row at the input of every layer (after the hook), (C, layers, 512): the
+           token that CLIP reads out at the end, as a per-layer summary of the class's text (ISP's cross module
+           reads it).
+    Returns (C, E) features, E = 512 for ViT-B/16, not normalised; with eot_rows, (features, rows).
     """
-    chunk = TEXT_CHUNK if chunk == "default" else chunk
-    return over_class_chunks(lambda rows: _encode_text(clip_model, x[rows], eot[rows], hook, cut), eot, chunk)
+    if not fast:
+        cut, chunk = False, None
+    return over_class_chunks(lambda rows: _encode_text(clip_model, x[rows], eot[rows], hook, cut, fast, eot_rows),
+                             eot, chunk)
 
 
 def over_class_chunks(encode, eot, chunk):
@@ -220,23 +244,27 @@ def over_class_chunks(encode, eot, chunk):
     return torch.cat(parts)[back]                                         # (C, 512)
 
 
-def _encode_text(clip_model, x, eot, hook, cut):
+def _encode_text(clip_model, x, eot, hook, cut, fast=True, eot_rows=False):
     L = int(eot.max()) + 1 if cut else x.shape[1]
     x = x[:, :L].to(clip_model.dtype)  # CLIP's own encode_text casts to its weights' dtype: a no-op but in pure fp16
     x = x + clip_model.positional_embedding[:L].to(x.dtype)             # (C, L, 512), L = 77 when not cut
+    rows = torch.arange(x.shape[0], device=x.device)
+    summaries = []
     for i, block in enumerate(clip_model.transformer.resblocks):
         if hook is not None:
             x = hook(i, x)                                                # (C, L, 512): text prompts keep L fixed
-        x = residual_block(block, x, causal=True)
+        if eot_rows:
+            summaries.append(x[rows, eot])                                # (C, 512)
+        x = residual_block(block, x, causal=True, fast=fast)
     x = clip_model.ln_final(x)
     # CLIP pools the EOT token: under the causal mask it is the only position that has seen the whole sentence.
-    x = x[torch.arange(x.shape[0], device=x.device), eot]                 # (C, 512)
-    return x @ clip_model.text_projection.to(x.dtype)                    # (C, 512)
+    x = x[rows, eot] @ clip_model.text_projection.to(x.dtype)            # (C, 512)
+    return (x, torch.stack(summaries, dim=1)) if eot_rows else x        # rows: (C, layers, 512)
 
 
-def encode_text_ids(clip_model, ids, hook=None, cut=True):
+def encode_text_ids(clip_model, ids, hook=None, cut=True, chunk=None, fast=True):
     """Frozen-token text features straight from token ids (C, 77): CLIP's `encode_text`, through our blocks."""
-    return encode_text(clip_model, token_embedding(clip_model, ids), eot_index(ids), hook=hook, cut=cut)
+    return encode_text(clip_model, token_embedding(clip_model, ids), eot_index(ids), hook, cut, chunk, fast)
 
 
 def tokenize(texts, context_length=77):
@@ -250,12 +278,13 @@ def tokenize(texts, context_length=77):
 # ----------------------------------------------------------------------------------------------------------------------
 # Image encoder
 
-def encode_image(clip_model, images, hook=None):
+def encode_image(clip_model, images, hook=None, fast=True):
     """Image features; hook(layer, x) edits the token sequence at the input of every layer.
 
     The hook at layer 0 sees the sequence after the positional embedding and *before* `ln_pre`: this is where the
     official MaPLe / IVLP / MPL code appends its first vision prompts (they get no positional embedding, but they do go
     through ln_pre). At layers >= 1 it sees the input of block i. The sequence may grow or shrink between layers.
+    fast=False runs CLIP's stock blocks (see residual_block), as the official code does.
     Returns (N, E) features from the CLS token, not normalised.
     """
     v = clip_model.visual
@@ -269,7 +298,7 @@ def encode_image(clip_model, images, hook=None):
     for i, block in enumerate(v.transformer.resblocks):
         if hook is not None and i > 0:
             x = hook(i, x)                                                # (N, 197 + prompts at layer i, 768)
-        x = residual_block(block, x, causal=False)
+        x = residual_block(block, x, causal=False, fast=fast)
     x = v.ln_post(x[:, 0])                                                # (N, 768) CLS token
     return x @ v.proj.to(x.dtype)                                         # (N, 512)
 
@@ -298,12 +327,12 @@ class ZeroShotCLIP(nn.Module):
     It follows the same contract as the prompt methods: `encode_classes()` gives what the image side needs from the
     class set, `forward(images, classes=None)` gives logits (N, C)."""
 
-    def __init__(self, clip_model, classnames, template="a photo of a {}."):
+    def __init__(self, clip_model, classnames, template="a photo of a {}.", *, fast=True):
         super().__init__()
-        self.clip = clip_model
+        self.clip, self.fast = freeze(clip_model), fast
         ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
         with torch.no_grad():
-            features = encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device))    # (C, 512)
+            features = encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device), fast=fast)  # (C, 512)
         self.register_buffer("text_features", features, persistent=False)
 
     def encode_classes(self):
@@ -311,4 +340,4 @@ class ZeroShotCLIP(nn.Module):
 
     def forward(self, images, classes=None):
         classes = self.encode_classes() if classes is None else classes
-        return cosine_logits(encode_image(self.clip, images), classes, self.clip.logit_scale)
+        return cosine_logits(encode_image(self.clip, images, fast=self.fast), classes, self.clip.logit_scale)

@@ -6,7 +6,8 @@ RECONSTRUCTED FROM THE ABSTRACT. Only the abstract, the keywords, the opening of
 overview caption could be read, and no code is public. This file builds an ISP-style method to what those say; the
 equations are ours, not the paper's. Tags: [PAPER] stated in the readable text, [CLIP] a fact of the backbone,
 [BASELINE-SRC] taken from a baseline's public code (IVLP as in PromptSRC, MaPLe), INFERRED ours. Each INFERRED choice
-carries an `# INFERRED:` comment in the code. The full list of decisions is in specs/isp.md.
+carries an `# INFERRED:` comment in the code. Every decision, its alternatives and why we took it are written up in
+docs/isp_reconstruction.md (cited below as §n).
 
 The idea [PAPER]: CLIP stays frozen, and learnable prompts are concatenated with the text tokens and with the image
 tokens. Inside the frozen encoders the prompts become an "integrated structural prompt". A self-structural module models
@@ -21,13 +22,13 @@ Whose is what:
                  loss coefficients from the frozen CLIP's prediction probability.
   [BASELINE-SRC] the prompts: IVLP deep prompting as in PromptSRC (4 text + 4 vision tokens, depth 9, "a photo of a",
                  std 0.02), text prompts at rows 1..n after SOS, vision prompts after the patches, replaced at layers
-                 1..J-1; MaPLe's linear text->vision coupling (option C3).
+                 1..J-1; MaPLe's linear text->vision coupling (isp_cross="linear").
   INFERRED       the bottleneck-attention form of both modules, their widths (d_s = d/8, d_c = text width/8), one module
                  per layer, zero-initialised outputs (so ISP starts exactly as IVLP), self before cross, what the cross
-                 module reads (C2: vision prompts read per-class text EOT summaries, text prompts read the vision
-                 prompts, so the text branch stays image-independent), the weights w = 1 + lambda (1 - p_clip) and
-                 their variants.
-Left out: the GLCN-style graph (option B of isp.md 2.4), any extra loss (none could be confirmed), the training recipe
+                 module reads (class_summaries: vision prompts read per-class text EOT summaries, text prompts read
+                 the vision prompts, so the text branch stays image-independent), the weights
+                 w = 1 + lambda (1 - p_clip) and their variants.
+Left out: a GLCN-style learned graph (§3.1), any extra loss (none could be confirmed), the training recipe
 (train.py), and every number of the paper (none could be read).
 
 Equation labels such as (SSP-2), (CSP-1), (SP-1) are ours: the paper's numbering could not be read.
@@ -35,53 +36,50 @@ Letters: C classes, N images, n = n_ctx prompt tokens, J = depth, L text length 
 comments are for ViT-B/16: text width 512, vision width 768, 197 = 1 CLS + 196 patch tokens.
 """
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
-import clip_layers as cl
-
-
-def _opt(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
-CROSS_MODES = ("none", "c1", "c2", "c3")
-SP_MODES = ("linear", "focal", "batch-softmax", "dynamic")
-
+import clip_layers
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config
+# Config: one line per hyper-parameter, its source in brackets: [BASELINE-SRC] PromptSRC's IVLP config, [PAPER], or
+# [INFERRED] ours (each explained in docs/isp_reconstruction.md, section in parentheses).
+
+CROSS_MODES = ("none", "image_tokens", "class_summaries", "linear")  # what the cross-structural module reads (§4.2)
+SP_MODES = ("linear", "focal", "batch-softmax", "dynamic")            # sample probing's weight formula (§5.2)
+
 
 @dataclass
 class ISPConfig:
-    # Deep prompts (IVLP). [BASELINE-SRC] PromptSRC's IVLP config; INFERRED that ISP uses them (isp.md 2.3).
-    n_ctx: int = _opt(4, "learnable prompt tokens per layer, in each branch (text and vision)")  # [BASELINE-SRC] 4+4
-    depth: int = _opt(9, "prompt depth J: prompts at the inputs of layers 0..J-1 of both encoders")  # [BASELINE-SRC] 9
-    ctx_init: str = _opt("a photo of a", "words whose token embeddings initialise the layer-0 text prompts "
-                                         "('' or fewer words than n_ctx: random)")  # [BASELINE-SRC] PromptSRC
-    prompt_std: float = _opt(0.02, "std of the randomly initialised prompts")  # [BASELINE-SRC] IVLP normal_(std=0.02)
-    # Self-structural prompt. [PAPER] that it exists; the form is INFERRED (isp.md 2.4 option A).
-    isp_self: bool = _opt(True, "self-structural prompts: prompts attend to [prompts; frozen tokens] of their modality")
-    self_ratio: float = _opt(0.125, "self-module bottleneck d_s as a fraction of the branch width")  # INFERRED: d/8
-    # Cross-structural prompt. [PAPER] that it exists; what it reads is INFERRED (isp.md 2.5).
-    isp_cross: str = _opt("c2", "cross-structural prompts: none; c1 text prompts read each image's tokens (per-image "
-                                "text, CoCoOp cost); c2 vision prompts read class EOT summaries, text prompts read "
-                                "vision prompts; c3 MaPLe-like linear text->vision coupling",
-                          choices=list(CROSS_MODES))  # INFERRED: C2
-    cross_ratio: float = _opt(0.125, "cross-module bottleneck d_c as a fraction of the text width")  # INFERRED: 64
-    # Sample probing. [PAPER] loss weights from the frozen CLIP's probability; the formula is INFERRED (isp.md 3).
-    sample_probing: bool = _opt(True, "weight each sample's CE by its difficulty 1 - p_clip(y|x) under frozen CLIP")
-    sp_lambda: float = _opt(1.0, "lambda of w = 1 + lambda * d (modes linear and dynamic)")  # INFERRED
-    sp_mode: str = _opt("linear", "linear: 1 + lambda d; focal: (d+eps)^gamma / batch mean; batch-softmax: "
-                                  "B softmax(d/T); dynamic: d = 1 - sqrt(p_clip p_model), w = 1 + lambda d",
-                        choices=list(SP_MODES))  # INFERRED: linear
-    sp_gamma: float = _opt(2.0, "focal mode: power gamma")  # INFERRED: the focal loss default
-    sp_eps: float = _opt(1e-3, "focal mode: eps added to d (a batch of easy samples gives 0/0 otherwise)")  # INFERRED
-    sp_temperature: float = _opt(1.0, "batch-softmax mode: temperature T")  # INFERRED
-    sp_template: str = _opt("a photo of a {}.", "template of the frozen zero-shot text features that give "
-                                                "p_clip")  # INFERRED: CoOp's generic template (isp.md 3)
+    n_ctx: int = 4                  # learnable prompt tokens per layer in each branch (text, vision) [BASELINE-SRC]
+    depth: int = 9                  # prompt depth J: prompts at the inputs of layers 0..J-1, both towers [BASELINE-SRC]
+    ctx_init: str = "a photo of a"  # words whose embeddings start the layer-0 text prompts ('': random) [BASELINE-SRC]
+    prompt_std: float = 0.02        # std of the randomly initialised prompts [BASELINE-SRC]
+    isp_self: bool = True           # self-structural: prompts attend to [prompts; frozen tokens] [PAPER, form §3]
+    self_ratio: float = 0.125       # self-module bottleneck d_s as a fraction of the branch width [INFERRED §3.2]
+    isp_cross: str = "class_summaries"  # cross-structural prompts: none, image_tokens, class_summaries, linear [§4]
+    cross_ratio: float = 0.125      # cross-module bottleneck d_c as a fraction of the text width [INFERRED §4.1]
+    sample_probing: bool = True     # weight each sample's CE by its difficulty 1 - p_clip(y|x) [PAPER, formula §5]
+    sp_lambda: float = 1.0          # lambda of w = 1 + lambda * d (sp_mode linear and dynamic) [INFERRED §5.2]
+    sp_mode: str = "linear"         # weight formula: linear, focal, batch-softmax, dynamic [INFERRED §5.2]
+    sp_gamma: float = 2.0           # focal mode: power gamma, the focal loss default [INFERRED §5.2]
+    sp_eps: float = 1e-3            # focal mode: eps added to d (a batch of easy samples gives 0/0) [INFERRED §5.2]
+    sp_temperature: float = 1.0     # batch-softmax mode: temperature T [INFERRED §5.2]
+    sp_template: str = "a photo of a {}."  # template of the frozen text features behind p_clip [INFERRED §5.1]
+
+    # isp_cross: "image_tokens": text prompts read each image's frozen tokens (per-image text, CoCoOp's cost);
+    # "class_summaries": vision prompts read each class's text EOT summary, text prompts read the vision prompts (text
+    # features stay image-independent); "linear": MaPLe-like linear text -> vision coupling.
+
+    def __post_init__(self):
+        if self.isp_cross not in CROSS_MODES:
+            raise ValueError(f"isp_cross must be one of {', '.join(CROSS_MODES)}; got {self.isp_cross!r}")
+        if self.sp_mode not in SP_MODES:
+            raise ValueError(f"sp_mode must be one of {', '.join(SP_MODES)}; got {self.sp_mode!r}")
+        if self.n_ctx < 1 or self.depth < 1:
+            raise ValueError(f"ISP needs n_ctx >= 1 and depth >= 1; got n_ctx={self.n_ctx}, depth={self.depth}")
 
 
 PRESETS = {
@@ -92,10 +90,10 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Structural prompt modules. Both only *read* the frozen tokens and return an update of the prompts; the frozen tokens
-# pass through untouched, our reading of the paper's aim to keep the frozen features stable (isp.md 1.3).
+# pass through untouched, our reading of the paper's aim to keep the frozen features stable (§1.3).
 
 class SelfStructuralPrompt(nn.Module):
-    """Self-structural prompt (SSP), isp.md 2.4 option A. INFERRED form: the prompts P (n x d) of one modality attend
+    """Self-structural prompt (SSP), §3. INFERRED form: the prompts P (n x d) of one modality attend
     over a learned adjacency to the nodes Z = [P; X], X the frozen tokens of the same modality:
 
         Q = LN(P) W_q,  K = LN(Z) W_k,  U = LN(Z) W_u,    W_q, W_k, W_u: d -> d_s      (SSP-1)
@@ -124,7 +122,7 @@ class SelfStructuralPrompt(nn.Module):
 
 
 class CrossStructuralPrompt(nn.Module):
-    """Cross-structural prompt (CSP), isp.md 2.5. INFERRED form: the prompts P of modality a (width d_a) attend to
+    """Cross-structural prompt (CSP), §4. INFERRED form: the prompts P of modality a (width d_a) attend to
     tokens Y of modality b (width d_b) through a bottleneck d_c, which also bridges the widths (512 <-> 768):
 
         Q = LN_a(P) W_q (d_a -> d_c),  K = LN_b(Y) W_k,  U = LN_b(Y) W_u (d_b -> d_c)  (CSP-1)
@@ -150,11 +148,11 @@ class CrossStructuralPrompt(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Sample probing: per-sample loss coefficients from the frozen CLIP's probability of the true class (isp.md 3)
+# Sample probing: per-sample loss coefficients from the frozen CLIP's probability of the true class (§5)
 
 def sample_probing_weights(p_clip, mode="linear", lam=1.0, gamma=2.0, eps=1e-3, temperature=1.0, p_model=None):
     """(B,) probabilities of the true class -> (B,) loss coefficients. [PAPER] difficulty from the frozen CLIP's
-    probability; every formula here is INFERRED (isp.md 3, default and alternatives (a)-(c))."""
+    probability; every formula here is INFERRED (§5.2: the default and the alternatives (a)-(c))."""
     d = 1 - p_clip                                             # difficulty d_i
     if mode == "linear":
         return 1 + lam * d                                     # w_i = 1 + lambda d_i                      (SP-1)
@@ -177,35 +175,40 @@ def sample_probing_weights(p_clip, mode="linear", lam=1.0, gamma=2.0, eps=1e-3, 
 class ISP(nn.Module):
     """IVLP deep prompts refined, at the input of every prompted layer l < J, into the integrated structural prompt
 
-        P~ = P + dP_self(P; X_same) + dP_cross(P'; Y_other)        (INFERRED: self first, cross on its output)
+        P~ = P + dP_self(P; X_same) + dP_cross(P'; Y_other)        (INFERRED §4.5: self first, cross on its output)
 
     which is written into the prompt positions. Text prompts become class-specific (C, n, 512), vision prompts
     image-specific (N, n, 768). With both modules off this is exactly IVLP (PRESETS["ivlp"]).
+
+    clip_model: any OpenAI ViT CLIP, e.g. straight from `clip.load`; it is frozen and made fp32 in place
+        (clip_layers.freeze), and the caller picks the compute precision (torch.autocast, or to_official_fp16).
+    text_chunk: classes per text pass, with activation checkpointing when training (exact; None: all at once).
+    fast: False runs CLIP's stock blocks over all 77 text positions, as the official code does (same logits, slower).
     """
 
-    def __init__(self, clip_model, classnames, cfg=None):
+    def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True):
         super().__init__()
         cfg = ISPConfig() if cfg is None else cfg
-        if cfg.isp_cross not in CROSS_MODES or cfg.sp_mode not in SP_MODES:
-            raise ValueError(f"isp_cross must be one of {CROSS_MODES} and sp_mode one of {SP_MODES}")
-        if not 1 <= cfg.depth <= min(cl.n_layers(clip_model)) or cfg.n_ctx < 1:
-            raise ValueError(f"need n_ctx >= 1 and 1 <= depth <= {min(cl.n_layers(clip_model))} (the layers of this "
-                             f"CLIP); got n_ctx={cfg.n_ctx}, depth={cfg.depth}")
-        self.clip, self.cfg = clip_model, cfg  # frozen by clip_layers.load_clip / random_clip; we never unfreeze it
-        Dt, Dv = cl.widths(clip_model)                                  # 512, 768
+        self.clip, self.cfg = clip_layers.freeze(clip_model), cfg
+        self.text_chunk, self.fast = text_chunk, fast
+        if cfg.depth > min(clip_layers.n_layers(clip_model)):
+            raise ValueError(f"ISP prompt depth must be in 1..{min(clip_layers.n_layers(clip_model))} for this CLIP "
+                             f"(its layers); got depth={cfg.depth}")
+        Dt, Dv = clip_layers.widths(clip_model)                         # 512, 768
         n, J, dev = cfg.n_ctx, cfg.depth, clip_model.logit_scale.device
+        names = [name.replace("_", " ") for name in classnames]         # as the official trainers do in the model
 
         # Class prompts "<ctx_init> <name>." [BASELINE-SRC PromptSRC IVLP]: rows 1..n are learnable. With fewer
-        # learnable tokens than ctx_init words the remaining words stay fixed tokens (protocol.md 3.4); with more, or no
-        # ctx_init, the placeholder "X X X X" and a random init.
-        n_words = int(cl.eot_index(cl.tokenize([cfg.ctx_init]))[0]) - 1 if cfg.ctx_init else 0  # BPE tokens
-        use_init = 0 < n <= n_words
+        # learnable tokens than ctx_init words the remaining words stay fixed tokens (as MaPLe's "of a"); with more, or
+        # no ctx_init, the placeholder "X X X X" and a random init (§2.2).
+        n_words = int(clip_layers.eot_index(clip_layers.tokenize([cfg.ctx_init]))[0]) - 1 if cfg.ctx_init else 0
+        use_init = 0 < n <= n_words                                     # n_words: BPE tokens of ctx_init
         prefix = cfg.ctx_init if use_init else " ".join(["X"] * n)
-        ids = cl.tokenize([f"{prefix} {name}." for name in classnames]).to(dev)        # (C, 77)
+        ids = clip_layers.tokenize([f"{prefix} {name}." for name in names]).to(dev)   # (C, 77)
         with torch.no_grad():
-            embeds = cl.token_embedding(clip_model, ids)                                 # (C, 77, 512)
+            embeds = clip_layers.token_embedding(clip_model, ids)                     # (C, 77, 512)
         self.register_buffer("token_embeds", embeds, persistent=False)
-        self.register_buffer("eot", cl.eot_index(ids), persistent=False)                 # (C,) EOT position per class
+        self.register_buffer("eot", clip_layers.eot_index(ids), persistent=False)    # (C,) EOT position per class
 
         # Deep prompts P_t^l, P_v^l for l = 0..J-1 [BASELINE-SRC IVLP: independent per layer and per branch].
         self.text_prompts = nn.Parameter(torch.randn(J, n, Dt, device=dev) * cfg.prompt_std)    # (J, n, 512)
@@ -214,8 +217,8 @@ class ISP(nn.Module):
             with torch.no_grad():
                 self.text_prompts[0] = embeds[0, 1:1 + n]                                 # "a photo of a"
 
-        # Structural modules, one per prompted layer (INFERRED: not shared across layers). Widths are fractions of
-        # the model's widths, never below 1 (the tiny test CLIP has width 64).
+        # Structural modules, one per prompted layer (INFERRED §3.2: not shared across layers). Widths are fractions
+        # of the model's widths, never below 1 (the tiny test CLIP has width 64).
         d_s_t, d_s_v = (max(1, round(d * cfg.self_ratio)) for d in (Dt, Dv))        # 64, 96
         d_c = max(1, round(Dt * cfg.cross_ratio))                                      # 64
 
@@ -226,47 +229,43 @@ class ISP(nn.Module):
         if cfg.isp_self:
             self.self_text = per_layer(lambda: SelfStructuralPrompt(Dt, d_s_t))
             self.self_vision = per_layer(lambda: SelfStructuralPrompt(Dv, d_s_v))
-        if cfg.isp_cross in ("c1", "c2"):
-            # C2: text prompts read the vision prompts P_v^l; C1: text prompts read each image's frozen tokens X_v^l.
-            # Both: vision prompts read the per-class text EOT summaries S_t^l.
-            # INFERRED (C1): the literal C1 has each encoder read the other's layer-l tokens, which needs the two
-            # encoders run in lock-step; clip_layers runs one encoder at a time. So under C1 too the vision prompts read
-            # the summaries of the image-free text pass (encode_classes, text prompts without the cross term), and
-            # only the text prompts read the image: C1 and C2 differ in exactly what the text prompts read.
+        if cfg.isp_cross in ("image_tokens", "class_summaries"):
+            # class_summaries: text prompts read the vision prompts P_v^l; image_tokens: text prompts read each image's
+            # frozen tokens X_v^l. Both: vision prompts read the per-class text EOT summaries S_t^l.
+            # INFERRED (§4.2, image_tokens): the literal option has each encoder read the other's layer-l tokens,
+            # which needs the two encoders run in lock-step; clip_layers runs one encoder at a time. So here too the
+            # vision prompts read the summaries of the image-free text pass (encode_classes, text prompts without the
+            # cross term), and only the text prompts read the image: the two options differ in exactly what the text
+            # prompts read.
             self.cross_text = per_layer(lambda: CrossStructuralPrompt(Dt, Dv, d_c))
             self.cross_vision = per_layer(lambda: CrossStructuralPrompt(Dv, Dt, d_c))
-        elif cfg.isp_cross == "c3":
+        elif cfg.isp_cross == "linear":
             self.coupling = per_layer(lambda: nn.Linear(Dt, Dv))  # MaPLe's V-L coupling function, 512 -> 768
             for lin in self.coupling:  # INFERRED: zero-init (MaPLe uses the default init), so ISP starts as IVLP
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
 
-        if cfg.sample_probing:  # h_c: frozen zero-shot text features, computed once for the class set (isp.md 3)
-            zs_ids = cl.tokenize([cfg.sp_template.format(name) for name in classnames]).to(dev)
+        if cfg.sample_probing:  # h_c: frozen zero-shot text features, computed once for the class set (§5.1)
+            zs_ids = clip_layers.tokenize([cfg.sp_template.format(name) for name in names]).to(dev)
             with torch.no_grad():
-                h = cl.encode_text_ids(clip_model, zs_ids)                                # (C, 512)
+                h = clip_layers.encode_text_ids(clip_model, zs_ids, fast=fast)             # (C, 512)
             self.register_buffer("zs_text_features", h / h.norm(dim=-1, keepdim=True), persistent=False)
 
     # -- text branch ---------------------------------------------------------------------------------------------------
 
-    def _text_hook(self, eot, summaries=None, image_tokens=None):
-        """hook(l, x) for cl.encode_text over the text rows in hand. Everything row-dependent comes from `eot` (their
-        EOT positions), passed in by the caller for exactly those rows, so the same hook serves all classes, any chunk
-        of them (encode_classes), or the N*C image-major rows (i*C + c) of option C1. The hook depends on the class of
-        each row, so clip_layers' own chunking (which splits and reorders the rows behind the hook's back) is turned
-        off with chunk=None, and encode_classes does the chunking itself.
-        summaries: a dict to store the EOT rows S_t^l (R, 512) of every prompted layer in (read by the vision side);
-        a dict, not a list, so a recomputation under activation checkpointing overwrites instead of appending.
-        image_tokens: the list X_v^l (N, 197, 768) filled by the vision hook (option C1 only)."""
+    def _text_hook(self, eot, image_tokens=None):
+        """hook(l, x) for clip_layers.encode_text over the text rows in hand. Everything row-dependent comes from `eot`
+        (their EOT positions), passed in by the caller for exactly those rows, so the same hook serves all classes, any
+        chunk of them (encode_classes), or the N*C image-major rows (i*C + c) of isp_cross="image_tokens". The hook
+        depends on the class of each row, so encode_classes chunks the classes itself instead of leaving it to
+        clip_layers.encode_text (which would split and reorder the rows behind the hook's back).
+        image_tokens: the list X_v^l (N, 197, 768) filled by the vision hook (isp_cross="image_tokens" only)."""
         cfg, n = self.cfg, self.cfg.n_ctx
 
         def hook(l, x):                                                   # x: (R, L, 512), L = last EOT + 1 <= 77
             if l >= cfg.depth:
                 return x  # IVLP: after layer J-1 the prompt positions pass through the frozen layers
             R, L = x.shape[:2]
-            if summaries is not None:
-                # INFERRED (isp.md 6.6): a class's text tokens are summarised by their EOT row, the one CLIP reads out.
-                summaries[l] = x[torch.arange(R, device=x.device), eot]   # (R, 512)
             # Layer 0: P^0 was written into the token embeddings and got their position embeddings (as in CoOp/IVLP).
             # Layers >= 1: IVLP *replaces* rows 1..n by the next prompts, dropping the previous layer's prompt outputs;
             # the frozen tokens (SOS, name, ".", EOT) carry on.
@@ -274,13 +273,13 @@ class ISP(nn.Module):
             if self.self_text is not None:
                 X = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)            # (R, L - n, 512) frozen tokens
                 # Node j of [P; X] is text position j for j > n; positions after a row's own EOT are padding (the cut
-                # keeps them up to the *longest* prompt in hand), so they are no nodes of that row's graph.
+                # keeps them up to the *longest* prompt in hand), so they are no nodes of that row's graph (§3.4).
                 mask = torch.arange(L, device=x.device) <= eot[:, None]  # (R, L) over the n + (L - n) nodes
                 P = P + self.self_text[l](P, X, mask)                     # Eq. (SSP): class-specific prompts
-            # INFERRED: self first, then cross on its output, both residual (isp.md 6.8).
-            if cfg.isp_cross == "c2":
+            # INFERRED (§4.5): self first, then cross on its output, both residual.
+            if cfg.isp_cross == "class_summaries":
                 P = P + self.cross_text[l](P, self.vision_prompts[l])     # reads P_v^l (n, 768): image-independent
-            elif cfg.isp_cross == "c1" and image_tokens is not None:      # (absent in C1's image-free pass)
+            elif cfg.isp_cross == "image_tokens" and image_tokens is not None:  # (absent in the image-free pass)
                 Y = image_tokens[l]                                       # (N, 197, 768) frozen tokens of each image
                 N = Y.shape[0]
                 # Group the queries by image instead of copying each image's keys C times: (N, C * n, 512).
@@ -289,8 +288,9 @@ class ISP(nn.Module):
 
         return hook
 
-    def _encode_text(self, rows, summaries=None, image_tokens=None):
-        """Text features (R, 512) of the class rows `rows` (a slice or index tensor), once per image for option C1."""
+    def _encode_text(self, rows, image_tokens=None, eot_rows=False):
+        """Text features (R, 512) of the class rows `rows` (a slice or index tensor), once per image under
+        isp_cross="image_tokens"; with eot_rows also the EOT summaries S_t^l of every layer, (R, layers, 512)."""
         n = self.cfg.n_ctx
         emb, eot = self.token_embeds[rows], self.eot[rows]                # (C, 77, 512), (C,)
         if image_tokens is not None:
@@ -298,27 +298,21 @@ class ISP(nn.Module):
             emb, eot = emb.repeat(N, 1, 1), eot.repeat(N)                 # (N * C, 77, 512), rows i * C + c
         P0 = self.text_prompts[0].expand(emb.shape[0], -1, -1)           # (R, n, 512)
         x = torch.cat([emb[:, :1], P0, emb[:, 1 + n:]], dim=1)            # (R, 77, 512) = [SOS, P^0, name, ., EOT, pad]
-        return cl.encode_text(self.clip, x, eot, self._text_hook(eot, summaries, image_tokens), chunk=None)
+        return clip_layers.encode_text(self.clip, x, eot, self._text_hook(eot, image_tokens), fast=self.fast,
+                                       eot_rows=eot_rows)
 
-    def encode_classes(self, chunk="default"):
+    def encode_classes(self):
         """Everything class-dependent that does not depend on images, for evaluation to compute once per class set:
-        (text features (C, 512), EOT summaries [S_t^l (C, 512) for l < J] or None). The summaries are what the vision
-        prompts read under C1/C2. Under C1 the text features returned here are the image-free ones; forward()
-        re-encodes the classes per image.
-        chunk: classes per text pass (default clip_layers.TEXT_CHUNK, train.py's --text-chunk; None: all at once).
-        The chunks come from clip_layers.over_class_chunks (sorted by length, checkpointed with gradients on, exact),
-        with our own per-rows encoder, since the hook depends on which class each row is."""
-        J = self.cfg.depth
-        chunk = cl.TEXT_CHUNK if chunk == "default" else chunk
-        need = self.cfg.isp_cross in ("c1", "c2")
-
-        def encode(rows):  # (R, 512) features, and under C1/C2 the J summaries (R, 512) as further outputs
-            summaries = {} if need else None
-            features = self._encode_text(rows, summaries)
-            return (features, *(summaries[l] for l in range(J))) if need else features
-
-        out = cl.over_class_chunks(encode, self.eot, chunk)
-        return (out[0], list(out[1:])) if need else (out, None)
+        (text features (C, 512), EOT summaries S_t (C, layers, 512) or None). INFERRED (§4.4): a class's text is
+        summarised by its EOT row at the input of each layer, the token CLIP reads out at the end; the vision prompts
+        read the summaries under image_tokens / class_summaries. Under image_tokens the text features returned here
+        are the image-free ones; forward() re-encodes the classes per image.
+        The classes go in chunks of text_chunk (clip_layers.over_class_chunks: sorted by length, checkpointed with
+        gradients on, exact), with our own per-rows encoder, since the hook depends on which class each row is."""
+        summaries_needed = self.cfg.isp_cross in ("image_tokens", "class_summaries")
+        out = clip_layers.over_class_chunks(lambda rows: self._encode_text(rows, eot_rows=summaries_needed),
+                                            self.eot, self.text_chunk if self.fast else None)
+        return out if summaries_needed else (out, None)
 
     # -- image branch and logits ---------------------------------------------------------------------------------------
 
@@ -332,7 +326,7 @@ class ISP(nn.Module):
             # the last n rows, the previous prompts' outputs, are replaced.
             X = x if l == 0 else x[:, :-n]                                # (N, 197, 768) frozen tokens
             if image_tokens is not None:
-                image_tokens.append(X)                                    # read by the text prompts under C1
+                image_tokens.append(X)                                    # read by the text prompts (image_tokens)
             # INFERRED: at layer 0 the refined prompts still go through ln_pre with the other tokens, like IVLP's.
             P = self.vision_prompts[l].expand(x.shape[0], -1, -1)         # (N, n, 768)
             if self.self_vision is not None:
@@ -340,9 +334,9 @@ class ISP(nn.Module):
             if self.cross_vision is not None:
                 # Reads S_t^l (C, 512) of *all* classes (the class set is the graph), so the vision branch needs
                 # encode_classes() of the whole class set; the text passes themselves may be chunked.
-                P = P + self.cross_vision[l](P, summaries[l])             # shared by all images
+                P = P + self.cross_vision[l](P, summaries[:, l])          # shared by all images
             elif self.coupling is not None:
-                P = P + self.coupling[l](self.text_prompts[l])            # C3: (n, 512) -> (n, 768), broadcast over N
+                P = P + self.coupling[l](self.text_prompts[l])            # linear: (n, 512) -> (n, 768), over N
             return torch.cat([X, P], dim=1)                               # (N, 197 + n, 768)
 
         return hook
@@ -350,15 +344,17 @@ class ISP(nn.Module):
     def forward(self, images, classes=None):
         """images (N, 3, 224, 224) -> logits (N, C). classes: the output of encode_classes(), computed here if None."""
         text_features, summaries = self.encode_classes() if classes is None else classes
-        image_tokens = [] if self.cfg.isp_cross == "c1" else None
-        f = cl.encode_image(self.clip, images, self._vision_hook(summaries, image_tokens))  # (N, 512)
+        image_tokens = [] if self.cfg.isp_cross == "image_tokens" else None
+        image_features = clip_layers.encode_image(self.clip, images, self._vision_hook(summaries, image_tokens),
+                                                  fast=self.fast)                                # (N, 512)
         if image_tokens is None:
-            return cl.cosine_logits(f, text_features, self.clip.logit_scale)               # (N, C)
-        # C1: class features g_{c|i} per image (isp.md 2.6): N * C text sequences, the CoCoOp cost.
-        N, C = f.shape[0], self.eot.shape[0]
-        g = self._encode_text(slice(None), image_tokens=image_tokens).view(N, C, -1)      # (N, C, 512)
-        f, g = f / f.norm(dim=-1, keepdim=True), g / g.norm(dim=-1, keepdim=True)
-        return self.clip.logit_scale.exp() * (g @ f[:, :, None]).squeeze(-1)               # (N, C)
+            return clip_layers.cosine_logits(image_features, text_features, self.clip.logit_scale)  # (N, C)
+        # image_tokens: class features g_{c|i} per image (§4.2): N * C text sequences, the CoCoOp cost.
+        N, C = image_features.shape[0], self.eot.shape[0]
+        per_image = self._encode_text(slice(None), image_tokens=image_tokens).view(N, C, -1)      # (N, C, 512)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        per_image = per_image / per_image.norm(dim=-1, keepdim=True)
+        return self.clip.logit_scale.exp() * (per_image @ image_features[:, :, None]).squeeze(-1)  # (N, C)
 
     # -- sample probing ------------------------------------------------------------------------------------------------
 
@@ -368,12 +364,12 @@ class ISP(nn.Module):
         train.py passes its training logits (only sp_mode "dynamic" uses them). Costs one no-grad pass of the frozen,
         un-prompted image encoder on the same augmented view (measured on a ViT-B/16-sized CLIP, CPU, batch 4: ~0.45x
         of ISP's forward + backward); it cannot be cached across epochs, since the crops are random. The text side
-        h_c was computed once in __init__."""
+        h_c was computed once in __init__ (§5.1)."""
         cfg = self.cfg
         if not cfg.sample_probing:
             return images.new_ones(images.shape[0])
-        u = cl.encode_image(self.clip, images)                                             # (N, 512) no prompts
-        p = cl.cosine_logits(u, self.zs_text_features, self.clip.logit_scale).softmax(dim=-1)
+        u = clip_layers.encode_image(self.clip, images, fast=self.fast)  # (N, 512) no prompts
+        p = clip_layers.cosine_logits(u, self.zs_text_features, self.clip.logit_scale).softmax(dim=-1)
         p_clip = p.gather(1, labels[:, None]).squeeze(1)                                   # p_clip(y_i | x_i)
         p_model = None
         if cfg.sp_mode == "dynamic":
@@ -387,12 +383,12 @@ class ISP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    clip_model = cl.random_clip("tiny")
+    clip_model = clip_layers.random_clip("tiny")
     classnames = ["cat", "dog", "sea lion"]
     images = torch.randn(2, 3, 32, 32)
     for name, preset in PRESETS.items():
-        for cfg in (preset, ISPConfig(isp_cross="c1"), ISPConfig(isp_cross="c3")) if name == "isp" else (preset,):
-            cfg = replace(cfg, depth=3)  # the tiny CLIP has 4 layers
+        for cross in (CROSS_MODES if name == "isp" else (preset.isp_cross,)):
+            cfg = replace(preset, isp_cross=cross, depth=3)  # the tiny CLIP has 4 layers
             model = ISP(clip_model, classnames, cfg)
             logits = model(images)
             w = model.sample_weights(images, torch.tensor([0, 2]), logits)

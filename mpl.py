@@ -29,7 +29,7 @@ Shapes in comments are for ViT-B/16: text width 512, 77 tokens; vision width 768
 Letters: C classes (text sequences), N images, L sequence length.
 """
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -38,38 +38,38 @@ import clip_layers
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config
+# Config: one line per hyper-parameter, its source in brackets. Defaults: the official MPL config vit_b4_c1_add2_rm1.
 
 @dataclass
 class MPLConfig:
-    """MPL hyper-parameters. Defaults: the official config `configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml`.
+    n_ctx: int = 1                  # learnable text tokens after SOS, and vision tokens per add [MPL N_CTX]
+    n_add: int = 2                  # O_add: projections of the text prompts appended per deep layer [MPL N_ADD_OP]
+    n_rm: int = 1                   # O_rm: vision tokens removed from the end per deep layer [MPL N_RM_OP]
+    depth: int = 9                  # prompt depth J: prompts at the inputs of layers 0..J-1 [MPL PROMPT_DEPTH]
+    ctx_init: str = "a photo of a"  # the template's words, between the prompts and the class name [MPL CTX_INIT]
+    x_placeholders: bool = True     # MPL's text "X a photo of a {}." (off: MaPLe's "a photo of a {}.") [MPL code]
 
-    Per prompted layer l = 1 .. depth-1 the vision sequence changes by n_add * n_ctx - n_rm tokens (+1 by default:
-    198, 199, ..., 206 tokens at the inputs of layers 0..8 of ViT-B/16, then 206). MaPLe is the preset n_ctx = 2,
-    n_add = 1, n_rm = n_ctx (every deep layer replaces its prompts, nothing is carried); see PRESETS.
-    """
-    n_ctx: int = field(default=1, metadata={"help": "learnable text tokens after SOS (and vision tokens per add)"})
-    # ^ official config N_CTX: 1 (train.py's own default is 2, overridden by the YAML)
-    n_add: int = field(default=2, metadata={"help": "O_add: projections of the text prompts added per deep layer"})
-    # ^ official config N_ADD_OP: 2 (each adds n_ctx vision tokens)
-    n_rm: int = field(default=1, metadata={"help": "O_rm: vision tokens removed from the end per deep layer"})
-    # ^ official config N_RM_OP: 1
-    depth: int = field(default=9, metadata={"help": "prompt depth J: prompts at the inputs of layers 0..J-1"})
-    # ^ official config PROMPT_DEPTH: 9 (3 in the cross-dataset config, see CROSS_DATASET)
-    ctx_init: str = field(default="a photo of a", metadata={"help": "the prompt's words (CTX_INIT)"})
-    # ^ official config CTX_INIT: "a photo of a"
-    x_prefix: bool = field(default=True, metadata={"help": "MPL's text: n_ctx learnable 'X' tokens before ctx_init; "
-                                                           "off: MaPLe's, the first n_ctx words of ctx_init learn"})
-    # ^ official MPL code: the text is "X " * n_ctx + ctx_init + " {class}.", ctx starts as the embedding of "X".
-    #   The MaPLe repository writes ctx_init + " {class}." and ctx starts as its first n_ctx words ("a photo").
+    # With the defaults the vision sequence grows by n_add * n_ctx - n_rm = 1 token per deep layer: 198, 199, ..., 206
+    # tokens at the inputs of layers 0..8 of ViT-B/16, then 206. x_placeholders: the official MPL code writes
+    # "X " * n_ctx + ctx_init + " {class}." and its ctx starts as the embedding of "X"; the MaPLe repository writes
+    # ctx_init + " {class}." and its ctx starts as the first n_ctx words ("a photo"), the rest staying fixed tokens.
+
+    def __post_init__(self):
+        if self.n_ctx < 1 or self.n_add < 1 or self.n_rm < 0 or self.depth < 1:
+            # the official code crashes on n_add = 0 with depth > 1 (an empty cat)
+            raise ValueError(f"MPL needs n_ctx >= 1, n_add >= 1, n_rm >= 0 and depth >= 1; got n_ctx={self.n_ctx}, "
+                             f"n_add={self.n_add}, n_rm={self.n_rm}, depth={self.depth}")
+        if self.n_rm > self.n_add * self.n_ctx:  # asserted by the official code: the vision sequence never shrinks
+            raise ValueError(f"MPL removes at most what it adds: n_rm={self.n_rm} > n_add * n_ctx = "
+                             f"{self.n_add * self.n_ctx}")
 
 
 PRESETS = {
-    "mpl": MPLConfig(),                              # official vit_b4_c1_add2_rm1
+    "mpl": MPLConfig(),  # official vit_b4_c1_add2_rm1
     # MaPLe (vit_b16_c2_ep5_batch4_2ctx: 2 tokens, depth 9) through MPL's code: one projection per layer and
     # n_rm = n_ctx, so every deep layer replaces its prompts; and MaPLe's text, "a photo of a {class}." with ctx
     # initialised from "a photo" (positions 1..2), "of a" staying fixed in the suffix.
-    "maple": MPLConfig(n_ctx=2, n_add=1, n_rm=2, x_prefix=False),
+    "maple": MPLConfig(n_ctx=2, n_add=1, n_rm=2, x_placeholders=False),
 }
 
 # Cross-dataset / domain generalisation (official `vit_b4_c1_add2_rm1_cross_datasets.yaml`): shallower prompts. Its LR
@@ -90,16 +90,12 @@ class ModularPromptLearner(nn.Module):
       txt2img_proj[a][l]         Linear(512 -> 768)    a = 0..n_add-1: vision tokens added at layer l+1 (O_add)
     """
 
-    def __init__(self, clip_model, classnames, *, n_ctx, n_add, n_rm, depth, ctx_init, x_prefix=True):
+    def __init__(self, clip_model, classnames, *, n_ctx, n_add, n_rm, depth, ctx_init, x_placeholders=True):
         super().__init__()
         text_width, vision_width = clip_layers.widths(clip_model)                # 512, 768
         n_layers = min(clip_layers.n_layers(clip_model))                         # 12
-        if n_ctx < 1 or n_add < 1 or n_rm < 0:  # official: n_add = 0 with depth > 1 crashes (empty cat)
-            raise ValueError(f"MPL needs n_ctx >= 1, n_add >= 1 and n_rm >= 0, got {n_ctx}, {n_add}, {n_rm}")
-        if not 1 <= depth <= n_layers:  # the official code does not check the upper bound; extra prompts go unused
+        if depth > n_layers:  # the official code does not check this; its extra prompts would go unused
             raise ValueError(f"MPL prompt depth must be in 1..{n_layers} for this CLIP, got {depth}")
-        if n_rm > n_add * n_ctx:        # asserted by the official code: the vision sequence never shrinks
-            raise ValueError(f"MPL removes at most what it adds: n_rm={n_rm} > n_add * n_ctx = {n_add * n_ctx}")
         # Not checked, as in the official code: with n_rm > n_ctx the first removal (layer 1) cuts patch tokens,
         # because at that point only n_ctx prompt tokens sit at the end of the sequence.
         self.n_ctx, self.n_add, self.n_rm, self.depth = n_ctx, n_add, n_rm, depth
@@ -108,8 +104,10 @@ class ModularPromptLearner(nn.Module):
         # The official text: n_ctx placeholder words in front of the template, "X a photo of a {class}." by default.
         # Only the X positions learn; "a photo of a" stays as fixed tokens in the suffix. MaPLe's text has no X: its
         # first n_ctx words ("a photo") learn, starting from their own embeddings, and the rest stays fixed.
-        prefix = (" ".join(["X"] * n_ctx) + " " if x_prefix else "") + ctx_init.replace("_", " ")
-        ids = clip_layers.tokenize([f"{prefix} {name}." for name in classnames]).to(device)               # (C, 77)
+        prefix = (" ".join(["X"] * n_ctx) + " " if x_placeholders else "") + ctx_init.replace("_", " ")
+        # "american_bulldog" -> "american bulldog", as the official trainers do inside the model
+        names = [name.replace("_", " ") for name in classnames]
+        ids = clip_layers.tokenize([f"{prefix} {name}." for name in names]).to(device)                    # (C, 77)
         with torch.no_grad():
             embedding = clip_layers.token_embedding(clip_model, ids)                                        # (C, 77, 512)
             ctx_vectors = clip_layers.token_embedding(clip_model, clip_layers.tokenize([prefix]).to(device))[0]
@@ -143,10 +141,10 @@ class ModularPromptLearner(nn.Module):
         """The vision tokens each prompted layer adds: [proj(ctx)] for layer 0, then for layer l = 1..depth-1 the
         n_add projections of that layer's text prompt, one after the other (the V-L coupling: the vision prompts are
         made from the text prompts, which therefore get gradients from both towers)."""
-        added = [self.proj(self.ctx)]                                                             # (n_ctx, 768)
+        tokens = [self.proj(self.ctx)]                                                            # (n_ctx, 768)
         for l, text_prompt in enumerate(self.compound_prompts_text):
-            added.append(torch.cat([proj[l](text_prompt) for proj in self.txt2img_proj], dim=0))  # (n_add*n_ctx, 768)
-        return added
+            tokens.append(torch.cat([proj[l](text_prompt) for proj in self.txt2img_proj], dim=0))  # (n_add*n_ctx, 768)
+        return tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -154,48 +152,56 @@ class ModularPromptLearner(nn.Module):
 
 class MPL(nn.Module):
     """MPL on a frozen CLIP: `forward(images)` -> logits (N, C). `cfg` is an `MPLConfig`; `PRESETS["maple"]` gives
-    MaPLe (n_add = 1, n_rm = n_ctx: every deep layer replaces its prompts, nothing carried)."""
+    MaPLe (n_add = 1, n_rm = n_ctx: every deep layer replaces its prompts, nothing carried).
 
-    def __init__(self, clip_model, classnames, cfg=None):
+    clip_model: any OpenAI ViT CLIP, e.g. straight from `clip.load`; it is frozen and made fp32 in place
+        (clip_layers.freeze), and the caller picks the compute precision (torch.autocast, or to_official_fp16).
+    text_chunk: classes per text pass, with activation checkpointing when training (exact; None: all at once).
+    fast: False runs CLIP's stock blocks over all 77 text positions, as the official code does (same logits, slower).
+    """
+
+    def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True):
         super().__init__()
         self.cfg = cfg = cfg if cfg is not None else MPLConfig()
-        self.clip = clip_model  # frozen by clip_layers.load_clip / random_clip; nothing here touches requires_grad
-        self.prompt_learner = ModularPromptLearner(clip_model, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
+        self.clip = clip_layers.freeze(clip_model)
+        self.text_chunk, self.fast = text_chunk, fast
+        self.prompt_learner = ModularPromptLearner(self.clip, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
                                                    n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init,
-                                                   x_prefix=cfg.x_prefix)
+                                                   x_placeholders=cfg.x_placeholders)
 
     def encode_classes(self):
         """(C, 512) text features of all classes (MaPLe's deep text prompting; MPL does not change the text side)."""
-        pl = self.prompt_learner
+        prompts = self.prompt_learner
 
         def text_hook(layer, x):                                          # x: (C, L, 512), L = last EOT + 1 <= 77
-            if 1 <= layer < pl.depth:
+            if 1 <= layer < prompts.depth:
                 # The text side is MaPLe's deep prompting, unchanged by MPL: rows 1..n_ctx (right after SOS) are
                 # *replaced* by this layer's prompts, nothing is carried, and the text length never changes.
-                deep = pl.compound_prompts_text[layer - 1].expand(x.shape[0], -1, -1)          # (C, n_ctx, 512)
-                x = torch.cat([x[:, :1], deep, x[:, 1 + pl.n_ctx:]], dim=1)                    # (C, L, 512)
+                deep = prompts.compound_prompts_text[layer - 1].expand(x.shape[0], -1, -1)     # (C, n_ctx, 512)
+                x = torch.cat([x[:, :1], deep, x[:, 1 + prompts.n_ctx:]], dim=1)               # (C, L, 512)
             return x
 
-        return clip_layers.encode_text(self.clip, pl.text_input(), pl.eot, hook=text_hook)
+        return clip_layers.encode_text(self.clip, prompts.text_input(), prompts.eot, text_hook,
+                                       chunk=self.text_chunk, fast=self.fast)
 
     def encode_images(self, images):
         """(N, 512) image features; this is where MPL's add / remove / carry happen."""
-        pl = self.prompt_learner
-        added = pl.vision_added()
+        prompts = self.prompt_learner
+        new_tokens = prompts.vision_added()              # per prompted layer: the vision tokens it appends
 
         def vision_hook(layer, x):                                        # x: (N, L_layer, 768)
             if layer == 0:
                 # After the positional embedding and before ln_pre, as in the official code: the prompts have no
                 # position of their own, but they do go through ln_pre.
-                x = torch.cat([x, added[0].expand(x.shape[0], -1, -1)], dim=1)                  # (N, 197 + n_ctx, 768)
-            elif layer < pl.depth:
+                x = torch.cat([x, new_tokens[0].expand(x.shape[0], -1, -1)], dim=1)            # (N, 197 + n_ctx, 768)
+            elif layer < prompts.depth:
                 # O_rm: drop the *last* n_rm tokens, i.e. the newest prompt outputs of the previous layer (official).
-                x = x[:, :x.shape[1] - pl.n_rm]                                                 # (N, L - n_rm, 768)
+                x = x[:, :x.shape[1] - prompts.n_rm]                                            # (N, L - n_rm, 768)
                 # O_add: append n_add * n_ctx new tokens; O_cr: everything not removed goes on.
-                x = torch.cat([x, added[layer].expand(x.shape[0], -1, -1)], dim=1)  # (N, L - n_rm + n_add*n_ctx, 768)
+                x = torch.cat([x, new_tokens[layer].expand(x.shape[0], -1, -1)], dim=1)  # (N, L-n_rm+n_add*n_ctx, 768)
             return x                                                      # default: 198, 199, ..., 206, 206, ...
 
-        return clip_layers.encode_image(self.clip, images, hook=vision_hook)
+        return clip_layers.encode_image(self.clip, images, vision_hook, fast=self.fast)
 
     def forward(self, images, classes=None):
         text_features = self.encode_classes() if classes is None else classes                    # (C, 512)

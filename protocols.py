@@ -84,11 +84,11 @@ def _run_once(argv, run_dir, clip_model, protocol=None, source=None):
 
 
 def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
-    """ISP's ablation: base-to-new with each of (self-structural on/off) x (cross-structural none/c2) x (sample probing
+    """ISP's ablation: base-to-new with each of (self-structural on/off) x (cross-structural none/class_summaries) x (sample probing
     on/off), the same seeds and datasets, one table (<out>/ablation/ablation.md). Row (off, none, off) is IVLP."""
     lines = ["| self-structural | cross-structural | sample probing | base | new | HM |", "|---|---|---|---|---|---|"]
     for isp_self in (False, True):
-        for cross in ("none", "c2"):
+        for cross in ("none", "class_summaries"):
             for probing in (False, True):
                 flags = ["--isp-self" if isp_self else "--no-isp-self", "--isp-cross", cross,
                          "--sample-probing" if probing else "--no-sample-probing"]

@@ -25,6 +25,7 @@ import data
 import mpl
 import protocols
 import train
+import isp
 from isp import ISP, ISPConfig, PRESETS, sample_probing_weights
 
 # Tiny models gain nothing from several threads, and on a loaded 2-core machine OpenMP's spinning threads make them
@@ -461,7 +462,7 @@ def official_logits(clip_model, params, classnames, images, cfg, maple_block=Fal
         deep_vision = [torch.cat([lin(deep_text[l], a, l) for a in range(cfg.n_add)], dim=0) for l in range(depth - 1)]
 
     # ModularPromptLearner.forward: "X ... X a photo of a {c}." with the X rows replaced by ctx
-    words = (" ".join(["X"] * n_ctx) + " " if cfg.x_prefix else "") + cfg.ctx_init  # MaPLe's text: no X (x_prefix off)
+    words = (" ".join(["X"] * n_ctx) + " " if cfg.x_placeholders else "") + cfg.ctx_init  # MaPLe's text: no X
     ids = clip.tokenize([words + " " + c + "." for c in classnames])
     emb = clip_model.token_embedding(ids)
     c = len(classnames)
@@ -532,8 +533,8 @@ def record_blocks(monkeypatch, model, images, identity=False):
     seen = {"text": [], "vision": []}
     stock = clip_layers.residual_block
 
-    def recording(block, x, causal):
-        y = x if identity else stock(block, x, causal)
+    def recording(block, x, causal, fast=True):
+        y = x if identity else stock(block, x, causal, fast)
         seen["text" if causal else "vision"].append((x.detach().clone(), y.detach().clone()))
         return y
 
@@ -751,7 +752,7 @@ def test_trainable_count_vitb16(vitb16):
     maple_count = mpl_trainable(mpl.MPL(vitb16, CLASSES, mpl.PRESETS["maple"]))
     assert mpl_count == closed_form_count(512, 768, n_ctx=1, n_add=2, depth=9)
     assert maple_count == closed_form_count(512, 768, n_ctx=2, n_add=1, depth=9)
-    assert maple_count == 3_555_072  # protocol.md 3.4, MaPLe vit_b16_c2_ep5_batch4_2ctx, counted from the MaPLe code
+    assert maple_count == 3_555_072  # MaPLe vit_b16_c2_ep5_batch4_2ctx, counted from the MaPLe code
 
 
 def test_initial_values_follow_the_official_code(mpl_tiny):
@@ -778,7 +779,7 @@ def test_maple_text_is_maples(mpl_tiny):
     """maple preset: "a photo of a {c}." with ctx = the embeddings of "a photo" (MaPLe's CTX_INIT handling)."""
     pl = mpl.MPL(mpl_tiny, CLASSES, TINY["maple"]).prompt_learner
     ids = clip.tokenize(["a photo of a dog."])
-    assert TINY["maple"].x_prefix is False
+    assert TINY["maple"].x_placeholders is False
     assert torch.equal(pl.ctx, mpl_tiny.token_embedding(ids)[0, 1:3])
     assert torch.equal(pl.token_suffix[0], mpl_tiny.token_embedding(ids)[0, 3:])
 
@@ -928,7 +929,7 @@ def test_ivlp_equals_plain_reimplementation(isp_tiny):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cross", ["none", "c1", "c2", "c3"])
+@pytest.mark.parametrize("cross", ["none", "image_tokens", "class_summaries", "linear"])
 def test_zero_init_isp_equals_ivlp(isp_tiny, cross):
     ivlp = make(isp_tiny, isp_self=False, isp_cross="none")
     perturb(ivlp)
@@ -937,7 +938,7 @@ def test_zero_init_isp_equals_ivlp(isp_tiny, cross):
     x = images(3)
     with torch.no_grad():
         a, b = model(x), ivlp(x)
-    if cross == "c1":  # per-image text: the same rows in an N * C batch (other matmul shapes), so to rounding only
+    if cross == "image_tokens":  # per-image text: the same rows in an N * C batch (other matmul shapes), so to rounding only
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     else:
         assert torch.equal(a, b)
@@ -959,13 +960,13 @@ def capture_prompts(model, x, monkeypatch):
             return t
         return enc_t(clip_model, tokens, eot, h, **kw)
 
-    def spy_image(clip_model, imgs, hook=None):
+    def spy_image(clip_model, imgs, hook=None, **kw):
         def h(l, t):
             t = hook(l, t)
             if l == 1:
                 seen["vision"] = t[:, -n:].detach().clone()
             return t
-        return enc_v(clip_model, imgs, h)
+        return enc_v(clip_model, imgs, h, **kw)
 
     monkeypatch.setattr(clip_layers, "encode_text", spy_text)
     monkeypatch.setattr(clip_layers, "encode_image", spy_image)
@@ -977,7 +978,7 @@ def capture_prompts(model, x, monkeypatch):
 
 def test_one_step_changes_prompts(isp_tiny, monkeypatch):
     torch.manual_seed(0)
-    model = make(isp_tiny)  # self on, cross c2
+    model = make(isp_tiny)  # self on, cross class_summaries
     x, y = images(4), torch.tensor([0, 1, 2, 3])
     before = capture_prompts(model, x, monkeypatch)
     assert torch.equal(before["text"], model.text_prompts[1].detach().expand(len(NAMES), -1, -1))  # = IVLP
@@ -998,30 +999,33 @@ def test_text_padding_is_masked(isp_tiny):
     model = make(isp_tiny, isp_cross="none")
     perturb(model)
     with torch.no_grad():
-        alone = model.encode_classes(chunk=1)[0]                      # each class cut at its own EOT
+        model.text_chunk = 1
+        alone = model.encode_classes()[0]                             # each class cut at its own EOT
+        model.text_chunk = None
         together = model.encode_classes()[0]                          # all cut at the longest EOT
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cross", ["c1", "c2"])
-def test_chunked_encode_classes(isp_tiny, cross, monkeypatch):
-    """Chunks (sorted by length, checkpointed with gradients on) give the same features, summaries and gradients, and
-    clip_layers.TEXT_CHUNK (train.py's --text-chunk) is the default chunk."""
+@pytest.mark.parametrize("cross", ["image_tokens", "class_summaries"])
+def test_chunked_encode_classes(isp_tiny, cross):
+    """Chunks (sorted by length, checkpointed with gradients on) give the same features, summaries and gradients; the
+    chunk is the model's text_chunk (train.py's --text-chunk)."""
     model = make(isp_tiny, isp_cross=cross)
     perturb(model)
+
+    def encode(text_chunk):
+        model.text_chunk = text_chunk
+        return model.encode_classes()
+
     with torch.no_grad():
-        (f1, s1), (f2, s2) = model.encode_classes(chunk=None), model.encode_classes(chunk=2)
+        (f1, s1), (f2, s2) = encode(None), encode(2)
     torch.testing.assert_close(f1, f2, atol=1e-5, rtol=1e-5)
-    for a, b in zip(s1, s2, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert s1.shape == (len(NAMES), len(isp_tiny.transformer.resblocks), isp_tiny.ln_final.weight.shape[0])
+    torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
     x, y = images(2), torch.tensor([1, 3])
-    monkeypatch.setattr(clip_layers, "TEXT_CHUNK", 2)
-    with torch.no_grad():  # ISP's hook knows its rows: clip_layers must not re-chunk them behind its back
-        f3, _ = model.encode_classes(chunk=None)
-    torch.testing.assert_close(f1, f3, atol=1e-5, rtol=1e-5)
 
     def grads(text_chunk):
-        monkeypatch.setattr(clip_layers, "TEXT_CHUNK", text_chunk)
+        model.text_chunk = text_chunk
         model.zero_grad()
         logits = model(x)
         F.cross_entropy(logits, y).backward()
@@ -1034,15 +1038,16 @@ def test_chunked_encode_classes(isp_tiny, cross, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# C2 keeps the text branch image-independent; C1 does not
+# class_summaries keeps the text branch image-independent; image_tokens does not
 
 def text_features_seen(model, x, monkeypatch):
     out = []
     enc = clip_layers.encode_text
 
     def spy(*args, **kw):
-        out.append(enc(*args, **kw))
-        return out[-1]
+        result = enc(*args, **kw)
+        out.append(result[0] if isinstance(result, tuple) else result)  # (features, EOT summaries) in the class pass
+        return result
 
     monkeypatch.setattr(clip_layers, "encode_text", spy)
     with torch.no_grad():
@@ -1051,8 +1056,8 @@ def text_features_seen(model, x, monkeypatch):
     return out
 
 
-def test_c2_text_independent_of_images(isp_tiny, monkeypatch):
-    model = make(isp_tiny, isp_cross="c2")
+def test_class_summaries_text_independent_of_images(isp_tiny, monkeypatch):
+    model = make(isp_tiny, isp_cross="class_summaries")
     perturb(model)
     a, b = text_features_seen(model, images(2, seed=3), monkeypatch), text_features_seen(model, images(2, seed=4),
                                                                                           monkeypatch)
@@ -1064,8 +1069,8 @@ def test_c2_text_independent_of_images(isp_tiny, monkeypatch):
     assert (c[0] - a[0]).abs().max() > 1e-4
 
 
-def test_c1_text_depends_on_images(isp_tiny, monkeypatch):
-    model = make(isp_tiny, isp_cross="c1")
+def test_image_tokens_text_depends_on_images(isp_tiny, monkeypatch):
+    model = make(isp_tiny, isp_cross="image_tokens")
     perturb(model)
     x = images(2, seed=3)
     C = len(NAMES)
@@ -1159,17 +1164,17 @@ def closed_form(Dt, Dv, n, J, isp_self, cross, r_self=1 / 8, r_cross=1 / 8):
         for d in (Dt, Dv):
             d_s = max(1, round(d * r_self))
             total += J * (2 * d + 4 * d * d_s)                        # LN, W_q, W_k, W_u (d -> d_s), W_o (d_s -> d)
-    if cross in ("c1", "c2"):
+    if cross in ("image_tokens", "class_summaries"):
         d_c = max(1, round(Dt * r_cross))
         text_reads_vision = 2 * Dt + 2 * Dv + Dt * d_c + 2 * Dv * d_c + d_c * Dt
         vision_reads_text = 2 * Dv + 2 * Dt + Dv * d_c + 2 * Dt * d_c + d_c * Dv
         total += J * (text_reads_vision + vision_reads_text)
-    elif cross == "c3":
+    elif cross == "linear":
         total += J * (Dt * Dv + Dv)                                   # Linear(Dt -> Dv) with bias
     return total
 
 
-COMBOS = [(s, c) for s in (False, True) for c in ("none", "c1", "c2", "c3")]
+COMBOS = [(s, c) for s in (False, True) for c in isp.CROSS_MODES]
 
 
 def test_parameter_counts_tiny(isp_tiny):
@@ -1197,9 +1202,9 @@ def test_trainable_set(isp_tiny):
         for l in range(J):
             if isp_self:
                 names |= {f"self_{m}.{l}.{p}" for m in ("text", "vision") for p in ssp}
-            if cross in ("c1", "c2"):
+            if cross in ("image_tokens", "class_summaries"):
                 names |= {f"cross_{m}.{l}.{p}" for m in ("text", "vision") for p in csp}
-            if cross == "c3":
+            if cross == "linear":
                 names |= {f"coupling.{l}.weight", f"coupling.{l}.bias"}
         return names
 
@@ -1217,9 +1222,16 @@ def test_trainable_set(isp_tiny):
 
 
 def test_config_fields_have_help(isp_tiny):
+    import argparse
     import dataclasses
-    for f in dataclasses.fields(ISPConfig):
-        assert f.metadata.get("help"), f.name
+    for config in (ISPConfig(), mpl.MPLConfig()):  # each field's flag takes its help from the comment on its line
+        parser = argparse.ArgumentParser()
+        train.config_flags(parser, config)
+        helps = {a.dest[4:]: a.help for a in parser._actions if a.dest.startswith("cfg_")}
+        assert set(helps) == {f.name for f in dataclasses.fields(config)}
+        assert all(len(h.split(" (preset:")[0]) > 15 for h in helps.values()), helps
+    with pytest.raises(ValueError, match="isp_cross must be one of none, image_tokens, class_summaries, linear"):
+        ISPConfig(isp_cross="c2")
     assert dataclasses.fields(ISPConfig)[0].name == "n_ctx"
     names = {f.name for f in dataclasses.fields(ISPConfig)}
     assert {"n_ctx", "depth", "ctx_init", "isp_self", "isp_cross", "sample_probing", "sp_lambda", "sp_mode"} <= names
@@ -1250,14 +1262,14 @@ def test_isp_ablation_grid_writes_one_table(tmp_path, colours, monkeypatch):
     def fake_protocol(protocol, argv, datasets, seeds, out, clip_model=None):
         args = train.get_args(argv)
         seen.append((args.cfg_isp_self, args.cfg_isp_cross, args.cfg_sample_probing))
-        b = 50.0 + 10 * bool(args.cfg_isp_self) + 5 * (args.cfg_isp_cross == "c2") + 2 * bool(args.cfg_sample_probing)
+        b = 50.0 + 10 * bool(args.cfg_isp_self) + 5 * (args.cfg_isp_cross == "class_summaries") + 2 * bool(args.cfg_sample_probing)
         return [dict(dataset="mini_world", accuracy=dict(base=b + s, new=40.0)) for s in seeds]
 
     monkeypatch.setattr(protocols, "run_protocol", fake_protocol)
     text = protocols.run_ablation(["--method", "isp"], None, [1, 3], str(tmp_path))
     assert len(set(seen)) == 8
     assert "| off | none | off | 52.00 | 40.00 |" in text    # mean of seeds 1 and 3: 51, 53
-    assert "| on | c2 | on | 69.00 | 40.00 |" in text
+    assert "| on | class_summaries | on | 69.00 | 40.00 |" in text
     assert open(tmp_path / "ablation" / "ablation.md").read().strip() == text.strip()
 
 

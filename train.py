@@ -1,7 +1,7 @@
 """
-Train and evaluate prompt learning on a frozen CLIP: one plain loop for every method of this project.
+Train and evaluate prompt learning on a frozen CLIP: one run (one method, dataset and seed), in one plain loop.
 
-    python train.py --method mpl --shots 16                                     # the built-in mini world, CPU, minutes
+    python train.py --method mpl --shots 16                                     # the built-in mini world, CPU, ~10 s
     python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16  # the paper's base-to-new, one seed
     python train.py --method isp --help                                         # every flag, the method's included
 
@@ -12,21 +12,23 @@ Methods (all presets of two files plus zero-shot):
     isp       Integrated Structural Prompts + sample probing (isp.py), PromptSRC's recipe
     ivlp      IVLP deep prompts = isp.py with its structural modules and sample probing off
 
-The protocol is the papers' (protocol.md 3): SGD (momentum 0.9, weight decay 5e-4), a per-epoch cosine schedule after
-one warm-up epoch at a constant 1e-5, drop_last, the last-epoch model, top-1 micro accuracy. `--subsample base2new`
-(the default) trains on the base classes, then evaluates the same prompts on the base test set and, rebuilt with the
-new class names, on the new test set, and reports HM = 2BN / (B + N).
+The recipe is the papers' (Dassl's trainer as the official configs set it): SGD (momentum 0.9, weight decay 5e-4), a
+per-epoch cosine schedule after one warm-up epoch at a constant 1e-5, drop_last, the last-epoch model, top-1 micro
+accuracy. `--subsample base2new` (the default) trains on the base classes, then evaluates the same prompts on the base
+test set and, rebuilt with the new class names, on the new test set, and reports HM = 2BN / (B + N).
 
-What this file is not: no multi-GPU, no config files, no trainer registry. A run writes into its own directory:
-checkpoint.pt (only the trainable prompt parameters, kilobytes) and results.json.
+What this file is not: no multi-GPU, no config files, no trainer registry; whole protocols (every dataset x seed) and
+their tables are protocols.py. A run writes into its own directory: checkpoint.pt (only the trainable prompt
+parameters, kilobytes) and results.json.
 """
 import argparse
 import dataclasses
-import importlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -39,35 +41,62 @@ from tqdm import tqdm
 
 import clip_layers
 import data
+import isp
 import mini_world
+import mpl
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Methods and their training recipes (protocol.md 3.4). Each prompt method is a (file, class, preset) triple: the preset
-# is a config of that file (mpl.PRESETS / isp.PRESETS), so the baselines are settings, not code.
+# Methods and their training recipes. A prompt method is a model class and one of its file's presets, so the baselines
+# are settings, not code.
 
-RECIPES = {  # method: (module, model class, lr, epochs, batch size)   source
-    "zeroshot": (None, None, 0.0, 0, 4),          # no training
-    "mpl": ("mpl", "MPL", 0.0035, 5, 4),          # MPL configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml + scripts
-    "maple": ("mpl", "MPL", 0.0035, 5, 4),        # MaPLe vit_b16_c2_ep5_batch4_2ctx.yaml
-    "isp": ("isp", "ISP", 0.0025, 20, 4),         # INFERRED (isp.md 4): PromptSRC vit_b16_c2_ep20_batch4_4+4ctx
-    "ivlp": ("isp", "ISP", 0.0025, 20, 4),        # PromptSRC's IVLP 4+4 baseline, same recipe
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    model: type = None        # mpl.MPL or isp.ISP; None: zero-shot CLIP, nothing trains
+    config: object = None     # the method's preset (mpl.PRESETS[...], isp.PRESETS[...])
+    lr: float = 0.0           # base learning rate of the cosine schedule
+    epochs: int = 0
+    batch_size: int = 4
+    cross_dataset: dict = dataclasses.field(default_factory=dict)  # --cross-dataset: changes to lr, epochs, config
+
+
+RECIPES = {
+    "zeroshot": Recipe(),
+    # MPL configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml (+ _cross_datasets: depth 3, lr 0.0026, 2 epochs)
+    "mpl": Recipe(mpl.MPL, mpl.PRESETS["mpl"], lr=0.0035, epochs=5, batch_size=4,
+                  cross_dataset=dict(mpl.CROSS_DATASET, lr=0.0026, epochs=2)),
+    # MaPLe vit_b16_c2_ep5_batch4_2ctx.yaml (+ _cross_datasets)
+    "maple": Recipe(mpl.MPL, mpl.PRESETS["maple"], lr=0.0035, epochs=5, batch_size=4,
+                    cross_dataset=dict(mpl.CROSS_DATASET, lr=0.0026, epochs=2)),
+    # INFERRED (docs/isp_reconstruction.md §6): PromptSRC's vit_b16_c2_ep20_batch4_4+4ctx (_cross_datasets: depth 3)
+    "isp": Recipe(isp.ISP, isp.PRESETS["isp"], lr=0.0025, epochs=20, batch_size=4, cross_dataset=dict(depth=3)),
+    # PromptSRC's IVLP 4+4 baseline, the same recipe
+    "ivlp": Recipe(isp.ISP, isp.PRESETS["ivlp"], lr=0.0025, epochs=20, batch_size=4, cross_dataset=dict(depth=3)),
 }
-# --cross-dataset: the settings for training on ImageNet (all classes) and transferring (protocol.md 3.4).
-CROSS_DATASET = {
-    "mpl": dict(depth=3, lr=0.0026, epochs=2),    # MPL vit_b4_c1_add2_rm1_cross_datasets
-    "maple": dict(depth=3, lr=0.0026, epochs=2),  # MaPLe ..._2ctx_cross_datasets
-    "isp": dict(depth=3),                         # PromptSRC ..._cross_datasets keeps lr 0.0025, 20 epochs
-    "ivlp": dict(depth=3),
-    "zeroshot": dict(),
-}
-WARMUP_LR = 1e-5  # Dassl ConstantWarmupScheduler, cons_lr, 1 epoch (protocol.md 3.3)
+WARMUP_LR = 1e-5  # Dassl's ConstantWarmupScheduler: 1 epoch at a constant 1e-5
+
+
+def config_flags(parser, config):
+    """One flag per field of a method's config dataclass, e.g. --n-ctx, --isp-self/--no-isp-self. Its help is the
+    comment on the field's line in mpl.py / isp.py, so the config stays the one place where a setting is explained."""
+    source = inspect.getsource(type(config))
+    group = parser.add_argument_group(f"{type(config).__name__} (defaults: the preset)")
+    for f in dataclasses.fields(config):
+        comment = re.search(rf"^\s+{f.name}:[^#]*#\s*(.*)$", source, re.M)
+        kw = dict(default=None, dest=f"cfg_{f.name}", help=f"{comment.group(1) if comment else ''} "
+                                                           f"(preset: {getattr(config, f.name)!r})")
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw.update(type=f.type, metavar=f.name.upper())
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="mpl", choices=list(RECIPES), help="which method (default mpl)")
     p.add_argument("--dataset", default=None, help="a CoOp dataset (eurosat, imagenet, ...; see data.py); "
-                   "default: the built-in mini world, which needs no download")
+                   "default: the built-in mini world (mini_world.py), which needs no download")
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="$DATA, the CoOp dataset tree")
     p.add_argument("--shots", type=int, default=16, help="training images per class (Dassl few-shot draw)")
     p.add_argument("--seed", type=int, default=1, help="the papers use seeds 1, 2, 3")
@@ -95,77 +124,74 @@ def get_args(argv=None):
                    help="auto: fp32 on CPU, bf16 autocast on CUDA. amp: fp16 autocast + GradScaler. fp16: the whole "
                         "model in fp16 with plain SGD, as the official code runs (for parity checks)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 for the "
+                   "mini world's tiny CLIP, else the cores not busy with other processes)")
     p.add_argument("--crop-scale", type=float, default=None, help="smallest area of the training RandomResizedCrop "
                    "(default: Dassl's 0.08 on the benchmarks; 0.5 in the mini world, whose 32-pixel images an 8%% crop "
                    "reduces to 9 x 9 pixels)")
     p.add_argument("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
                    "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
-    # The method's own hyper-parameters become flags: every field of its config dataclass (mpl.MPLConfig, ...).
-    pre = argparse.ArgumentParser(add_help=False)  # a first look at --method, before --help prints everything
+    # The method's own hyper-parameters become flags: a first look at --method, before --help prints everything.
+    pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="mpl", choices=list(RECIPES))
     method = pre.parse_known_args(argv)[0].method
-    if RECIPES[method][0] is not None:
-        config_cls = type(importlib.import_module(RECIPES[method][0]).PRESETS[method])
-        group = p.add_argument_group(f"{method} ({config_cls.__name__}; preset values are the defaults)")
-        for f in dataclasses.fields(config_cls):
-            kw = dict(default=None, help=f.metadata.get("help", ""), dest=f"cfg_{f.name}")
-            if f.type not in (bool, "bool"):
-                kw["metavar"] = f.name.upper()
-            if f.type in (bool, "bool"):
-                kw["action"] = argparse.BooleanOptionalAction
-            else:
-                kw["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                kw["choices"] = f.metadata.get("choices")
-            group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    if RECIPES[method].config is not None:
+        config_flags(p, RECIPES[method].config)
     args = p.parse_args(argv)
     if args.crop_scale is None:
         args.crop_scale = 0.5 if mini_world.is_world(args.dataset) else 0.08
     if args.shots < 1:
         p.error(f"--shots must be >= 1, got {args.shots}")
+    try:
+        method_config(args)  # the config checks its own values, so a bad flag stops here, before anything loads
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def method_config(args):
     """The method's config: its preset, then --cross-dataset, then explicit flags (highest priority)."""
-    module = RECIPES[args.method][0]
-    if module is None:
+    r = RECIPES[args.method]
+    if r.config is None:
         return None
-    preset = importlib.import_module(module).PRESETS[args.method]
-    names = {f.name for f in dataclasses.fields(preset)}
-    changes = {k: v for k, v in CROSS_DATASET[args.method].items() if k in names} if args.cross_dataset else {}
+    names = {f.name for f in dataclasses.fields(r.config)}
+    changes = {k: v for k, v in r.cross_dataset.items() if k in names} if args.cross_dataset else {}
     changes.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None})
-    return dataclasses.replace(preset, **changes)
+    return dataclasses.replace(r.config, **changes)
 
 
 def recipe(args):
     """(lr, epochs, batch size): flags override --cross-dataset, which overrides the method's recipe."""
-    _, _, lr, epochs, bs = RECIPES[args.method]
-    xd = CROSS_DATASET[args.method] if args.cross_dataset else {}
-    lr, epochs = xd.get("lr", lr), xd.get("epochs", epochs)
+    r = RECIPES[args.method]
+    xd = r.cross_dataset if args.cross_dataset else {}
+    lr, epochs = xd.get("lr", r.lr), xd.get("epochs", r.epochs)
     return (args.lr if args.lr is not None else lr, args.epochs if args.epochs is not None else epochs,
-            args.batch_size if args.batch_size is not None else bs)
+            args.batch_size if args.batch_size is not None else r.batch_size)
 
 
 PRESET_LAYERS = 12  # the presets' prompt depths are for ViT-B/16's 12 layers
 
 
-def build_model(args, clip_model, classnames, template):
+def build_model(args, clip_model, classnames, template, quiet=False):
     if args.method == "zeroshot":
         return clip_layers.ZeroShotCLIP(clip_model, classnames, template)
-    module, cls, *_ = RECIPES[args.method]
     cfg = method_config(args)
     layers = min(clip_layers.n_layers(clip_model))
     if args.cfg_depth is None and cfg.depth > layers:
         # A shallower CLIP (the mini world's has 4 layers): keep the preset's share of prompted layers, 9 of 12 -> 3 of 4
-        cfg = dataclasses.replace(cfg, depth=max(1, round(cfg.depth * layers / PRESET_LAYERS)))
-    return getattr(importlib.import_module(module), cls)(clip_model, classnames, cfg)
+        depth = max(1, round(cfg.depth * layers / PRESET_LAYERS))
+        if not quiet:
+            print(f"prompt depth {cfg.depth} is for ViT-B/16's {PRESET_LAYERS} layers; this CLIP has {layers}: "
+                  f"depth {depth} (--depth sets it)")
+        cfg = dataclasses.replace(cfg, depth=depth)
+    return RECIPES[args.method].model(clip_model, classnames, cfg, text_chunk=args.text_chunk or None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Learning rate and precision
 
 def get_lr(epoch, base_lr, epochs):
-    """LR used during 0-based `epoch` (Dassl, protocol.md 3.3): 1) epoch 0 is a warm-up at a constant 1e-5;
+    """LR used during 0-based `epoch` (Dassl's scheduler as the official configs set it): 1) epoch 0 is a warm-up at a constant 1e-5;
     2) then cosine annealing over T = epochs, restarted after the warm-up, so it is shifted by one epoch and never
     reaches 0 (MaPLe, lr 0.0035, 5 epochs: 1e-5, 0.0035, 0.003166, 0.002291, 0.001209)."""
     if epoch == 0:
@@ -239,12 +265,12 @@ def load_prompts(model, path, method):
         ckpt = load_checkpoint(path)
     except RuntimeError:
         if method in ("mpl", "maple"):  # a Dassl file: mpl.load_official explains what it holds and what to do
-            return importlib.import_module("mpl").load_official(model, path)
+            return mpl.load_official(model, path)
         raise
     if "params" in ckpt:
         load_trainable(model, ckpt["params"], path)
     elif "state_dict" in ckpt and method in ("mpl", "maple"):
-        importlib.import_module("mpl").load_official(model, ckpt)
+        mpl.load_official(model, ckpt)
     else:
         raise ValueError(f"{path}: not a checkpoint of this project (no 'params') nor an official MPL one")
 
@@ -376,6 +402,21 @@ def load_clip(args, real=None):
     return mini_world.load_world_clip(device=args.device)
 
 
+def cpu_threads(args, clip_model):
+    """Threads for torch on the CPU, and why. The mini world's tiny CLIP runs small matrices, whose per-op cost is mostly
+    thread synchronisation. The main job on a 2-core machine: idle, 10.5 s with one thread and 9.3 s with two; with
+    another process busy on one core, 10.5 s with one and 23.3 s with two (each thread waits for the other at every
+    op). So one thread for the tiny CLIP; a large CLIP gets the cores that other processes leave free (by the
+    1-minute load average)."""
+    if args.threads:
+        return args.threads, "--threads"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if clip_layers.widths(clip_model)[1] < 256:
+        return 1, f"the tiny CLIP's ops are too small to share between threads; {cores} cores here; --threads sets it"
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, cores - busy), f"{cores} cores, about {busy} busy with other processes; --threads sets it"
+
+
 def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     """Run one (method, dataset, seed). Tests and protocol scripts may pass the CLIP model and the benchmarks in
     (`benchmarks`: {"base": Benchmark, "new": Benchmark} or {"all": ...}); otherwise they are loaded from the flags."""
@@ -384,13 +425,16 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     if args.workers is None:
         args.workers = 4 if args.device.startswith("cuda") else 0
     run_dir = prepare_run_dir(args)
-    clip_layers.TEXT_CHUNK = args.text_chunk or None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
     if clip_model is None:
         clip_model = load_clip(args)
+    if not args.device.startswith("cuda"):
+        threads, why = cpu_threads(args, clip_model)
+        torch.set_num_threads(threads)
+        print(f"CPU threads: {threads} ({why})")
     if args.dataset is None and benchmarks is None:
         print("no --dataset given: running in the built-in mini world (mini_world.py). For the real benchmark: "
               "python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16")
@@ -425,7 +469,7 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     acc = {train_on: evaluate(model, bench.test, args, autocast)}
     if args.subsample == "base2new":  # the same prompts; the model rebuilt with the new class names
         new = benchmark("new")
-        new_model = build_model(args, clip_model, new.classnames, new.template).to(args.device)
+        new_model = build_model(args, clip_model, new.classnames, new.template, quiet=True).to(args.device)
         load_trainable(new_model, trainable_state(model), "the prompts trained on the base classes")
         precision_setup(precision, args.device, new_model)
         acc["new"] = evaluate(new_model, new.test, args, autocast)

@@ -180,10 +180,11 @@ class ISP(nn.Module):
     which is written into the prompt positions. Text prompts become class-specific (C, n, 512), vision prompts
     image-specific (N, n, 768). With both modules off this is exactly IVLP (PRESETS["ivlp"]).
 
-    clip_model: any OpenAI ViT CLIP, e.g. straight from `clip.load`; it is frozen and made fp32 in place
-        (clip_layers.freeze), and the caller picks the compute precision (torch.autocast, or to_official_fp16).
-    text_chunk: classes per text pass, with activation checkpointing when training (exact; None: all at once).
-    fast: False runs CLIP's stock blocks over all 77 text positions, as the official code does (same logits, slower).
+    Arguments besides the config: an OpenAI ViT CLIP as `clip.load` returns it (clip_layers.freeze freezes it and turns
+    fp16 weights into fp32 in place; the compute precision is the caller's: torch.autocast or to_official_fp16); the
+    class names; text_chunk, how many classes one text pass encodes (activation checkpointing while training; exact;
+    None for all at once); fast=False for the official code's way of running CLIP (stock blocks, all 77 text
+    positions: the same logits, slower).
     """
 
     def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True):

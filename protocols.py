@@ -98,7 +98,7 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
                 by_dataset = {}
                 for r in runs:
                     by_dataset.setdefault(r["dataset"], []).append(r["accuracy"])
-                # per dataset the mean over seeds, then the mean over datasets, and HM of those (protocol.md 3.6)
+                # per dataset the mean over seeds, then the mean over datasets, and HM of those
                 b = np.mean([np.mean([a["base"] for a in accs]) for accs in by_dataset.values()])
                 n = np.mean([np.mean([a["new"] for a in accs]) for accs in by_dataset.values()])
                 lines.append(f"| {'on' if isp_self else 'off'} | {cross} | {'on' if probing else 'off'} | {b:.2f} | "
@@ -112,7 +112,7 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
     return text
 
 
-# Published anchors (protocol.md 4; ViT-B/16, 16 shots, mean of seeds 1-3): base2new (B, N, HM), transfer accuracy.
+# Published anchors (the papers' tables; ViT-B/16, 16 shots, mean of seeds 1-3): base2new (B, N, HM), transfer accuracy.
 # MPL and ISP publish no per-dataset table that could be read; IVLP only its 11-dataset average.
 _B2N_CLIP = [(72.43, 68.14, 70.22), (96.84, 94.00, 95.40), (91.17, 97.26, 94.12), (63.37, 74.89, 68.65),
              (72.08, 77.80, 74.83), (90.10, 91.22, 90.66), (27.19, 36.29, 31.09), (69.36, 75.35, 72.23),
@@ -137,7 +137,7 @@ def _mean_std(values):
 
 def summarize(out_dir, write=True, seeds=None):
     """Read every results.json under `out_dir` and build the papers' tables: per dataset the 3-seed mean (and std)
-    of B, N and HM = HM(mean B, mean N) (MaPLe#3), the average row as HM of the averaged B and N (protocol.md 3.6),
+    of B, N and HM = HM(mean B, mean N) (as MaPLe's authors compute it), the average row as HM of the averaged B and N,
     transfer tables averaged over the targets; the published anchors beside them. A dataset with fewer seeds than the
     table's seed set is shown as missing, and the average is then not computed."""
     runs = []

@@ -438,6 +438,9 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     if args.dataset is None and benchmarks is None:
         print("no --dataset given: running in the built-in mini world (mini_world.py). For the real benchmark: "
               "python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16")
+    if mini_world.is_world(args.dataset) and benchmarks is None:
+        print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel image (--crop-scale; "
+              f"Dassl's 0.08 on the benchmarks)")
 
     def benchmark(subsample):  # base/new: the few-shot draw over all classes, then the class subsample (data.py)
         if benchmarks is not None:

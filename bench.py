@@ -5,8 +5,8 @@ Speed and memory of one training step, ours against the way the official code do
     python bench.py --methods mpl maple --classes 10 100 1000 --steps 3
 
 One step = forward of a batch of 4 images and the whole class set, cross-entropy, backward, at ViT-B/16 size with
-random weights (the speed does not depend on the values). "official" runs the same method through CLIP's stock modules
-the way the MaPLe-derived official code does: `ResidualAttentionBlock.forward` (nn.MultiheadAttention, LND layout, the
+random weights (the speed does not depend on the values). "official" is the same method built with fast=False, which
+runs CLIP's stock modules the way the MaPLe-derived official code does: `ResidualAttentionBlock.forward` (nn.MultiheadAttention, LND layout, the
 77 x 77 causal mask), all 77 text tokens, the whole class set in one pass. "ours" is this project's path: SDPA, the text
 cut after the last EOT, classes in chunks of --text-chunk with activation checkpointing. Both compute the same logits
 (checked below before timing). Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak resident set

@@ -82,8 +82,17 @@ WORLD_DATASETS = {
                              shapes=["circle", "square", "triangle"],
                              style="sketch", camera=None, split_sizes=(0, 0, 40)),  # test only, like ImageNet-Sketch
 }
-WORLD_SPLIT_FILES = {"mini_world": "split_zhou_MiniWorld.json", "mini_world_xd": "split_zhou_MiniWorldXD.json",
-               "mini_world_shift": "split_zhou_MiniWorldShift.json"}
+# The same three as CoOp datasets: data.py reads them like any other split_zhou_*.json tree (expected counts: classes,
+# train, val, test images, from split_sizes above).
+DATASETS = {  # DatasetSpec(coop_name, section, dir, image_dir, split_file, reader, template, classes, train, val, test)
+    "mini_world": data.DatasetSpec("MiniWorld", "(built in)", "mini_world", "images", "split_zhou_MiniWorld.json",
+                                   "json", "a photo of a {}.", 36, 1440, 360, 1440),
+    "mini_world_xd": data.DatasetSpec("MiniWorldXD", "(built in)", "mini_world_xd", "images",
+                                      "split_zhou_MiniWorldXD.json", "json", "a photo of a {}.", 24, 960, 240, 960),
+    "mini_world_shift": data.DatasetSpec("MiniWorldShift", "(built in)", "mini_world_shift", "images",
+                                         "split_zhou_MiniWorldShift.json", "json", "a photo of a {}.", 36, 0, 0, 1440),
+}
+WORLD_SPLIT_FILES = {name: spec.split_file for name, spec in DATASETS.items()}
 WORLD_IMAGE_SIZE = 32  # pixels; equals the tiny CLIP's input resolution, so Resize + CenterCrop are no-ops
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges and stripes without any extra dependency
 WORLD_VERSION = 2  # bump whenever rendering changes, so render_world() re-renders stale folders
@@ -475,6 +484,8 @@ def pretrain_world_clip(path=WORLD_CLIP_PATH, cfg=None):
     Deterministic from cfg.seed for a given machine and thread count: the images, captions and batch order come
     from seeded numpy generators and the weights from torch.manual_seed, but float sums in multi-threaded CPU
     kernels may differ between machines or thread counts, so a rerun elsewhere gives close, not identical, weights.
+    The shipped file was trained when the text side ran CLIP's stock attention (nn.MultiheadAttention) rather than
+    clip_layers' SDPA: the same function to float rounding, so a rerun now gives close, not byte-identical, weights.
     """
     cfg = cfg or WorldClipConfig()
     t0 = time.time()
@@ -596,19 +607,6 @@ def zero_shot_report(model, root):
             rows.append((name, classes, acc, 100.0 / k))
             print(f"{name:18s} {classes:5s} {acc:6.1f}%  (chance {100.0 / k:.1f}%, {k} classes)")
     return rows
-
-
-# -----------------------------------------------------------------------------
-# The world's datasets as CoOp datasets: data.py reads them like any other split_zhou_*.json tree
-
-DATASETS = {  # DatasetSpec(coop_name, section, dir, image_dir, split_file, reader, template, classes, train, val, test)
-    "mini_world": data.DatasetSpec("MiniWorld", "(built in)", "mini_world", "images", "split_zhou_MiniWorld.json",
-                                   "json", "a photo of a {}.", 36, 1440, 360, 1440),
-    "mini_world_xd": data.DatasetSpec("MiniWorldXD", "(built in)", "mini_world_xd", "images",
-                                      "split_zhou_MiniWorldXD.json", "json", "a photo of a {}.", 24, 960, 240, 960),
-    "mini_world_shift": data.DatasetSpec("MiniWorldShift", "(built in)", "mini_world_shift", "images",
-                                         "split_zhou_MiniWorldShift.json", "json", "a photo of a {}.", 36, 0, 0, 1440),
-}
 
 
 def is_world(name):

@@ -252,6 +252,12 @@ class ISP(nn.Module):
                 h = clip_layers.encode_text_ids(clip_model, zs_ids, fast=fast)             # (C, 512)
             self.register_buffer("zs_text_features", h / h.norm(dim=-1, keepdim=True), persistent=False)
 
+    def train(self, mode=True):
+        """Training mode for the prompts only: the frozen CLIP stays in eval mode (clip_layers.freeze's contract)."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
     # -- text branch ---------------------------------------------------------------------------------------------------
 
     def _text_hook(self, eot, image_tokens=None):

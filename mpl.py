@@ -169,6 +169,12 @@ class MPL(nn.Module):
                                                    n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init,
                                                    x_placeholders=cfg.x_placeholders)
 
+    def train(self, mode=True):
+        """Training mode for the prompts only: the frozen CLIP stays in eval mode (clip_layers.freeze's contract)."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
     def encode_classes(self):
         """(C, 512) text features of all classes (MaPLe's deep text prompting; MPL does not change the text side)."""
         prompts = self.prompt_learner

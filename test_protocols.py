@@ -1,0 +1,103 @@
+"""
+Tests of protocols.py: the summary tables (seed means, harmonic means, missing seeds, the published rows beside ours),
+whole protocols run end to end on fake CoOp trees (conftest.py) with the tiny random CLIP, and the ISP ablation grid.
+
+    python -m pytest -q test_protocols.py
+"""
+import json
+import os
+
+import protocols
+import train
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Summary tables
+
+def fake_result(protocol, method, dataset, seed, **acc):
+    return dict(protocol=protocol, method=method, dataset=dataset, seed=seed, accuracy=acc,
+                config=dict(args=dict(cross_dataset=False)))
+
+
+def test_summary_means_hm_average_and_missing_seed(tmp_path):
+    runs = [fake_result("base2new", "maple", "eurosat", s, base=b, new=n)
+            for s, b, n in ((1, 90.0, 60.0), (2, 92.0, 64.0), (3, 94.0, 62.0))]
+    runs += [fake_result("base2new", "maple", "dtd", s, base=b, new=n)
+             for s, b, n in ((1, 80.0, 50.0), (2, 82.0, 52.0))]
+    runs += [fake_result("domain_generalization", "maple", t, 1, all=a)
+             for t, a in (("imagenet_v2", 60.0), ("imagenet_sketch", 40.0))]
+    for i, r in enumerate(runs):
+        os.makedirs(tmp_path / str(i))
+        json.dump(r, open(tmp_path / str(i) / "results.json", "w"))
+    text = protocols.summarize(str(tmp_path))
+    eurosat = next(l for l in text.splitlines() if l.startswith("| eurosat"))
+    hm = 2 * 92 * 62 / (92 + 62)  # HM of the seed means, not the mean of per-seed HMs
+    assert f"| 92.00 ± 2.00 | 62.00 ± 2.00 | {hm:.2f} |" in eurosat
+    assert "| 94.07 / 73.23 / 82.35 | " + f"{hm - 82.35:+.2f} |" in eurosat  # MaPLe's published row beside it
+    dtd = next(l for l in text.splitlines() if l.startswith("| dtd"))
+    assert "missing seed 3" in dtd and "81.00" not in dtd  # never averaged over fewer seeds
+    assert "| **average** | incomplete" in text
+    dg = next(l for l in text.splitlines() if l.startswith("| imagenet_sketch"))
+    assert "| 40.00 ± 0.00 | 49.15 | -9.15 |" in dg
+    assert "| **average (2)** | 50.00 |" in text
+    csv = open(tmp_path / "summary.csv").read().splitlines()
+    assert f"base2new,maple,eurosat,hm,{hm:.4f},,3,82.35" in csv
+    assert os.path.exists(tmp_path / "summary.md")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Protocols end to end
+
+def test_protocols_end_to_end_on_fake_trees(tmp_path, tiny, tree_copy):
+    root = tree_copy[0]  # eurosat, oxford_pets, imagenet, imagenet-r and imagenet-v2 among others (conftest.py)
+    out = str(tmp_path / "out")
+    flags = ["--method", "maple", "--depth", "2", "--epochs", "1", "--root", root, "--shots", "2"]
+    protocols.run_protocol("base2new", flags, ["eurosat", "oxford_pets"], [1, 2], out, tiny)
+    for d in ("eurosat", "oxford_pets"):
+        for s in (1, 2):
+            res = json.load(open(os.path.join(out, "base2new", "maple", d, f"shots2_seed{s}", "results.json")))
+            assert set(res["accuracy"]) == {"base", "new", "hm"} and res["protocol"] == "base2new"
+    protocols.run_protocol("cross_dataset", flags, ["imagenet"], [1], out, tiny, targets=["eurosat", "oxford_pets"])
+    protocols.run_protocol("domain_generalization", flags, ["imagenet"], [1], out, tiny,
+                           targets=["imagenet_r", "imagenet_v2"])
+    src = os.path.join(out, "source", "maple", "imagenet", "shots2_seed1")
+    assert sorted(os.listdir(src)) == ["checkpoint.pt", "results.json"]  # trained once, for both protocols
+    for protocol, targets in (("cross_dataset", ["eurosat", "oxford_pets"]),
+                              ("domain_generalization", ["imagenet_r", "imagenet_v2"])):
+        for t in targets:
+            res = json.load(open(os.path.join(out, protocol, "maple", t, "shots2_seed1", "results.json")))
+            assert set(res["accuracy"]) == {"all"} and res["source"]["dataset"] == "imagenet"
+            assert res["config"]["args"]["load"] == os.path.join(src, "checkpoint.pt")
+    zs = protocols.run_protocol("domain_generalization", ["--method", "zeroshot", "--root", root], ["imagenet"], [1],
+                                out, tiny, targets=["imagenet_r"])  # nothing trains: the targets are evaluated directly
+    assert zs[0]["dataset"] == "imagenet_r" and zs[0]["protocol"] == "domain_generalization"
+    text = protocols.summarize(out)
+    assert "### base2new: maple (2 shots) (seeds 1, 2)" in text
+    assert "### cross_dataset: maple (2 shots) (seeds 1)" in text
+    assert "### domain_generalization: maple (2 shots) (seeds 1)" in text
+    assert "published" in text and "64.07" not in text  # MaPLe's 16-shot anchors are not shown beside 2-shot runs
+    # a table must hold every expected seed: asking for seeds 1-3 turns the 2-seed rows into "missing seed 3"
+    assert "missing seed 3" in protocols.summarize(out, write=False, seeds=[1, 2, 3])
+    assert {"summary.md", "summary.csv"} <= set(os.listdir(out))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The ISP ablation grid
+
+def test_isp_ablation_grid_writes_one_table(tmp_path, monkeypatch):
+    """--ablation runs base2new for the 8 switch combinations and writes one table; (off, none, off) is IVLP."""
+    seen = []
+
+    def fake_protocol(protocol, argv, datasets, seeds, out, clip_model=None):
+        args = train.get_args(argv)
+        seen.append((args.cfg_isp_self, args.cfg_isp_cross, args.cfg_sample_probing))
+        b = (50.0 + 10 * bool(args.cfg_isp_self) + 5 * (args.cfg_isp_cross == "class_summaries")
+             + 2 * bool(args.cfg_sample_probing))
+        return [dict(dataset="mini_world", accuracy=dict(base=b + s, new=40.0)) for s in seeds]
+
+    monkeypatch.setattr(protocols, "run_protocol", fake_protocol)
+    text = protocols.run_ablation(["--method", "isp"], None, [1, 3], str(tmp_path))
+    assert len(set(seen)) == 8
+    assert "| off | none | off | 52.00 | 40.00 |" in text    # mean of seeds 1 and 3: 51, 53
+    assert "| on | class_summaries | on | 69.00 | 40.00 |" in text
+    assert open(tmp_path / "ablation" / "ablation.md").read().strip() == text.strip()

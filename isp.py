@@ -202,6 +202,10 @@ class ISP(nn.Module):
         # Class prompts "<ctx_init> <name>." [BASELINE-SRC PromptSRC IVLP]: rows 1..n are learnable. With fewer
         # learnable tokens than ctx_init words the remaining words stay fixed tokens (as MaPLe's "of a"); with more, or
         # no ctx_init, the placeholder "X X X X" and a random init (§2.2).
+        # Deliberate difference from the official IVLP code, which uses ctx_init whenever it is given and n <= 4: with
+        # more learnable tokens than ctx_init has (n = 4, "a photo") it starts ctx from ctx_init's EOT and padding
+        # embeddings and its suffix loses the first class-name tokens (a bug); and with n > 4 it draws ctx at random
+        # even when ctx_init has enough words. At the presets (n = 4, "a photo of a") both agree exactly.
         n_words = int(clip_layers.eot_index(clip_layers.tokenize([cfg.ctx_init]))[0]) - 1 if cfg.ctx_init else 0
         use_init = 0 < n <= n_words                                     # n_words: BPE tokens of ctx_init
         prefix = cfg.ctx_init if use_init else " ".join(["X"] * n)
@@ -385,6 +389,52 @@ class ISP(nn.Module):
             p_model = logits.detach().softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)
         return sample_probing_weights(p_clip, cfg.sp_mode, cfg.sp_lambda, cfg.sp_gamma, cfg.sp_eps,
                                       cfg.sp_temperature, p_model)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official IVLP checkpoints: PromptSRC's IndependentVL trainer (Dassl `model.pth.tar-N`), into the ivlp preset
+
+def load_official_ivlp(model, checkpoint):
+    """Load the prompts of an official IVLP checkpoint (the PromptSRC repository's IndependentVL trainer) into `model`,
+    an ISP built with the ivlp preset (no structural modules) and the file's n_ctx and depth; returns its epoch.
+
+    Where the official code keeps each prompt, and ours:
+        prompt_learner.ctx                                     (n, 512)  text prompts of layer 0   -> text_prompts[0]
+        text_encoder.transformer.resblocks.{l}.VPT_shallow     (n, 512)  text prompts of layer l   -> text_prompts[l]
+        image_encoder.VPT                                      (n, 768)  vision prompts of layer 0 -> vision_prompts[0]
+        image_encoder.transformer.resblocks.{l}.VPT_shallow    (n, 768)  vision prompts of layer l -> vision_prompts[l]
+    `checkpoint`: a path (read by clip_layers.read_checkpoint: tensors only, the pickled LR scheduler kept inert) or
+    the dict it holds. The frozen CLIP in the file must have the shapes of the CLIP in hand; the token buffers of the
+    training-time class names are dropped; fp16 values are cast to fp32.
+    """
+    name = "the given checkpoint dict" if isinstance(checkpoint, dict) else str(checkpoint)
+    if not isinstance(checkpoint, dict):
+        checkpoint = clip_layers.read_checkpoint(checkpoint)
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{name}: not a Dassl checkpoint (no 'state_dict' dict; keys: {sorted(checkpoint)})")
+    if any(m is not None for m in (model.self_text, model.cross_text, model.coupling)):
+        raise ValueError(f"{name} is an IVLP checkpoint, which holds prompts only: build the model with the ivlp "
+                         f"preset (isp.PRESETS['ivlp'], train.py --method ivlp), not with structural modules")
+    sd = checkpoint["state_dict"]
+    clip_layers.check_official_backbone(model.clip, sd, name)
+    where = {"prompt_learner.ctx": ("text_prompts", 0), "image_encoder.VPT": ("vision_prompts", 0)}
+    for l in range(1, model.cfg.depth):
+        where[f"text_encoder.transformer.resblocks.{l}.VPT_shallow"] = ("text_prompts", l)
+        where[f"image_encoder.transformer.resblocks.{l}.VPT_shallow"] = ("vision_prompts", l)
+    prompt_like = [k for k in sd if k.startswith("prompt_learner.") or k.endswith(("VPT", "VPT_shallow"))]
+    dropped = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+    missing = sorted(k for k in where if k not in sd)
+    unexpected = sorted(k for k in prompt_like if k not in where and k not in dropped)
+    shapes = [f"{k}: {tuple(sd[k].shape)} in the file, {tuple(getattr(model, p)[l].shape)} in the model"
+              for k, (p, l) in where.items() if k in sd and sd[k].shape != getattr(model, p)[l].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{name} does not match this IVLP model (n_ctx {model.cfg.n_ctx}, depth {model.cfg.depth}): "
+                         f"missing prompt keys {missing}, unexpected prompt keys {unexpected}, shape mismatches "
+                         f"{shapes}. Is it an IVLP checkpoint of the same n_ctx, depth and backbone?")
+    with torch.no_grad():
+        for key, (param, l) in where.items():
+            getattr(model, param)[l] = sd[key]                  # copy_ casts fp16 -> fp32
+    return checkpoint.get("epoch")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ Shapes in comments are for ViT-B/16: text width 512, 77 tokens; vision width 768
 Letters: C classes (text sequences), N images, L sequence length.
 """
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -67,10 +67,15 @@ class MPLConfig:
 PRESETS = {
     "mpl": MPLConfig(),  # official vit_b4_c1_add2_rm1
     # MaPLe (vit_b16_c2_ep5_batch4_2ctx: 2 tokens, depth 9) through MPL's code: one projection per layer and
-    # n_rm = n_ctx, so every deep layer replaces its prompts; and MaPLe's text, "a photo of a {class}." with ctx
-    # initialised from "a photo" (positions 1..2), "of a" staying fixed in the suffix.
+    # n_rm = n_ctx, so every deep layer replaces its prompts (with another n_ctx, n_rm must follow it: maple(n_ctx));
+    # and MaPLe's text, "a photo of a {class}." with ctx initialised from "a photo", "of a" staying fixed.
     "maple": MPLConfig(n_ctx=2, n_add=1, n_rm=2, x_placeholders=False),
 }
+
+
+def maple(n_ctx=2, **changes):
+    """The MaPLe preset for another number of context tokens: MaPLe removes exactly the n_ctx tokens it added."""
+    return replace(PRESETS["maple"], n_ctx=n_ctx, n_rm=n_ctx, **changes)
 
 # Cross-dataset / domain generalisation (official `vit_b4_c1_add2_rm1_cross_datasets.yaml`): shallower prompts. Its LR
 # 0.0026 and 2 epochs are train.py's business.
@@ -101,22 +106,36 @@ class ModularPromptLearner(nn.Module):
         self.n_ctx, self.n_add, self.n_rm, self.depth = n_ctx, n_add, n_rm, depth
         device = clip_model.logit_scale.device
 
-        # The official text: n_ctx placeholder words in front of the template, "X a photo of a {class}." by default.
-        # Only the X positions learn; "a photo of a" stays as fixed tokens in the suffix. MaPLe's text has no X: its
-        # first n_ctx words ("a photo") learn, starting from their own embeddings, and the rest stays fixed.
-        prefix = (" ".join(["X"] * n_ctx) + " " if x_placeholders else "") + ctx_init.replace("_", " ")
         # "american_bulldog" -> "american bulldog", as the official trainers do inside the model
         names = [name.replace("_", " ") for name in classnames]
+        ctx_init = ctx_init.replace("_", " ")
+        random_ctx = None
+        if x_placeholders:
+            # MPL's text: n_ctx placeholder words in front of the template, "X a photo of a {class}.". Only the X
+            # positions learn, starting from the embedding of "X"; "a photo of a" stays as fixed tokens in the suffix.
+            prefix = " ".join(["X"] * n_ctx) + " " + ctx_init
+        elif ctx_init and n_ctx <= 4:
+            # MaPLe's rule: its text is "a photo of a {class}.", and ctx starts as the embeddings of the first n_ctx
+            # tokens of ctx_init alone ("a photo"), the rest ("of a") staying fixed. As in MaPLe's code, with more
+            # tokens than ctx_init has (n_ctx 4, "a photo") ctx starts from its EOT/padding embeddings and the first
+            # class-name tokens fall out of the suffix; we keep that: MaPLe's checkpoints were trained with it.
+            prefix = ctx_init
+        else:
+            # MaPLe's rule otherwise (no ctx_init, or n_ctx > 4): ctx from N(0, 0.02^2), drawn here, before proj
+            # (MaPLe's order, so the same RNG state gives its values), and n_ctx "X" placeholders before the class name.
+            random_ctx = nn.init.normal_(torch.empty(n_ctx, text_width, device=device), std=0.02)
+            prefix = " ".join(["X"] * n_ctx)
         ids = clip_layers.tokenize([f"{prefix} {name}." for name in names]).to(device)                    # (C, 77)
         with torch.no_grad():
             embedding = clip_layers.token_embedding(clip_model, ids)                                        # (C, 77, 512)
             ctx_vectors = clip_layers.token_embedding(clip_model, clip_layers.tokenize([prefix]).to(device))[0]
         dtype = embedding.dtype
+        ctx_vectors = ctx_vectors[1:1 + n_ctx] if random_ctx is None else random_ctx.to(dtype)
 
         # Created in the official order (proj, ctx, compound prompts, projections), so the same torch RNG state on
         # entry gives the official initial values.
         self.proj = nn.Linear(text_width, vision_width, dtype=dtype, device=device)
-        self.ctx = nn.Parameter(ctx_vectors[1:1 + n_ctx].clone())                                         # (n_ctx, 512)
+        self.ctx = nn.Parameter(ctx_vectors.clone())                                                      # (n_ctx, 512)
         self.compound_prompts_text = nn.ParameterList(
             [nn.Parameter(torch.empty(n_ctx, text_width, dtype=dtype, device=device)) for _ in range(depth - 1)])
         for prompt in self.compound_prompts_text:
@@ -215,49 +234,40 @@ class MPL(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Official checkpoints (Dassl `output/.../MultiModalPromptLearner/model.pth.tar-N`)
+# Official checkpoints: Dassl's `output/.../MultiModalPromptLearner/model.pth.tar-N` of the MPL and MaPLe repositories
 
 # What the official CustomCLIP registers besides its prompt learner: the frozen CLIP (fp16), which we take from `clip`.
 _OFFICIAL_FROZEN = ("image_encoder.", "text_encoder.", "logit_scale")
-# Token embeddings of the training-time class names; the official loader drops them too.
+# Token embeddings of the training-time class names; the official loaders drop them too.
 _OFFICIAL_DROPPED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+# MaPLe names its one projection per deep layer `compound_prompt_projections.{l}`; MPL's code (n_add of them per layer)
+# `txt2img_proj.{a}.{l}`, which is ours. A MaPLe file is MPL's layout with a = 0.
+_MAPLE_NAMES = ("compound_prompt_projections.", "txt2img_proj.0.")
 
 
 def load_official(model, checkpoint):
-    """Load the prompts of an official MPL checkpoint into `model` (an `MPL` with the same config); returns its epoch.
+    """Load the prompts of an official MPL or MaPLe checkpoint into `model` (an `MPL` of the same config: the mpl or
+    maple preset); returns its epoch.
 
-    `checkpoint` is the path of a Dassl `model.pth.tar-N` or the dict `torch.load` gave for it (`state_dict`, `epoch`,
-    ...). The frozen CLIP in it is ignored and so are the token buffers; fp16 values are cast to the model's dtype
-    (by the copy in `load_state_dict`). Missing or unexpected prompt keys and shape mismatches raise a ValueError.
-
-    A path is read with `torch.load(weights_only=True)`. Files written by Dassl also pickle the LR scheduler, which
-    that refuses: then the error says so, and a user who trusts the file loads it with weights_only=False and passes
-    the dict.
+    `checkpoint`: the path of a Dassl `model.pth.tar-N` (read by clip_layers.read_checkpoint: tensors only, the
+    pickled LR scheduler kept inert, no code from the file run) or the dict it holds. The frozen CLIP in it must have
+    the shapes of the CLIP in hand (else: another backbone); the token buffers are dropped; fp16 values are cast to the
+    model's dtype. Missing or unexpected prompt keys and shape mismatches raise a ValueError.
     """
     name = "the given checkpoint dict" if isinstance(checkpoint, dict) else str(checkpoint)
     if not isinstance(checkpoint, dict):
-        try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as e:
-            if type(e).__name__ != "UnpicklingError":
-                raise
-            # Real Dassl checkpoints also store the LR scheduler, whose state holds a pickled scheduler object
-            # (`successor`), which weights_only=True refuses. Unpickling runs code from the file: the user decides.
-            raise ValueError(
-                f"{name}: torch.load(weights_only=True) refused the file because it holds pickled Python objects "
-                f"besides tensors (official Dassl checkpoints pickle their LR scheduler). We do not retry with "
-                f"weights_only=False on our own, since that can run arbitrary code. If you trust the file, load it "
-                f"yourself with torch.load(path, map_location='cpu', weights_only=False) and pass the resulting dict "
-                f"to load_official. ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        checkpoint = clip_layers.read_checkpoint(checkpoint)
     if not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{name}: not a Dassl checkpoint (no 'state_dict' dict; keys: {sorted(checkpoint)})")
+    clip_layers.check_official_backbone(model.clip, checkpoint["state_dict"], name)
 
     prompts, unexpected = {}, []
     for key, value in checkpoint["state_dict"].items():
         if key in _OFFICIAL_DROPPED or key.startswith(_OFFICIAL_FROZEN):
             continue
         if key.startswith("prompt_learner."):
-            prompts[key[len("prompt_learner."):]] = value
+            key = key[len("prompt_learner."):]
+            prompts[key.replace(*_MAPLE_NAMES) if key.startswith(_MAPLE_NAMES[0]) else key] = value
         else:
             unexpected.append(key)
     own = model.prompt_learner.state_dict()

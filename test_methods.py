@@ -332,25 +332,170 @@ def test_official_checkpoint_errors(tiny, tmp_path):
         mpl.load_official(model, {"epoch": 5})
 
 
-def test_pickled_scheduler_is_not_loaded_silently(tiny, tmp_path):
-    """Real Dassl files pickle the LR scheduler (its `successor`); weights_only=True refuses them, and so must we,
-    with a message that says how to proceed. The dict loaded by the user then goes through."""
-    cfg = TINY["mpl"]
+def dassl_save(state_dict, path, epoch=5, payload=None):
+    """A model.pth.tar-N written the way Dassl's save_checkpoint writes it: the state dict, the epoch, the optimizer's
+    state, the LR scheduler's state (ConstantWarmupScheduler: its `successor`, a pickled CosineAnnealingLR object that
+    holds the optimizer object) and val_result. payload: one more pickled object (a would-be exploit)."""
+    params = [torch.nn.Parameter(v.float().clone()) for v in state_dict.values() if v.is_floating_point()][:4]
+    optimizer = torch.optim.SGD(params, lr=0.0035, momentum=0.9, weight_decay=5e-4)
+    successor = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 5)
+    scheduler = {"successor": successor, "warmup_epoch": 1, "cons_lr": 1e-5, "last_epoch": epoch, "base_lrs": [0.0035]}
+    ckpt = {"state_dict": state_dict, "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler,
+            "val_result": None}
+    if payload is not None:
+        ckpt["extra"] = payload
+    torch.save(ckpt, path)
+    return path
+
+
+class CreatesAFile:
+    """Unpickling this runs open(path, "w"): the proof that a loader executed code from a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def maple_layout(state_dict):
+    """The MaPLe repository's names: its one projection per deep layer is `compound_prompt_projections.{l}`."""
+    return OrderedDict((k.replace("prompt_learner.txt2img_proj.0.", "prompt_learner.compound_prompt_projections."), v)
+                       for k, v in state_dict.items())
+
+
+@pytest.mark.parametrize("method", ["mpl", "maple"])
+def test_dassl_files_load_through_load_without_running_code(tiny, tmp_path, method):
+    """Real Dassl files pickle the LR scheduler, which torch.load(weights_only=True) refuses: --load reads their
+    tensors with an unpickler that keeps every other object inert. A payload that would create a file does not run."""
+    cfg = TINY[method]
     source = make_model(tiny, cfg)
     round_to_fp16(source)
-    ckpt = official_checkpoint(source, tiny)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    ckpt["scheduler"] = {"successor": torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5), "last_epoch": 5}
-    path = tmp_path / "model.pth.tar-5"
-    torch.save(ckpt, path)
+    sd = official_checkpoint(source, tiny)["state_dict"]
+    if method == "maple":
+        sd = maple_layout(sd)
+        assert any(k.startswith("prompt_learner.compound_prompt_projections.1.") for k in sd)
+    proof = tmp_path / "code_ran"
+    path = dassl_save(sd, tmp_path / "model.pth.tar-5", payload=CreatesAFile(proof))
+    with pytest.raises(Exception):  # what plain weights_only loading says of such a file
+        torch.load(path, weights_only=True)
     target = make_model(tiny, cfg, seed=1)
-    with pytest.raises(ValueError, match=r"model\.pth\.tar-5: torch\.load\(weights_only=True\) refused.*"
-                                         r"weights_only=False"):
-        mpl.load_official(target, path)
-    assert mpl.load_official(target, torch.load(path, map_location="cpu", weights_only=False)) == 5
     images = images_for(tiny)
     with torch.no_grad():
+        assert not torch.equal(target(images), source(images))
+        train.load_prompts(target, str(path), method)
         assert torch.equal(target(images), source(images))
+    assert not proof.exists()
+    ckpt = clip_layers.read_checkpoint(str(path))
+    assert ckpt["epoch"] == 5 and type(ckpt["scheduler"]["successor"]).__name__ == "CosineAnnealingLR"
+    assert isinstance(ckpt["scheduler"]["successor"], clip_layers._Inert) and not proof.exists()
+
+
+def ivlp_official_state_dict(model, clip_model, n_train_classes=7):
+    """PromptSRC's IndependentVL CustomCLIP state dict, fp16 as its checkpoints hold it: prompt_learner.ctx (layer-0
+    text prompts) and token buffers, the frozen CLIP under image_encoder./text_encoder., and the deep prompts as
+    VPT_shallow parameters of the blocks 1..J-1 of each encoder, the layer-0 vision prompts as image_encoder.VPT."""
+    sd = OrderedDict()
+    Dt = model.text_prompts.shape[-1]
+    sd["prompt_learner.ctx"] = model.text_prompts[0].detach().half()
+    sd["prompt_learner.token_prefix"] = torch.randn(n_train_classes, 1, Dt).half()
+    sd["prompt_learner.token_suffix"] = torch.randn(n_train_classes, 72, Dt).half()
+    for k, v in clip_model.visual.state_dict().items():
+        sd["image_encoder." + k] = v.half()
+    sd["image_encoder.VPT"] = model.vision_prompts[0].detach().half()
+    for k, v in clip_model.state_dict().items():
+        if k.startswith(("transformer.", "positional_embedding", "ln_final.", "text_projection")):
+            sd["text_encoder." + k] = v.half()
+    for l in range(1, model.cfg.depth):
+        sd[f"text_encoder.transformer.resblocks.{l}.VPT_shallow"] = model.text_prompts[l].detach().half()
+        sd[f"image_encoder.transformer.resblocks.{l}.VPT_shallow"] = model.vision_prompts[l].detach().half()
+    sd["logit_scale"] = clip_model.logit_scale.detach().half()
+    return sd
+
+
+def test_official_ivlp_checkpoint_loads(tiny, tmp_path):
+    cfg = replace(isp.PRESETS["ivlp"], depth=DEPTH)
+    torch.manual_seed(0)
+    source = ISP(tiny, NAMES, cfg)
+    with torch.no_grad():
+        for p in (source.text_prompts, source.vision_prompts):
+            p.copy_(torch.randn_like(p).half().float())   # values an fp16 file holds exactly
+    path = dassl_save(ivlp_official_state_dict(source, tiny), tmp_path / "model.pth.tar-20", epoch=20)
+    torch.manual_seed(1)
+    target = ISP(tiny, NAMES, cfg)
+    x = images(3)
+    with torch.no_grad():
+        assert not torch.equal(target(x), source(x))
+        train.load_prompts(target, str(path), "ivlp")
+        assert torch.equal(target(x), source(x))
+    # the same file into another depth, or into an ISP with structural modules: clear errors
+    with pytest.raises(ValueError, match=r"missing prompt keys \['image_encoder.transformer.resblocks.3.VPT_shallow'"):
+        isp.load_official_ivlp(ISP(tiny, NAMES, replace(cfg, depth=4)), str(path))
+    with pytest.raises(ValueError, match="holds prompts only: build the model with the ivlp preset"):
+        isp.load_official_ivlp(make(tiny), str(path))
+    with pytest.raises(ValueError, match="nor an official one this method reads"):
+        train.load_prompts(make(tiny), str(path), "isp")
+
+
+def test_official_checkpoint_of_another_backbone_is_refused(tiny, tmp_path):
+    model = make_model(tiny, TINY["mpl"])
+    sd = official_checkpoint(model, tiny)["state_dict"]
+    sd["image_encoder.conv1.weight"] = torch.zeros(64, 3, 16, 16).half()   # a /16 patch embedding, not tiny's /8
+    sd["image_encoder.positional_embedding"] = torch.zeros(5, 64).half()
+    path = dassl_save(sd, tmp_path / "model.pth.tar-5")
+    with pytest.raises(ValueError, match=r"another CLIP backbone.*image_encoder\.conv1\.weight: \(64, 3, 16, 16\) in "
+                                         r"the file, \(64, 3, 8, 8\) in this CLIP"):
+        mpl.load_official(model, str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MaPLe's own rules, against plain re-implementations of its code
+
+def test_maple_with_other_n_ctx_removes_what_it_added(tiny, monkeypatch):
+    """--method maple --n-ctx 3: MaPLe replaces exactly the n_ctx tokens it added, so the vision sequence stays at
+    17 + n_ctx at every layer (and nothing of the previous layer's prompts is carried)."""
+    cfg = train.method_config(train.get_args(["--method", "maple", "--n-ctx", "3", "--depth", "3"]))
+    assert (cfg.n_ctx, cfg.n_add, cfg.n_rm) == (3, 1, 3) and cfg == mpl.maple(3, depth=3)
+    seen = record_blocks(monkeypatch, mpl.MPL(tiny, CLASSES, cfg), images_for(tiny))
+    assert [x.shape[1] for x, _ in seen["vision"]] == [17 + 3] * 4
+    explicit = train.method_config(train.get_args(["--method", "maple", "--n-ctx", "3", "--n-rm", "1"]))
+    assert explicit.n_rm == 1  # an explicit --n-rm still wins
+
+
+def maple_official_text(clip_model, classnames, n_ctx, ctx_init, seed):
+    """MaPLe's MultiModalPromptLearner.__init__, the parts that decide the text: (prompt texts, initial ctx)."""
+    torch.manual_seed(seed)
+    if ctx_init and n_ctx <= 4:
+        ctx = clip_model.token_embedding(clip.tokenize(ctx_init))[0, 1:1 + n_ctx]
+        prefix = ctx_init
+    else:
+        ctx = torch.nn.init.normal_(torch.empty(n_ctx, clip_model.ln_final.weight.shape[0]), std=0.02)
+        prefix = " ".join(["X"] * n_ctx)
+    return [prefix + " " + name.replace("_", " ") + "." for name in classnames], ctx
+
+
+@pytest.mark.parametrize("n_ctx, ctx_init", [(2, "a photo of a"), (4, "a photo of a"), (2, ""), (6, "a photo of a"),
+                                             (3, "a photo")])
+def test_maple_context_initialisation_rule(tiny, n_ctx, ctx_init):
+    names = ["american_bulldog", "cat"]
+    texts, ctx = maple_official_text(tiny, names, n_ctx, ctx_init, seed=5)
+    torch.manual_seed(5)
+    pl = mpl.MPL(tiny, names, mpl.maple(n_ctx, ctx_init=ctx_init, depth=3)).prompt_learner
+    with torch.no_grad():
+        assert torch.equal(pl.ctx, ctx)                                           # same start, same RNG draw
+        embedding = tiny.token_embedding(clip.tokenize(texts))
+    assert torch.equal(pl.token_prefix, embedding[:, :1]) and torch.equal(pl.token_suffix, embedding[:, 1 + n_ctx:])
+    assert torch.equal(pl.eot, clip.tokenize(texts).argmax(-1))
+
+
+def test_class_names_with_underscores_are_words(tiny):
+    """The official trainers replace "_" by " " inside the model: a user passing raw split names gets the same model."""
+    x = images_for(tiny)
+    for build in (lambda names: make_model(tiny, TINY["mpl"], classnames=names),
+                  lambda names: (torch.manual_seed(0), ISP(tiny, names, ISPConfig(depth=DEPTH)))[1]):
+        with torch.no_grad():
+            raw, spaced = build(["american_bulldog", "sea_lion"])(x), build(["american bulldog", "sea lion"])(x)
+        torch.testing.assert_close(raw, spaced, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -243,3 +243,21 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
                       "pip install -r requirements.txt && python -m pytest -q"]
     ci = open(os.path.join(here, ".ci", "run")).read().splitlines()
     assert ci[-1] == readme[1]
+
+
+def test_load_reads_an_official_maple_dassl_file(tmp_path, tiny, colours):
+    """--load of a MaPLe model.pth.tar-N as Dassl writes it (its names, a pickled LR scheduler, fp16 values) evaluates
+    the same prompts as the run that produced them."""
+    first = run(tmp_path, tiny, colours, name="trained")
+    ours = torch.load(tmp_path / "trained" / "checkpoint.pt", weights_only=True)["params"]
+    state_dict = {k.replace("prompt_learner.txt2img_proj.0.", "prompt_learner.compound_prompt_projections."): v
+                  for k, v in ours.items()}
+    assert any("compound_prompt_projections" in k for k in state_dict)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(v.clone()) for v in ours.values()], lr=0.0035, momentum=0.9)
+    scheduler = {"successor": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 3), "last_epoch": 3}
+    path = tmp_path / "MultiModalPromptLearner" / "model.pth.tar-3"
+    path.parent.mkdir()
+    torch.save({"state_dict": state_dict, "epoch": 3, "optimizer": optimizer.state_dict(), "scheduler": scheduler,
+                "val_result": None}, path)
+    again = run(tmp_path, tiny, colours, "--eval-only", "--load", str(path), name="official")
+    assert again["accuracy"] == first["accuracy"]

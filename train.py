@@ -116,8 +116,8 @@ def get_args(argv=None):
     p.add_argument("--output", default=None, help="run directory (default output/<dataset>/<method>/shots<K>_seed<S>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
-    p.add_argument("--load", default=None, help="initialise the prompts from a checkpoint (ours, or an official MPL "
-                   "model.pth.tar-N)")
+    p.add_argument("--load", default=None, help="initialise the prompts from a checkpoint: ours, or an official "
+                   "model.pth.tar-N of MPL (--method mpl), MaPLe (maple) or PromptSRC's IVLP (ivlp)")
     p.add_argument("--eval-only", action="store_true", help="no training; evaluate (the prompts of --load)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "amp", "fp16"],
@@ -157,6 +157,8 @@ def method_config(args):
     names = {f.name for f in dataclasses.fields(r.config)}
     changes = {k: v for k, v in r.cross_dataset.items() if k in names} if args.cross_dataset else {}
     changes.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None})
+    if args.method == "maple" and "n_rm" not in changes:  # MaPLe removes exactly the n_ctx tokens it added
+        return mpl.maple(**changes)
     return dataclasses.replace(r.config, **changes)
 
 
@@ -191,7 +193,8 @@ def build_model(args, clip_model, classnames, template, quiet=False):
 # Learning rate and precision
 
 def get_lr(epoch, base_lr, epochs):
-    """LR used during 0-based `epoch` (Dassl's scheduler as the official configs set it): 1) epoch 0 is a warm-up at a constant 1e-5;
+    """LR used during 0-based `epoch` (Dassl's scheduler as the official configs set it): 1) epoch 0 is a warm-up at a
+    constant 1e-5;
     2) then cosine annealing over T = epochs, restarted after the warm-up, so it is shifted by one epoch and never
     reaches 0 (MaPLe, lr 0.0035, 5 epochs: 1e-5, 0.0035, 0.003166, 0.002291, 0.001209)."""
     if epoch == 0:
@@ -251,6 +254,7 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path):
+    """A checkpoint of this project: tensors and plain values only, so torch.load(weights_only=True) reads it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -259,20 +263,23 @@ def load_checkpoint(path):
         raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
 
 
+# --load of an official Dassl model.pth.tar-N: the method decides which layout it reads
+OFFICIAL_IMPORTERS = {"mpl": mpl.load_official, "maple": mpl.load_official, "ivlp": isp.load_official_ivlp}
+
+
 def load_prompts(model, path, method):
-    """--load: a checkpoint of ours ({"params": ...}) or, for mpl/maple, an official Dassl model.pth.tar-N."""
-    try:
-        ckpt = load_checkpoint(path)
-    except RuntimeError:
-        if method in ("mpl", "maple"):  # a Dassl file: mpl.load_official explains what it holds and what to do
-            return mpl.load_official(model, path)
-        raise
+    """--load: a checkpoint of ours ({"params": ...}) or an official MPL / MaPLe / IVLP model.pth.tar-N. Read by
+    clip_layers.read_checkpoint: official files also pickle Dassl's LR scheduler, which is kept as inert placeholders
+    (no code from the file runs)."""
+    ckpt = clip_layers.read_checkpoint(path)
     if "params" in ckpt:
         load_trainable(model, ckpt["params"], path)
-    elif "state_dict" in ckpt and method in ("mpl", "maple"):
-        mpl.load_official(model, ckpt)
+    elif "state_dict" in ckpt and method in OFFICIAL_IMPORTERS:
+        OFFICIAL_IMPORTERS[method](model, ckpt)
     else:
-        raise ValueError(f"{path}: not a checkpoint of this project (no 'params') nor an official MPL one")
+        official = ", ".join(f"--method {m}" for m in OFFICIAL_IMPORTERS)
+        raise ValueError(f"--load {path}: not a checkpoint of this project (no 'params') nor an official one this "
+                         f"method reads (official MPL, MaPLe and IVLP checkpoints load with {official})")
 
 
 def git_commit():

@@ -14,16 +14,19 @@ the same command completes a protocol after a crash. Without --root or $DATA the
 
 The tables follow the papers: per dataset the mean +- std over seeds of base (B) and new (N) accuracy, HM computed from
 those means, the 11-dataset average as HM of the averaged B and N (not the mean of per-dataset HMs), transfer tables
-averaged over the targets (the source excluded), and the published numbers of zero-shot CLIP, MaPLe and IVLP beside ours.
+averaged over the targets (the source excluded), and the published numbers of zero-shot CLIP, MaPLe and IVLP beside
+ours.
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
 import mini_world
+import rundir
 import train
 
 B2N = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
@@ -34,10 +37,14 @@ DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # d
 WORLD = dict(b2n=["mini_world"], source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
 
 
-def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None, targets=None):
+def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None, targets=None,
+                 poll_seconds=10):
     """Run every (dataset, seed) of a protocol with the flags `argv` (method, root, clip, ...). Each run has its own
-    directory <out>/<protocol>/<method>/<dataset>/seed<S>/; a finished one (results.json present) is skipped and an
-    interrupted one resumes from its last epoch, so re-running the same command completes a protocol."""
+    directory <out>/<protocol>/<method>/<dataset>/shots<K>_seed<S>/. A finished run of the same settings is skipped
+    (its identity, and for a transfer run the source checkpoint it evaluated, must match); a finished run of other
+    settings is an error, unless --overwrite is given, which re-runs exactly those; an interrupted one resumes. So the
+    same command completes a protocol after a crash, and several copies of it (one per GPU) share the work: a run
+    another process holds is left to it and collected at the end."""
     args = train.get_args(argv)
     if datasets or args.dataset:
         real = not mini_world.is_world(datasets[0] if datasets else args.dataset)
@@ -45,47 +52,82 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
         real = any(a == "--root" or a.startswith("--root=") for a in argv) or "DATA" in os.environ
     if clip_model is None:
         clip_model = train.load_clip(args, real)
+    fingerprint = rundir.weights_fingerprint(clip_model)
     method = args.method + ("_xd" if args.cross_dataset else "")
-    results = []
+    results, pending = [], []
+
+    def attempt(job, wait=False):
+        while True:
+            try:
+                return _run_once(*job, clip_model, fingerprint)
+            except rundir.Locked as e:
+                if not wait:
+                    print(f"{e}: left to that process, collected at the end")
+                    pending.append(job)
+                    return None
+                time.sleep(poll_seconds)
+
     for seed in seeds:
         if protocol == "base2new":
             for d in datasets or (B2N if real else WORLD["b2n"]):
                 run_dir = os.path.join(out, "base2new", method, d, f"shots{args.shots}_seed{seed}")
-                results.append(_run_once(argv + ["--dataset", d, "--seed", str(seed), "--output", run_dir],
-                                         run_dir, clip_model, "base2new"))
+                results.append(attempt((argv + ["--dataset", d, "--seed", str(seed), "--output", run_dir], run_dir,
+                                        "base2new", None)))
         else:  # cross_dataset / domain_generalization: train once on the source, all classes, then transfer
             source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
             src_dir = os.path.join(out, "source", method, source, f"shots{args.shots}_seed{seed}")
-            src = _run_once(argv + ["--dataset", source, "--seed", str(seed), "--subsample", "all", "--output",
-                                    src_dir], src_dir, clip_model, "source")
+            src = attempt((argv + ["--dataset", source, "--seed", str(seed), "--subsample", "all", "--output",
+                                   src_dir], src_dir, "source", None), wait=True)  # the targets need its prompts
             targets = targets or {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
                                   "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
             for t in targets:
                 run_dir = os.path.join(out, protocol, method, t, f"shots{args.shots}_seed{seed}")
                 load = [] if args.method == "zeroshot" else \
                     ["--eval-only", "--load", os.path.join(src_dir, "checkpoint.pt")]  # the source's prompts
-                results.append(_run_once(argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all",
-                                                  *load, "--output", run_dir], run_dir, clip_model, protocol, src))
+                job = (argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all", *load, "--output", run_dir],
+                       run_dir, protocol, _source_record(src, src_dir))
+                results.append(attempt(job))
+    for job in pending:  # runs other processes were doing: wait for them, then read (or redo) their results
+        results[results.index(None)] = attempt(job, wait=True)
     return results
 
 
-def _run_once(argv, run_dir, clip_model, protocol=None, source=None):
+def _source_record(src, src_dir):
+    """What a transfer result records of its source run: enough to notice when the source is retrained."""
+    ckpt = os.path.join(src_dir, "checkpoint.pt")
+    return dict(dataset=src["dataset"], accuracy=src["accuracy"], identity=src.get("identity"),
+                checkpoint_sha256=rundir.file_sha256(ckpt) if os.path.exists(ckpt) else None)
+
+
+def _run_once(argv, run_dir, protocol, source, clip_model, fingerprint):
+    args = train.get_args(argv)
+    expected = train.run_identity(args, clip_model, fingerprint)
     done = os.path.join(run_dir, "results.json")
     if os.path.exists(done):
-        print(f"{done} exists: skipped")
         with open(done) as f:
-            return json.load(f)
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and "--eval-only" not in argv:
+            old = json.load(f)
+        stale_source = source is not None and (old.get("source") or {}).get("checkpoint_sha256") != \
+            source["checkpoint_sha256"]
+        if old.get("identity") == expected and not stale_source:
+            print(f"{done}: done with these settings, skipped")
+            return old
+        why = "its source run was retrained since" if old.get("identity") == expected else \
+            f"other settings: {rundir.differences(old.get('identity') or {}, expected)}"
+        if not args.overwrite:
+            raise ValueError(f"{done} is a finished run of {why}. Give the flags it was run with, add --overwrite "
+                             f"to re-run the runs whose settings differ, or use another --output")
+        print(f"{done}: {why}; re-running it (--overwrite)")
+    elif os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.eval_only and not args.overwrite:
         argv = argv + ["--resume"]
     extra = dict(protocol=protocol)
     if source is not None:  # a transfer result also records the run it transfers from
-        extra["source"] = dict(dataset=source["dataset"], accuracy=source["accuracy"])
+        extra["source"] = source
     return train.main(argv, clip_model=clip_model, extra=extra)
 
 
 def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
-    """ISP's ablation: base-to-new with each of (self-structural on/off) x (cross-structural none/class_summaries) x (sample probing
-    on/off), the same seeds and datasets, one table (<out>/ablation/ablation.md). Row (off, none, off) is IVLP."""
+    """ISP's ablation: base-to-new with each of (self-structural on/off) x (cross-structural none/class_summaries) x
+    (sample probing on/off), the same seeds and datasets, one table (<out>/ablation/ablation.md). Row (off, none, off) is IVLP."""
     lines = ["| self-structural | cross-structural | sample probing | base | new | HM |", "|---|---|---|---|---|---|"]
     for isp_self in (False, True):
         for cross in ("none", "class_summaries"):

@@ -19,6 +19,7 @@ from PIL import Image
 
 import clip_layers
 import data
+import rundir
 import train
 from conftest import sgd_steps, trainable
 
@@ -105,18 +106,19 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny, colours,
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["params"]
 
     calls = {"n": 0}
-    real_save = train.save_checkpoint
+    real_save = rundir.atomic_save
 
-    def save_then_die(path, ckpt):  # the process dies right after epoch 2's checkpoint
-        real_save(path, ckpt)
-        calls["n"] += 1
+    def save_then_die(obj, path, save):  # the process dies right after epoch 2's checkpoint
+        real_save(obj, path, save)
+        calls["n"] += path.endswith("checkpoint.pt")
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(rundir, "atomic_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tiny, colours, name="cut")
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(rundir, "atomic_save", real_save)
+    assert not (tmp_path / "cut" / ".lock").exists()  # the interrupted run let go of its directory
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 2
     run(tmp_path, tiny, colours, "--resume", name="cut")
     resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["params"]

@@ -44,6 +44,7 @@ import data
 import isp
 import mini_world
 import mpl
+import rundir
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Methods and their training recipes. A prompt method is a model class and one of its file's presets, so the baselines
@@ -140,8 +141,28 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.crop_scale is None:
         args.crop_scale = 0.5 if mini_world.is_world(args.dataset) else 0.08
-    if args.shots < 1:
-        p.error(f"--shots must be >= 1, got {args.shots}")
+    # Values that would fail only after training started, or silently do something else: refused here.
+    checks = [("--shots", args.shots, args.shots >= 1, "an integer >= 1"),
+              ("--seed", args.seed, args.seed >= 0, "an integer >= 0 (Dassl does not seed for negative seeds)"),
+              ("--epochs", args.epochs, args.epochs is None or args.epochs >= 0, "an integer >= 0"),
+              ("--lr", args.lr, args.lr is None or (math.isfinite(args.lr) and args.lr > 0), "a finite number > 0"),
+              ("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1, "an integer >= 1"),
+              ("--test-batch-size", args.test_batch_size, args.test_batch_size >= 1, "an integer >= 1"),
+              ("--momentum", args.momentum, 0 <= args.momentum < 1, "a number in [0, 1)"),
+              ("--weight-decay", args.weight_decay, math.isfinite(args.weight_decay) and args.weight_decay >= 0,
+               "a finite number >= 0"),
+              ("--crop-scale", args.crop_scale, 0 < args.crop_scale <= 1, "a fraction of the image area in (0, 1]"),
+              ("--text-chunk", args.text_chunk, args.text_chunk >= 0, "an integer >= 0 (0: all classes at once)"),
+              ("--threads", args.threads, args.threads is None or args.threads >= 1, "an integer >= 1"),
+              ("--workers", args.workers, args.workers is None or args.workers >= 0, "an integer >= 0")]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            p.error(f"{flag} must be {expected}, got {value}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output, --overwrite starts it again: give one of them")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is visible to torch here (torch {torch.__version__}); "
+                f"use --device cpu")
     try:
         method_config(args)  # the config checks its own values, so a bad flag stops here, before anything loads
     except ValueError as e:
@@ -174,19 +195,25 @@ def recipe(args):
 PRESET_LAYERS = 12  # the presets' prompt depths are for ViT-B/16's 12 layers
 
 
-def build_model(args, clip_model, classnames, template, quiet=False):
-    if args.method == "zeroshot":
-        return clip_layers.ZeroShotCLIP(clip_model, classnames, template)
+def model_config(args, clip_model, quiet=False):
+    """method_config for the CLIP in hand: a preset's depth for ViT-B/16's 12 layers is scaled to a shallower CLIP."""
     cfg = method_config(args)
     layers = min(clip_layers.n_layers(clip_model))
-    if args.cfg_depth is None and cfg.depth > layers:
+    if cfg is not None and args.cfg_depth is None and cfg.depth > layers:
         # A shallower CLIP (the mini world's has 4 layers): keep the preset's share of prompted layers, 9 of 12 -> 3 of 4
         depth = max(1, round(cfg.depth * layers / PRESET_LAYERS))
         if not quiet:
             print(f"prompt depth {cfg.depth} is for ViT-B/16's {PRESET_LAYERS} layers; this CLIP has {layers}: "
                   f"depth {depth} (--depth sets it)")
         cfg = dataclasses.replace(cfg, depth=depth)
-    return RECIPES[args.method].model(clip_model, classnames, cfg, text_chunk=args.text_chunk or None)
+    return cfg
+
+
+def build_model(args, clip_model, classnames, template, quiet=False):
+    if args.method == "zeroshot":
+        return clip_layers.ZeroShotCLIP(clip_model, classnames, template)
+    return RECIPES[args.method].model(clip_model, classnames, model_config(args, clip_model, quiet),
+                                      text_chunk=args.text_chunk or None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,13 +229,18 @@ def get_lr(epoch, base_lr, epochs):
     return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
+def resolve_precision(precision, device):
+    if precision != "auto":
+        return precision
+    return ("bf16" if torch.cuda.is_bf16_supported() else "amp") if device.startswith("cuda") else "fp32"
+
+
 def precision_setup(precision, device, model):
     """Precision is decided here and nowhere else. Returns (autocast context factory, GradScaler or None).
     The prompts are fp32 master weights in every mode but `fp16`, which puts the whole model (frozen CLIP and prompts)
     in fp16 and trains with plain SGD and no loss scaling, as the official MaPLe/MPL code does."""
     cuda = device.startswith("cuda")
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "amp") if cuda else "fp32"
+    precision = resolve_precision(precision, device)
     if precision in ("bf16", "amp") and not cuda:
         raise ValueError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 (--device is {device})")
     if precision == "fp16":
@@ -247,20 +279,29 @@ def load_trainable(model, params, source):
             v.copy_(params[k])
 
 
-def save_checkpoint(path, ckpt):
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
-
-
 def load_checkpoint(path):
     """A checkpoint of this project: tensors and plain values only, so torch.load(weights_only=True) reads it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+        raise RuntimeError(f"could not read checkpoint {path}: it is truncated or corrupt "
+                           f"({type(e).__name__}: {e})") from e
+
+
+def check_checkpoint_file(path):
+    """Fail early, and say why, for what is not a torch checkpoint at all (torch's own messages do not)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"checkpoint {path} is an empty file (0 bytes): an interrupted copy or download?")
+    if not head.startswith((b"PK", b"\x80")):  # a zip archive (torch.save) or a pickle (older torch.save)
+        kind = "a JSON file (results.json?)" if head.lstrip()[:1] in (b"{", b"[") else \
+            f"not one (it begins with {head!r})"
+        raise ValueError(f"{path} is not a torch checkpoint: it is {kind}. --load and --resume take checkpoint.pt or "
+                         f"an official model.pth.tar-N")
 
 
 # --load of an official Dassl model.pth.tar-N: the method decides which layout it reads
@@ -271,6 +312,7 @@ def load_prompts(model, path, method):
     """--load: a checkpoint of ours ({"params": ...}) or an official MPL / MaPLe / IVLP model.pth.tar-N. Read by
     clip_layers.read_checkpoint: official files also pickle Dassl's LR scheduler, which is kept as inert placeholders
     (no code from the file runs)."""
+    check_checkpoint_file(path)
     ckpt = clip_layers.read_checkpoint(path)
     if "params" in ckpt:
         load_trainable(model, ckpt["params"], path)
@@ -314,19 +356,15 @@ def evaluate(model, items, args, autocast):
     return 100.0 * correct / len(items)
 
 
-def train(model, items, args, run_dir, autocast, scaler, ckpt=None):
-    """The loop: per epoch set the LR, then zero_grad -> forward -> loss -> backward -> step for each batch."""
+def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
+    """The loop: per epoch set the LR, then zero_grad -> forward -> loss -> backward -> step for each batch. Returns
+    seconds per step (None if there was nothing left to train)."""
     lr, epochs, batch_size = recipe(args)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start = 0
+    path = os.path.join(run_dir, "checkpoint.pt")
+    start, saved = 0, None  # saved: the epoch of the last checkpoint of *this* run on disk (all finite)
     if ckpt is not None:  # --resume: the schedule is a function of the epoch, so the epoch is its whole state
-        now, then = plain_config(args, model), ckpt["config"]
-        changed = [k for k in ("lr", "epochs", "batch_size", "method_config") if now[k] != then[k]]
-        if ckpt["method"] != args.method or changed:
-            raise ValueError(f"--resume: {os.path.join(run_dir, 'checkpoint.pt')} is a {ckpt['method']} run with "
-                             f"other settings ({', '.join(f'{k}: {then[k]} then, {now[k]} now' for k in changed)}); "
-                             f"give the same flags, or --overwrite to start again")
         load_trainable(model, ckpt["params"], "--resume checkpoint")
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
@@ -335,9 +373,16 @@ def train(model, items, args, run_dir, autocast, scaler, ckpt=None):
         random.setstate(ckpt["rng"]["python"])
         if ckpt["rng"].get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        start = ckpt["epoch"]
+        start = saved = ckpt["epoch"]
     loader = make_loader(items, data.train_transform(model.clip.visual.input_resolution, args.crop_scale),
                          batch_size, True, args.workers)
+
+    def stop(what, epoch, step, detail=""):  # nothing non-finite is ever saved: the checkpoint on disk is finite
+        kept = (f"The last checkpoint of this run, {path} (epoch {saved}), is finite and kept; --resume restarts "
+                f"from it." if saved else "No checkpoint of this run was written.")
+        raise FloatingPointError(f"{what} at epoch {epoch + 1}, step {step + 1} of {len(loader)}, LR "
+                                 f"{optimizer.param_groups[0]['lr']:.6g}{detail}. {kept}")
+
     step_times = []
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
@@ -352,12 +397,9 @@ def train(model, items, args, run_dir, autocast, scaler, ckpt=None):
                 weights = model.sample_weights(images, labels, logits=logits.detach()) \
                     if hasattr(model, "sample_weights") else None
             loss = loss_fn(logits, labels, weights)
-            if not torch.isfinite(loss):  # stop before the step: the prompts and the last checkpoint stay finite
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} of {len(loader)}, LR "
-                    f"{optimizer.param_groups[0]['lr']:.6g} (the last LR with finite losses); images of this batch: "
-                    f"{[items[i].impath for i in index.tolist()]}. The last good checkpoint, "
-                    f"{os.path.join(run_dir, 'checkpoint.pt')} (epoch {epoch}), is kept; --resume restarts from it.")
+            if not torch.isfinite(loss):  # stop before the step: the prompts stay finite
+                stop(f"loss is {loss.item()}", epoch, step,
+                     f"; images of this batch: {[items[i].impath for i in index.tolist()]}")
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -366,13 +408,21 @@ def train(model, items, args, run_dir, autocast, scaler, ckpt=None):
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+            if not all(torch.isfinite(p).all() for p in params):  # a finite loss can still give an infinite step
+                stop("the prompts became non-finite in this step", epoch, step)
             step_times.append(time.time() - t0)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), dict(
-            params=trainable_state(model), method=args.method, epoch=epoch + 1, config=plain_config(args, model),
-            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
+        rundir.atomic_save(dict(
+            params=trainable_state(model), method=args.method, epoch=epoch + 1, identity=identity,
+            config=plain_config(args, model), optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict() if scaler else None,
             rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
-                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])))
+                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])), path, torch.save)
+        if saved is None and args.overwrite:  # the old run is replaced now: its results no longer describe anything
+            stale = os.path.join(run_dir, "results.json")
+            if os.path.exists(stale):
+                os.remove(stale)
+        saved = epoch + 1
         print(f"epoch {epoch + 1}/{epochs}  lr {optimizer.param_groups[0]['lr']:.6f}  last loss {loss.item():.4f}")
     # seconds per step, leaving out the first (warm-up of kernels and allocators)
     return sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None
@@ -386,6 +436,10 @@ def plain_config(args, model):
 
 
 def prepare_run_dir(args):
+    """The run directory, checked writable now. A directory that already holds a run needs --resume (continue it) or
+    --overwrite (start again). --overwrite removes nothing here: the old checkpoint is replaced by the new run's first
+    checkpoint (atomically), the old results.json goes at that moment, so a run that fails before then, or a file
+    that --load reads from this directory, loses nothing."""
     name = args.dataset or "mini_world"
     run_dir = args.output or os.path.join("output", name, args.method + ("_xd" if args.cross_dataset else ""),
                                           f"shots{args.shots}_seed{args.seed}")
@@ -393,10 +447,7 @@ def prepare_run_dir(args):
     if taken and not (args.resume or args.overwrite):
         raise FileExistsError(f"run directory {run_dir} already holds {', '.join(taken)}; pass --resume to continue "
                               f"it, --overwrite to replace it, or --output for a new directory")
-    if args.overwrite and not args.resume:  # asked for: the old run goes, so that nothing can resume from it
-        for f in taken:
-            os.remove(os.path.join(run_dir, f))
-    os.makedirs(run_dir, exist_ok=True)
+    rundir.check_writable(run_dir)
     return run_dir
 
 
@@ -424,20 +475,37 @@ def cpu_threads(args, clip_model):
     return max(1, cores - busy), f"{cores} cores, about {busy} busy with other processes; --threads sets it"
 
 
+def run_identity(args, clip_model, clip_fingerprint=None):
+    """What a run of these flags computes on this CLIP (rundir.identity): the config as built for this CLIP, the
+    precision as resolved, the CLIP's weights fingerprint. protocols.py computes it too, before deciding to skip."""
+    cfg = model_config(args, clip_model, quiet=True)
+    ident = rundir.identity(args, recipe(args), dataclasses.asdict(cfg) if cfg is not None else None,
+                            clip_fingerprint or rundir.weights_fingerprint(clip_model))
+    ident["precision"] = resolve_precision(args.precision, args.device)
+    return ident
+
+
 def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     """Run one (method, dataset, seed). Tests and protocol scripts may pass the CLIP model and the benchmarks in
-    (`benchmarks`: {"base": Benchmark, "new": Benchmark} or {"all": ...}); otherwise they are loaded from the flags."""
-    t_start = time.time()
+    (`benchmarks`: {"base": Benchmark, "new": Benchmark} or {"all": ...}); otherwise they are loaded from the flags.
+    One process per run directory: a second one started on the same directory stops with rundir.Locked."""
     args = get_args(argv)
     if args.workers is None:
         args.workers = 4 if args.device.startswith("cuda") else 0
     run_dir = prepare_run_dir(args)
+    with rundir.RunLock(run_dir):
+        return run(args, run_dir, clip_model, benchmarks, extra)
+
+
+def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
+    t_start = time.time()
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
     if clip_model is None:
         clip_model = load_clip(args)
+    clip_fingerprint = rundir.weights_fingerprint(clip_model)  # before any precision change
     if not args.device.startswith("cuda"):
         threads, why = cpu_threads(args, clip_model)
         torch.set_num_threads(threads)
@@ -461,6 +529,7 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     torch.manual_seed(args.seed)  # prompt initialisation draws from the torch RNG
     model = build_model(args, clip_model, bench.classnames, bench.template).to(args.device)
     autocast, scaler, precision = precision_setup(args.precision, args.device, model)
+    ident = run_identity(args, clip_model, clip_fingerprint)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method} on {bench.name} ({train_on} classes): {len(bench.classnames)} classes, {len(bench.train)} "
           f"training images, {n_trainable:,} trainable parameters, precision {precision}, run directory {run_dir}")
@@ -472,9 +541,18 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
                          f"(e.g. {os.path.join(run_dir, 'checkpoint.pt')} of a finished run)")
     sec_per_step = None
     if not args.eval_only and recipe(args)[1] > 0 and n_trainable > 0:
+        if not bench.train:
+            raise ValueError(f"--dataset {bench.name} has no training images (a test-only set): evaluate prompts "
+                             f"trained elsewhere with --eval-only --load CHECKPOINT, or use --method zeroshot")
         last = os.path.join(run_dir, "checkpoint.pt")
         ckpt = load_checkpoint(last) if args.resume and os.path.exists(last) else None
-        sec_per_step = train(model, bench.train, args, run_dir, autocast, scaler, ckpt)
+        if ckpt is not None and ckpt.get("identity") != ident:
+            raise ValueError(f"--resume: {last} is a run of other settings ("
+                             f"{rundir.differences(ckpt.get('identity') or {}, ident)}); give that run's flags to "
+                             f"continue it, --overwrite to start a new run in its place, or another --output")
+        sec_per_step = train(model, bench.train, args, run_dir, autocast, scaler, ident, ckpt)
+        if sec_per_step is None and ckpt is not None:  # a finished run resumed: nothing trained, keep the old timing
+            sec_per_step = _previous_results(run_dir).get("sec_per_step")
 
     acc = {train_on: evaluate(model, bench.test, args, autocast)}
     if args.subsample == "base2new":  # the same prompts; the model rebuilt with the new class names
@@ -488,14 +566,19 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     print(f"{args.method} {bench.name} seed {args.seed}: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
 
     results = dict(method=args.method, dataset=bench.name, seed=args.seed, shots=args.shots,
-                   subsample=args.subsample, accuracy=acc, config=plain_config(args, model), trainable_params=n_trainable,
-                   sec_per_step=sec_per_step, wall_seconds=time.time() - t_start, precision=precision,
-                   device=args.device, git_commit=git_commit(), **(extra or {}))
-    tmp = os.path.join(run_dir, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "results.json"))
+                   subsample=args.subsample, accuracy=acc, config=plain_config(args, model), identity=ident,
+                   trainable_params=n_trainable, sec_per_step=sec_per_step, wall_seconds=time.time() - t_start,
+                   precision=precision, device=args.device, git_commit=git_commit(), **(extra or {}))
+    rundir.save_json(results, os.path.join(run_dir, "results.json"))
     return results
+
+
+def _previous_results(run_dir):
+    try:
+        with open(os.path.join(run_dir, "results.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 if __name__ == "__main__":

@@ -542,8 +542,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         d = self.items[index]
-        with Image.open(d.impath) as img:
-            image = self.transform(img.convert("RGB"))
+        try:
+            with Image.open(d.impath) as img:
+                image = self.transform(img.convert("RGB"))
+        except OSError as e:  # PIL's messages ("image file is truncated") do not say which file
+            raise OSError(f"could not read image {d.impath}: {e}. Re-extract or remove it from the split.") from e
         return image, d.label, index
 
 

@@ -228,15 +228,54 @@ def _read_json(spec, ddir):
         if not isinstance(split, dict) or not isinstance(split.get(name), list):
             raise ValueError(f"{path} has no {name!r} list; expected {fmt}.")
         # list order is kept: the few-shot sampler groups labels in first-appearance order
-        try:
-            splits[name] = [Datum(str(p), int(y), str(c)) for p, y, c in split[name]]
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: an entry of {name!r} is not [path, label, classname]; expected {fmt}.") from None
+        items = []
+        for i, entry in enumerate(split[name]):
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and type(entry[1]) is int and isinstance(entry[2], str)):  # no float or bool labels
+                raise ValueError(f"{path}: an entry of {name!r} is not [path, label, classname] (entry {i}: "
+                                 f"{entry!r}; a label is an integer); expected {fmt}.")
+            items.append(Datum(*entry))
+        splits[name] = items
     _check_nonempty(splits, path, ("test",) if spec.test_only else ("train", "val", "test"))
+    _check_labels(splits, path)
     image_root = _require_image_root(spec, ddir)
+    _check_paths_inside(splits, image_root, path)
     for name in ("train", "val", "test"):
         _check_images(spec, image_root, splits[name], f"{path} ({name})")
     return splits, _sha256(raw)
+
+
+def _check_labels(splits, source):
+    """Labels 0..n-1, one class name per label, and every class that is tested also trained on (where there is a
+    training split): a label out of range would move classes between base and new, a class only in test would vanish
+    from the class list."""
+    names = {}
+    for split, items in splits.items():
+        for d in items:
+            if names.setdefault(d.label, d.classname) != d.classname:
+                raise ValueError(f"{source}: label {d.label} is {names[d.label]!r} in one entry and {d.classname!r} "
+                                 f"in another ({split}: {d.impath}); each label must name one class.")
+    labels = sorted(names)
+    if labels != list(range(len(labels))):
+        odd = [y for y in labels if not 0 <= y < len(labels)] or sorted(set(range(len(labels))) - set(labels))
+        raise ValueError(f"{source}: the labels are not 0..{len(labels) - 1} (out of range or missing: {odd[:10]}); "
+                         f"each of the {len(labels)} classes needs its own label.")
+    if splits.get("train"):
+        untrained = sorted({d.label for d in splits["test"]} - {d.label for d in splits["train"]})
+        if untrained:
+            raise ValueError(f"{source}: classes {[names[y] for y in untrained][:10]} (labels {untrained[:10]}) are in "
+                             f"test but not in train; a few-shot split needs training images of every class.")
+
+
+def _check_paths_inside(splits, image_root, source):
+    """Image paths are relative to the image folder and stay inside it (no absolute paths, no '..' out of it)."""
+    root = os.path.realpath(image_root)
+    for split, items in splits.items():
+        for d in items:
+            full = os.path.realpath(os.path.join(image_root, d.impath))
+            if os.path.isabs(d.impath) or os.path.commonpath([root, full]) != root:
+                raise ValueError(f"{source}: the {split} path {d.impath!r} leaves the image folder {image_root}; "
+                                 f"split paths must be relative to it.")
 
 
 def _read_fgvc(spec, ddir):
@@ -556,6 +595,9 @@ class ImageDataset(torch.utils.data.Dataset):
 def check(root, names=None, out=print):
     """Print one row per dataset (found / missing / error, counts found vs expected); return the rows."""
     root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--root {root} does not exist (it should be the CoOp $DATA folder that holds "
+                                f"caltech-101/, eurosat/, imagenet/, ...)")
     rows, errors = [], []
     for key in (names or list(DATASETS)):
         key = resolve_name(key)
@@ -594,7 +636,8 @@ def check(root, names=None, out=print):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="CoOp dataset tree checks / few-shot split preview.")
     parser.add_argument("--root", default=os.environ.get("DATA"), help="the CoOp $DATA folder (default: $DATA)")
-    parser.add_argument("--check", action="store_true", help="table of every dataset: found against expected class and image counts")
+    parser.add_argument("--check", action="store_true", help="table of every dataset: found against expected class "
+                        "and image counts; split files are validated (exit 1 on an error)")
     parser.add_argument("--dataset", nargs="*", help="restrict to these datasets (default: all for --check)")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
@@ -603,7 +646,11 @@ def main(argv=None):
     if args.root is None:
         parser.error("--root is required (or set $DATA)")
     if args.check:
-        rows = check(args.root, args.dataset)
+        try:
+            rows = check(args.root, args.dataset)
+        except FileNotFoundError as e:
+            print(f"error: {e}")
+            return 1
         return 1 if any(r["status"] == "error" for r in rows) else 0
     if not args.dataset:
         parser.error("give --check, or --dataset NAME to preview its few-shot split")

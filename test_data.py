@@ -432,3 +432,40 @@ def test_check_reports_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sun397" in out and " error " in out and "missing" in out
     assert "error: sun397: Split file not found" in out and "split_zhou_SUN397.json" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Split files are validated on load, and data.py --check reports what is wrong
+
+
+def rewrite_split(root, splits, change):
+    """Write eurosat's split file with one change: change(split dict) edits a deep copy."""
+    split = json.loads(json.dumps(splits["eurosat"]))
+    change(split)
+    with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
+        json.dump(split, f)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["train"][0].__setitem__(1, 99), r"labels are not 0\.\.6 \(out of range or missing: \[99\]\)"),
+    (lambda s: s["train"][0].__setitem__(1, -1), r"labels are not 0\.\.6 \(out of range or missing: \[-1\]\)"),
+    (lambda s: s["test"][0].__setitem__(1, 99), r"out of range or missing: \[99\]"),
+    (lambda s: s["train"][0].__setitem__(1, 1.0), r"an entry of 'train' is not \[path, label, classname\].*integer"),
+    (lambda s: s["train"][0].__setitem__(2, "Forest"), r"label \d is '[^']+' in one entry and '[^']+' in another"),
+    (lambda s: s.__setitem__("train", [e for e in s["train"] if e[1] != 5]),
+     r"classes \['Sea or Lake'\] \(labels \[5\]\) are in test but not in train"),
+    (lambda s: s["test"][0].__setitem__(0, "../../../../etc/passwd"), r"'\.\./\.\./\.\./\.\./etc/passwd' leaves"),
+    (lambda s: s["test"][0].__setitem__(0, "/etc/passwd"), r"'/etc/passwd' leaves the image folder"),
+])
+def test_split_files_are_validated(tree_copy, change, message, capsys):
+    root, splits = tree_copy
+    rewrite_split(root, splits, change)
+    with pytest.raises(ValueError, match=message):
+        data.load_benchmark("eurosat", root, shots=2, seed=1, subsample="base")
+    assert data.main(["--check", "--root", root, "--dataset", "eurosat"]) == 1
+    assert "error: eurosat:" in capsys.readouterr().out
+
+
+def test_check_says_when_the_root_is_missing(tmp_path, capsys):
+    assert data.main(["--check", "--root", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere does not exist" in capsys.readouterr().out

@@ -318,23 +318,54 @@ def _manifest(name, seed):
     return cfg
 
 
+def _read_manifest(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # absent, empty or cut short: a render that did not finish
+
+
+def _ours(out, name):
+    """Is `out` a render of ours (it has our manifest, even an unfinished one), or does it hold only what render_world
+    and the few-shot caches write (a render killed before its manifest)? Anything else means it is someone's folder,
+    which we never touch."""
+    return os.path.exists(os.path.join(out, "world_manifest.json")) or set(os.listdir(out)) <= {
+        "images", WORLD_SPLIT_FILES[name], "world_manifest.json", data.FEWSHOT_CACHE_DIR, "split_fewshot"}
+
+
+def _remove_stale_temporaries(root, name):
+    """Temporary folders `.<name>-<pid>-*` of renders whose process is gone (killed mid-drawing)."""
+    for entry in os.listdir(root):
+        parts = entry.split("-")
+        if entry.startswith(f".{name}-") and len(parts) >= 3 and parts[-2].isdigit():
+            try:
+                os.kill(int(parts[-2]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+            except PermissionError:
+                pass
+
+
 def _render_dataset(root, name, seed):
     out = os.path.join(root, name)
     manifest_path = os.path.join(out, "world_manifest.json")
     manifest = _manifest(name, seed)
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            if json.load(f).get("hash") == manifest["hash"]:
-                return out, False  # already rendered with this generator version and seed
-    elif os.path.isdir(out) and os.listdir(out):
-        # not ours (no manifest): refuse rather than mix our files into someone's folder
-        raise FileExistsError(f"{out} exists and was not made by render_world(); move it or pick another root")
+    if (_read_manifest(manifest_path) or {}).get("hash") == manifest["hash"]:
+        return out, False  # already rendered with this generator version and seed
+    if os.path.isdir(out) and os.listdir(out) and not _ours(out, name):
+        # not ours: refuse rather than mix our files into someone's folder
+        raise FileExistsError(f"{out} exists and holds files render_world() does not write; move it or pick another "
+                              f"--root")
 
-    # Render into a temporary folder next to the target, then move the finished pieces in, so an interrupted
-    # render never leaves a folder that looks complete. Only `images/`, the split file and the manifest are ours;
-    # anything else in `out` (e.g. the loader's split_fewshot/ cache) is left alone.
+    # Render into a temporary folder next to the target, then move the finished pieces in and write the manifest last,
+    # so a folder is complete exactly when its manifest matches. An interrupted render (a kill at any point) leaves a
+    # folder of our files without a matching manifest, which the next call replaces, and a temporary folder named
+    # after its process, which the next call removes once that process is gone. Only `images/`, the split file and the
+    # manifest are ours; the loader's split_fewshot_ref/ cache next to them is left alone.
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
+    _remove_stale_temporaries(root, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=root)
     try:
         split = {"train": [], "val": [], "test": []}
         cfg = WORLD_DATASETS[name]
@@ -353,15 +384,16 @@ def _render_dataset(root, name, seed):
                 split[key].append([impath, label, classname])
         with open(os.path.join(tmp, WORLD_SPLIT_FILES[name]), "w") as f:
             json.dump(split, f)
+        with open(os.path.join(tmp, "world_manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
 
         os.makedirs(out, exist_ok=True)
-        if os.path.exists(manifest_path):  # a stale render of ours: replace it
-            os.remove(manifest_path)
-            shutil.rmtree(os.path.join(out, "images"), ignore_errors=True)
+        if os.path.exists(manifest_path):
+            os.remove(manifest_path)  # first: from here until the new manifest the folder reads as unfinished
+        shutil.rmtree(os.path.join(out, "images"), ignore_errors=True)  # a stale or half-moved render of ours
         os.replace(os.path.join(tmp, "images"), os.path.join(out, "images"))
         os.replace(os.path.join(tmp, WORLD_SPLIT_FILES[name]), os.path.join(out, WORLD_SPLIT_FILES[name]))
-        with open(manifest_path, "w") as f:  # written last: its presence means the render is complete
-            json.dump(manifest, f, indent=1)
+        os.replace(os.path.join(tmp, "world_manifest.json"), manifest_path)  # last: the render is complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, True

@@ -168,3 +168,41 @@ def test_zero_shot_accuracy_is_well_above_chance(tmp_path, monkeypatch, model):
     # The thresholds leave ~15 points for sampling noise (180 images) and other CPUs' float rounding.
     assert base > 55 and new > 55 and xd > 35
     assert base < 95  # and not solved already: prompt learning needs room to improve on the base classes
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3])
+def test_render_recovers_from_a_kill_at_any_point(tmp_path, small_world, monkeypatch, kill_at):
+    """A kill after the n-th of the three moves into place (images, split file, manifest) leaves a folder that the
+    next call completes by itself, identical to an uninterrupted render; no temporary folder is left behind."""
+    clean = mini_world.render_world(tmp_path / "clean", datasets=("mini_world",))["mini_world"]
+    real, calls = os.replace, {"n": 0}
+
+    def replace_then_die(src, dst):
+        real(src, dst)
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        mini_world.render_world(tmp_path / "cut", datasets=("mini_world",))
+    monkeypatch.setattr(os, "replace", real)
+    folder = mini_world.render_world(tmp_path / "cut", datasets=("mini_world",))["mini_world"]
+    assert mini_world.read_world_split(tmp_path / "cut", "mini_world") == \
+        mini_world.read_world_split(tmp_path / "clean", "mini_world")
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(clean))
+    assert not [p for p in os.listdir(tmp_path / "cut") if p.startswith(".")]
+
+
+def test_render_cleans_up_after_a_killed_process_and_an_empty_manifest(tmp_path, small_world):
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".mini_world-{dead.pid}-abc123"
+    (stale / "images").mkdir(parents=True)  # what a render killed while drawing leaves
+    (tmp_path / "mini_world").mkdir()
+    (tmp_path / "mini_world" / "world_manifest.json").write_text("")  # cut off while being written
+    mini_world.render_world(tmp_path, datasets=("mini_world",))
+    assert not stale.exists()
+    assert mini_world.read_world_split(tmp_path, "mini_world")["train"]

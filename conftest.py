@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -211,3 +212,23 @@ def tree_copy(tree, tmp_path):
     root = str(tmp_path / "DATA")
     shutil.copytree(tree[0], root)
     return root, tree[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A benchmark of four colours (test_train.py, test_faults.py)
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def colour_benchmark(root, n_train=8, n_test=6, size=32, seed=0):
+    """Four classes told apart by colour alone: separable, so a prompt method must beat chance on train data."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "test": []}
+    for label, (name, rgb) in enumerate(COLOURS.items()):
+        for split, n in (("train", n_train), ("test", n_test)):
+            for i in range(n):
+                img = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                path = os.path.join(root, f"{split}_{name}_{i}.png")
+                Image.fromarray(img).save(path)
+                splits[split].append(data.Datum(path, label, name))
+    return data.Benchmark("colours", splits["train"], [], splits["test"], list(COLOURS), "a photo of a {}.")

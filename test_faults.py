@@ -10,32 +10,18 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import data
 import protocols
 import rundir
 import train
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-
+from conftest import colour_benchmark
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("faults"))
-    rng = np.random.default_rng(0)
-    splits = {"train": [], "test": []}
-    for label, (name, rgb) in enumerate(COLOURS.items()):
-        for split, n in (("train", 4), ("test", 3)):
-            for i in range(n):
-                path = os.path.join(root, f"{split}_{name}_{i}.png")
-                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(path)
-                splits[split].append(data.Datum(path, label, name))
-    return data.Benchmark("colours", splits["train"], [], splits["test"], list(COLOURS), "a photo of a {}.")
+    return colour_benchmark(str(tmp_path_factory.mktemp("faults")), n_train=4, n_test=3)
 
 
 def run(tmp_path, tiny, colours, *flags, name="run"):

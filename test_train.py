@@ -15,13 +15,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import clip_layers
 import data
 import rundir
 import train
-from conftest import sgd_steps, trainable
+from conftest import colour_benchmark, sgd_steps, trainable
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -39,23 +38,6 @@ def test_promptsrc_last_epoch_lr():
 
 # ----------------------------------------------------------------------------------------------------------------------
 # A benchmark of four colours, and a short maple run on it
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-
-
-def colour_benchmark(root, n_train=8, n_test=6, size=32, seed=0):
-    """Four classes told apart by colour alone: separable, so a prompt method must beat chance on train data."""
-    rng = np.random.default_rng(seed)
-    splits = {"train": [], "test": []}
-    for label, (name, rgb) in enumerate(COLOURS.items()):
-        for split, n in (("train", n_train), ("test", n_test)):
-            for i in range(n):
-                img = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-                path = os.path.join(root, f"{split}_{name}_{i}.png")
-                Image.fromarray(img).save(path)
-                splits[split].append(data.Datum(path, label, name))
-    return data.Benchmark("colours", splits["train"], [], splits["test"], list(COLOURS), "a photo of a {}.")
-
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):

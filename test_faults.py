@@ -43,7 +43,7 @@ def files(folder):
     (["--test-batch-size", "0"], "--test-batch-size must be"), (["--crop-scale", "2"], "--crop-scale must be"),
     (["--seed", "-1"], "--seed must be an integer >= 0"), (["--epochs", "-2"], "--epochs must be an integer >= 0"),
     (["--weight-decay", "inf"], "--weight-decay must be"), (["--resume", "--overwrite"], "give one of them"),
-    (["--n-rm", "9"], "MPL removes at most what it adds")])
+    (["--n-rm", "9"], "MPL removes at most what it adds"), (["--precision", "bf16", "--device", "cpu"], "is CUDA autocast")])
 def test_bad_flags_are_refused_at_parse_time(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.get_args(["--method", "maple", *flags])

@@ -160,6 +160,9 @@ def get_args(argv=None):
             p.error(f"{flag} must be {expected}, got {value}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output, --overwrite starts it again: give one of them")
+    if args.precision in ("bf16", "amp") and not args.device.startswith("cuda"):
+        p.error(f"--precision {args.precision} is CUDA autocast; on --device {args.device} use fp32 (or fp16, the "
+                f"official pure-fp16 setting)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is visible to torch here (torch {torch.__version__}); "
                 f"use --device cpu")
@@ -220,10 +223,10 @@ def build_model(args, clip_model, classnames, template, quiet=False):
 # Learning rate and precision
 
 def get_lr(epoch, base_lr, epochs):
-    """LR used during 0-based `epoch` (Dassl's scheduler as the official configs set it): 1) epoch 0 is a warm-up at a
-    constant 1e-5;
+    """LR used during 0-based `epoch`, Dassl's scheduler as the official configs set it:
+    1) epoch 0 is a warm-up at a constant 1e-5;
     2) then cosine annealing over T = epochs, restarted after the warm-up, so it is shifted by one epoch and never
-    reaches 0 (MaPLe, lr 0.0035, 5 epochs: 1e-5, 0.0035, 0.003166, 0.002291, 0.001209)."""
+       reaches 0 (MaPLe, lr 0.0035, 5 epochs: 1e-5, 0.0035, 0.003166, 0.002291, 0.001209)."""
     if epoch == 0:
         return WARMUP_LR
     return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))

@@ -1,22 +1,46 @@
 """
-Speed and memory of one training step, ours against the way the official code does it, on the device in hand.
+Speed and memory of one training step, ours against the way the official code does it and against the limit, on the
+device in hand.
 
     python bench.py                                # every method, 10 and 100 classes (and 1000 on a GPU)
-    python bench.py --methods mpl maple --classes 10 100 1000 --steps 3
+    python bench.py --methods mpl maple ivlp --classes 10 100 1000 --steps 2
+    python bench.py --methods mpl --classes 10 100 --unshared     # also ours without the shared text prefix
 
 One step = forward of a batch of 4 images and the whole class set, cross-entropy, backward, at ViT-B/16 size with
-random weights (the speed does not depend on the values). "official" is the same method built with fast=False, which
-runs CLIP's stock modules the way the MaPLe-derived official code does: `ResidualAttentionBlock.forward` (nn.MultiheadAttention, LND layout, the
-77 x 77 causal mask), all 77 text tokens, the whole class set in one pass. "ours" is this project's path: SDPA, the text
-cut after the last EOT, classes in chunks of --text-chunk with activation checkpointing. Both compute the same logits
-(checked below before timing). Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak resident set
-of a fresh process per measurement (so each number is that step's own high-water mark, CLIP's weights included).
+random weights (the speed does not depend on the values); its time is the fastest of --steps steps after a warm-up
+(other processes on the machine only ever add time). Three ways of running it:
+
+  official  the method built with fast=False, which runs CLIP's stock modules the way the MaPLe-derived official code
+            does: `ResidualAttentionBlock.forward` (nn.MultiheadAttention, LND layout, the 77 x 77 causal mask), all
+            77 text tokens, the whole class set in one pass;
+  ours      this project's path: SDPA, the text cut after the last EOT, the rows before the class names encoded once
+            for all classes (the shared prefix; not where the prompts read the class's own tokens, as ISP's
+            self-structural module does), classes in chunks of --text-chunk with activation checkpointing;
+  limit     ours with the class side given: the text features computed beforehand, so the step is the image encoder
+            with its prompts, forward and backward, plus the logits. No way of computing the text side can make a step
+            cheaper than this.
+
+Beside them: "text s", the text side of ours alone (the class set's features, forward and backward with a fixed
+gradient), and for ISP "probe s", sample probing's extra pass of the frozen image encoder (part of ours' step, not of
+the limit). Both ways compute the same logits (checked first).
+
+Class names: synthetic, with the token lengths of OpenAI's 1000 ImageNet class names (NAME_TOKENS below: 1 to 11 BPE
+tokens, 2.16 on average), spread over the class count by quantile, so that 10, 100 or 1000 classes have ImageNet's
+length distribution and the text cost is that of a real benchmark.
+
+The official step grows with the class count until it no longer fits: it is measured at every requested count whose
+memory (predicted from the counts measured before it) fits in the free memory, and beyond that its time is a straight
+line through the measured counts, printed with "~" and said to be extrapolated.
+
+Peak memory: torch.cuda.max_memory_allocated on a GPU. On the CPU, each configuration runs in a fresh process, and
+memory is that process's resident set: "base MB" once the CLIP and the method are built (CLIP's 600 MB of fp32
+weights, the runtime), "peak MB" the high-water mark during the steps (the kernel's peak counter, reset after
+building, so that building does not count), "step MB" the difference.
 """
 import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,67 +50,161 @@ import torch
 import clip_layers
 import train
 
-# Class names of the usual length (1-3 words), so that the EOT cut is as long as on the real benchmarks.
-WORDS = ["red", "golden", "striped", "small", "wild", "sea", "mountain", "city", "garden", "night", "spotted", "old"]
-NOUNS = ["retriever", "bakery", "boeing 737", "tabby cat", "sunflower", "lake", "pizza", "toyota corolla", "texture",
-         "highway or road", "violin", "parachute"]
+# How many BPE tokens the class names of OpenAI's ImageNet list have (CLIP's notebook Prompt_Engineering_for_ImageNet,
+# 1000 names; "tench" is 1 token, "great white shark" 3): {tokens: classes}. Mean 2.16 tokens, so "X a photo of a
+# {name}." is 10.2 tokens up to EOT, of which 4.2 (name, ".", EOT) are the class's own.
+NAME_TOKENS = {1: 246, 2: 508, 3: 155, 4: 49, 5: 24, 6: 9, 7: 7, 8: 1, 11: 1}
+# Words that are one BPE token each, to build names of a given token length.
+WORDS = ["red", "golden", "small", "wild", "sea", "mountain", "city", "garden", "night", "old", "dog", "cat", "bird",
+         "fish", "car", "boat", "house", "tree", "flower", "snake", "horse", "bear", "shark", "lake", "river", "bridge",
+         "tower", "church", "table", "chair", "cup", "bottle", "phone", "clock", "ball", "hat", "shoe", "bag", "box"]
 
 
 def classnames(n):
-    return [f"{WORDS[i % len(WORDS)]} {NOUNS[(i // len(WORDS)) % len(NOUNS)]} {i}" for i in range(n)]
+    """n class names whose token lengths follow NAME_TOKENS: class i gets the length at quantile (i + 0.5) / n of the
+    1000 ImageNet lengths, its words cycling through WORDS (names may repeat: only their lengths matter here)."""
+    lengths = sorted(k for k, count in NAME_TOKENS.items() for _ in range(count))          # 1000 lengths, ascending
+    names = []
+    for i in range(n):
+        k = lengths[int((i + 0.5) * len(lengths) / n)]
+        names.append(" ".join(WORDS[(7 * i + 11 * j) % len(WORDS)] for j in range(k)))
+    return names
 
 
-def build(method, clip_model, n_classes, official, text_chunk):
+def build(method, clip_model, n_classes, official, text_chunk, shared_prefix=True):
     """The method at its preset, on the CLIP in hand. official: fast=False, the official code's way of running CLIP
     (stock blocks, all 77 text positions, the whole class set in one pass); else ours, chunked by text_chunk."""
     names = classnames(n_classes)
+    unshared = {} if shared_prefix else dict(shared_prefix=False)  # (so that this file also times older versions)
     if method == "zeroshot":
-        return clip_layers.ZeroShotCLIP(clip_model, names, fast=not official)
+        return clip_layers.ZeroShotCLIP(clip_model, names, fast=not official, **unshared)
     recipe = train.RECIPES[method]
     cfg = recipe.config
     if cfg.depth > min(clip_layers.n_layers(clip_model)):  # --arch tiny: 4 layers, fewer than the prompt depth 9
         cfg = dataclasses.replace(cfg, depth=3)
-    return recipe.model(clip_model, names, cfg, text_chunk=None if official else text_chunk, fast=not official)
+    return recipe.model(clip_model, names, cfg, text_chunk=None if official else text_chunk, fast=not official,
+                        **unshared)
 
 
-def step(model, images, labels):
-    if not any(p.requires_grad for p in model.parameters()):  # zero-shot: nothing to train, forward only
+def trains(model):
+    return any(p.requires_grad for p in model.parameters())
+
+
+def trains_method(method):
+    return train.RECIPES[method].model is not None  # zero-shot: nothing trains, its text is encoded once
+
+
+def step(model, images, labels, classes=None):
+    """One training step; classes: the class side given (the limit), else computed in the step."""
+    if not trains(model):  # zero-shot: nothing to train, forward only
         with torch.no_grad():
             return model(images)
-    logits = model(images)
-    weights = model.sample_weights(images, labels, logits=logits.detach()) if hasattr(model, "sample_weights") \
-        else None
-    loss = train.loss_fn(logits, labels, weights)
-    loss.backward()
+    logits = model(images, classes)
+    probing = hasattr(model, "sample_weights") and classes is None
+    weights = model.sample_weights(images, labels, logits=logits.detach()) if probing else None
+    train.loss_fn(logits, labels, weights).backward()
     return logits
 
 
-def measure(method, n_classes, official, steps, device, text_chunk, precision, arch):
-    """Seconds per step (mean of `steps` after one warm-up) and peak memory in MB, for one configuration."""
+def text_side(model, gradient):
+    """The class side of a step alone: the class set's text features, and their backward with a fixed gradient."""
+    if not trains(model):  # zero-shot: its class texts are encoded once, on construction; that encoding, timed
+        unshared = {} if getattr(model, "shared_prefix", True) else dict(shared_prefix=False)
+        return clip_layers.ZeroShotCLIP(model.clip, classnames(model.text_features.shape[0]), fast=model.fast,
+                                        **unshared)
+    out = model.encode_classes()
+    features = out[0] if isinstance(out, tuple) else out                 # ISP: (features, EOT summaries or None)
+    features.backward(gradient)
+
+
+class PeakMemory:
+    """Peak memory in MB from `reset()` on: the CUDA allocator's peak, or on the CPU the kernel's peak resident set
+    (VmHWM, reset by writing 5 to /proc/self/clear_refs)."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    @staticmethod
+    def _status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+    def now(self):
+        return torch.cuda.memory_allocated() / 2 ** 20 if self.cuda else self._status("VmRSS")
+
+    def reset(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak(self):
+        return torch.cuda.max_memory_allocated() / 2 ** 20 if self.cuda else self._status("VmHWM")
+
+
+def timed(fn, steps, cuda):
+    """Seconds of the fastest of `steps` calls of fn (after the caller's warm-up): the one least slowed down by other
+    processes on the machine, which only ever add time."""
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure(method, n_classes, official, steps, device, text_chunk, precision, arch, shared_prefix=True):
+    """One configuration in this (fresh) process: seconds per step (the fastest of `steps` after one warm-up), peak
+    memory; for ours also the text side, and with the shared prefix the limit and the probing pass, timed the same way."""
     torch.manual_seed(0)
+    cuda = device.startswith("cuda")
+    memory = PeakMemory(cuda)
     clip_model = clip_layers.random_clip(arch, device=device)
-    model = build(method, clip_model, n_classes, official, text_chunk).to(device)
+    model = build(method, clip_model, n_classes, official, text_chunk, shared_prefix).to(device)
     r = clip_model.visual.input_resolution
     images, labels = torch.randn(4, 3, r, r, device=device), torch.arange(4, device=device) % n_classes
-    cuda = device.startswith("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if (cuda and dtype) else train.nullcontext
-    with ctx():
-        step(model, images, labels)  # warm-up: kernels, allocator
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        with ctx():
-            step(model, images, labels)
-    if cuda:
-        torch.cuda.synchronize()
-    sec = (time.time() - t0) / steps
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(method=method, classes=n_classes, official=official, sec=sec, peak_mb=peak)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if (cuda and dtype) else train.nullcontext
+
+    def run(fn):
+        def go():
+            model.zero_grad(set_to_none=True)
+            with autocast():
+                fn()
+        return go
+
+    base = memory.now()
+    memory.reset()
+    full = run(lambda: step(model, images, labels))
+    full()                                                            # warm-up: kernels, allocator
+    res = dict(method=method, classes=n_classes, official=official, shared_prefix=shared_prefix,
+               sec=timed(full, steps, cuda), base_mb=base, peak_mb=memory.peak())
+    if official:
+        return res
+    with torch.no_grad(), autocast():
+        classes = model.encode_classes()                              # the class side, given to the limit's step
+    out = classes[0] if isinstance(classes, tuple) else classes      # ISP: (features, EOT summaries or None)
+    gradient = torch.randn(out.shape, device=device, generator=torch.Generator(device).manual_seed(0))
+    text = run(lambda: text_side(model, gradient))
+    text()
+    res["text_sec"] = timed(text, steps, cuda)
+    if not shared_prefix:  # the limit and the probe do not depend on the text path: measured once, with ours
+        return res
+    limit = run(lambda: step(model, images, labels, classes))
+    limit()
+    res["limit_sec"] = timed(limit, steps, cuda)
+    if getattr(getattr(model, "cfg", None), "sample_probing", False):
+        with torch.no_grad(), autocast():
+            logits = model(images, classes)
+        probe = run(lambda: model.sample_weights(images, labels, logits=logits))
+        probe()
+        res["probe_sec"] = timed(probe, steps, cuda)
+    return res
 
 
 def check_same_logits(method, device, text_chunk, arch, n_classes=10):
@@ -103,6 +221,24 @@ def check_same_logits(method, device, text_chunk, arch, n_classes=10):
     return (outs[0] - outs[1]).abs().max().item()
 
 
+def free_mb(device):
+    """Memory a new measurement may use: free GPU memory, or the kernel's MemAvailable."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0] / 2 ** 20
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def line_fit(points):
+    """Least-squares line y = a + b x through [(x, y), ...]: (a, b); with one point, (y, 0)."""
+    if len(points) == 1:
+        return points[0][1], 0.0
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - b * mx, b
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["zeroshot", "mpl", "maple", "ivlp", "isp"])
@@ -112,39 +248,86 @@ def main():
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on CUDA")
     p.add_argument("--text-chunk", type=int, default=128)
     p.add_argument("--arch", default="ViT-B/16", choices=list(clip_layers.RANDOM_CLIPS), help="tiny: a quick check")
+    p.add_argument("--unshared", action="store_true",
+                   help="also time ours with shared_prefix=False (every class runs all its text rows: the path before "
+                        "the shared prefix), in the same run")
+    p.add_argument("--slope-from", type=int, default=100,
+                   help="ours' cost per added class is measured from this class count to the largest (default 100)")
+    p.add_argument("--memory-margin", type=float, default=0.8,
+                   help="run the official step only where its predicted memory is below this fraction of the free "
+                        "memory (default 0.8)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = p.parse_args()
     if args.one:
-        method, n, official = args.one.split(",")
+        method, n, official, shared = args.one.split(",")
         print(json.dumps(measure(method, int(n), official == "1", args.steps, args.device, args.text_chunk,
-                                 args.precision, args.arch)))
+                                 args.precision, args.arch, shared_prefix=shared == "1")))
         return
-    classes = args.classes or ([10, 100, 1000] if args.device.startswith("cuda") else [10, 100])
+    classes = sorted(args.classes or ([10, 100, 1000] if args.device.startswith("cuda") else [10, 100]))
+
+    def fresh(method, n, official, shared=True):
+        """measure() in a fresh process (its own peak memory); None if it failed."""
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{method},{n},{int(official)},{int(shared)}",
+               "--steps", str(args.steps), "--device", args.device, "--precision", args.precision,
+               "--text-chunk", str(args.text_chunk), "--arch", args.arch]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            err = out.stderr.strip().splitlines()
+            print(f"  {method} {n} {'official' if official else 'ours'} failed: {err[-1] if err else out.returncode}")
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}, "
           f"{torch.get_num_threads()} threads), {args.arch} random weights, batch 4, precision {args.precision}, "
           f"text chunk {args.text_chunk}, torch {torch.__version__}")
-    print(f"{'method':9s} {'classes':>7s} {'official s':>10s} {'ours s':>8s} {'speed-up':>8s} "
-          f"{'official MB':>11s} {'ours MB':>8s} {'memory':>7s}  max |logit diff|")
+    print(f"{'method':9s} {'classes':>7s} {'official s':>10s} {'ours s':>7s} {'speed-up':>8s} {'text s':>7s} "
+          f"{'limit s':>7s} {'ours/limit':>10s} {'probe s':>7s} {'official MB':>11s} {'ours MB':>7s} {'base MB':>7s}"
+          f"{' unshared s  text s' if args.unshared else ''}  max |logit diff|")
+    summary = []
     for method in args.methods:
         diff = check_same_logits(method, args.device, args.text_chunk, args.arch)
+        official_points, memory_points, ours = [], [], {}
         for n in classes:
-            res = {}
-            for official in (True, False):
-                cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{method},{n},{int(official)}",
-                       "--steps", str(args.steps), "--device", args.device, "--precision", args.precision,
-                       "--text-chunk", str(args.text_chunk), "--arch", args.arch]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    res[official] = None
-                    print(f"  {method} {n} {'official' if official else 'ours'} failed: "
-                          f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
-                    continue
-                res[official] = json.loads(out.stdout.strip().splitlines()[-1])
-            o, u = res.get(True), res.get(False)
-            if o and u:
-                print(f"{method:9s} {n:7d} {o['sec']:10.3f} {u['sec']:8.3f} {o['sec'] / u['sec']:7.1f}x "
-                      f"{o['peak_mb']:11.0f} {u['peak_mb']:8.0f} {u['peak_mb'] / o['peak_mb']:6.2f}x  {diff:.1e}",
-                      flush=True)
+            # The official step at n classes, if its memory (a line through the counts measured so far) fits.
+            predicted = line_fit(memory_points) if len(memory_points) >= 2 else None
+            need = predicted[0] + predicted[1] * n if predicted else 0
+            o = fresh(method, n, True) if need < args.memory_margin * free_mb(args.device) else None
+            if o:
+                official_points.append((n, o["sec"]))
+                memory_points.append((n, o["peak_mb"]))
+            u = fresh(method, n, False)
+            if u is None:
+                continue
+            ours[n] = u
+            a, b = line_fit(official_points) if official_points else (float("nan"), float("nan"))
+            official_sec = o["sec"] if o else a + b * n
+            mark = " " if o else "~"
+            official_mb = f"{o['peak_mb']:11.0f}" if o else f"{'~%.0f' % need:>11s}"
+            probe = f"{u['probe_sec']:7.3f}" if "probe_sec" in u else f"{'-':>7s}"
+            extra = ""
+            if args.unshared:
+                v = fresh(method, n, False, shared=False)
+                extra = f" {v['sec']:10.3f} {v['text_sec']:7.3f}" if v else "     failed"
+            print(f"{method:9s} {n:7d} {mark}{official_sec:9.3f} {u['sec']:7.3f} {official_sec / u['sec']:7.1f}x "
+                  f"{u['text_sec']:7.3f} {u['limit_sec']:7.3f} {u['sec'] / u['limit_sec']:9.2f}x {probe} "
+                  f"{official_mb} {u['peak_mb']:7.0f} {u['base_mb']:7.0f}{extra}  {diff:.1e}", flush=True)
+        if len(ours) >= 2 and official_points and trains_method(method):
+            hi = max(ours)
+            lo = args.slope_from if args.slope_from in ours and args.slope_from < hi else min(ours)
+            ours_slope = (ours[hi]["sec"] - ours[lo]["sec"]) / (hi - lo)
+            official_slope = line_fit(official_points)[1]
+            measured = ", ".join(str(n) for n, _ in official_points)
+            summary.append(f"{method}: per added class, official +{1e3 * official_slope:.1f} ms (line through "
+                           f"{measured} classes, measured), ours +{1e3 * ours_slope:.2f} ms ({lo} -> {hi}): "
+                           f"1/{official_slope / ours_slope:.0f} of the official slope")
+    for line in summary:
+        print(line)
+    print("~: the official step did not fit in memory at that count; its time and memory are the straight line "
+          "through the counts measured (extrapolated, not measured). text s: ours' text side alone. limit s: the step "
+          "with the class side given (image encoder with prompts, forward and backward, and the logits). probe s: "
+          "ISP's sample-probing pass, inside ours' step. MB: peak resident set during the steps (CPU) or peak "
+          "allocated (GPU); base MB: the process with CLIP and the method built, before the first step."
+          + (" unshared: ours with shared_prefix=False, its step and its text side." if args.unshared else ""))
 
 
 if __name__ == "__main__":

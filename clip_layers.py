@@ -9,6 +9,11 @@ The methods (mpl.py, isp.py) only ever see:
     encode_image(clip_model, images, hook)  images: (N, 3, 224, 224)
     hook(layer, x) -> x                     called at the *input* of layer `layer`, x batch-first (N, L, D)
 
+A method whose text hook writes only the first rows of every class, the same way for all classes (MPL, MaPLe, IVLP:
+the prompt rows right after SOS), says so with `encode_text(..., hook_rows=k)`; then the leading rows that are the same
+in every class ("X a photo of a") are encoded once for all classes and the hook sees only those (1, Lp, 512) rows
+(the shared prefix, see encode_text).
+
 Nothing here is a fork of CLIP: the blocks are CLIP's stock `ResidualAttentionBlock`s with their stock parameter names,
 so stock checkpoints load with `strict=True`. We only re-write the *call* of a block (`residual_block` below), so that
   1. attention runs through `F.scaled_dot_product_attention` (fused kernels on GPU, same math as
@@ -17,7 +22,10 @@ so stock checkpoints load with `strict=True`. We only re-write the *call* of a b
 
 The text sequence is cut right after the last end-of-text (EOT) token of the prompts in hand. Under CLIP's causal mask
 no token attends to a later one, so the EOT feature (the only one CLIP reads out) is exactly the same as with all 77
-positions, and the work shrinks with the prompt length: "a photo of a dog." is 7 tokens, not 77.
+positions, and the work shrinks with the prompt length: "a photo of a dog." is 7 tokens, not 77. The same argument
+goes one step further (the shared prefix): the rows before the class name are the same for every class, so they are
+encoded once, and each class only runs its own rows (name, ".", EOT), attending to the prefix: ImageNet's prompts are
+10.2 tokens long on average, of which 4.2 are the class's own.
 
 References: OpenAI CLIP, clip/model.py (https://github.com/openai/CLIP); the equations are those of the transformer
 (Vaswani et al. 2017) in CLIP's pre-LayerNorm form.
@@ -27,9 +35,11 @@ tokens. Letters: N images, C classes (text sequences), L sequence length, D widt
 everything is read from the model in hand, so the tiny random CLIP of the tests runs the same code.
 """
 import hashlib
+import math
 import os
 import pickle
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -240,31 +250,115 @@ def check_official_backbone(clip_model, state_dict, source):
 # ----------------------------------------------------------------------------------------------------------------------
 # One residual attention block, called through its stock parameters
 
-def attention(attn: nn.MultiheadAttention, x, causal):
+def attention(attn: nn.MultiheadAttention, x, causal, rows=None):
     """Multi-head self-attention with the weights of CLIP's `nn.MultiheadAttention`, through fused SDPA.
 
     Same math as `attn(x, x, x, attn_mask=causal_mask)`: q, k, v = x W_in^T + b_in; softmax(q k^T / sqrt(d_h)) v per
     head; output projection. CLIP's causal mask (-inf above the diagonal) is exactly SDPA's `is_causal`.
+    rows: a slice of the rows whose outputs are wanted (all rows are still keys and values); only without the causal
+    mask (which SDPA would align at the top left of the shorter query block). Returns (N, rows, D).
     """
     N, L, D = x.shape                                   # text (C, L<=77, 512) / vision (N, 197 + prompts, 768)
     h = attn.num_heads                                  # 8 / 12
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)    # 3 x (N, L, D)
-    q, k, v = (t.view(N, L, h, D // h).transpose(1, 2) for t in (q, k, v))            # (N, h, L, D/h)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                      # (N, h, L, D/h)
-    y = y.transpose(1, 2).reshape(N, L, D)                                             # (N, L, D)
+    W, b = attn.in_proj_weight, attn.in_proj_bias       # (3D, D): the q, k and v projections, stacked
+    if rows is None:
+        q, k, v = F.linear(x, W, b).chunk(3, dim=-1)                                   # 3 x (N, L, D)
+    else:
+        if causal:
+            raise ValueError("attention(rows=...) is for the vision tower: SDPA would align a causal mask wrongly")
+        q = F.linear(x[:, rows], W[:D], b[:D])                                         # (N, Q, D) Q wanted rows
+        k, v = F.linear(x, W[D:], b[D:]).chunk(2, dim=-1)                              # 2 x (N, L, D)
+    q, k, v = (t.unflatten(-1, (h, D // h)).transpose(1, 2) for t in (q, k, v))        # (N, h, Q | L, D/h)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                      # (N, h, Q, D/h)
+    y = y.transpose(1, 2).flatten(2)                                                   # (N, Q, D)
     return F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
 
 
-def residual_block(block, x, causal, fast=True):
+def residual_block(block, x, causal, fast=True, rows=None):
     """CLIP's `ResidualAttentionBlock.forward` (pre-LN), batch-first: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
     fast=False calls the stock block itself, sequence-first, as the official code does (nn.MultiheadAttention with the
     block's 77 x 77 causal mask, so the text must be all 77 positions): the same numbers, slower (bench.py's baseline).
+    rows: compute the output of these rows only (a slice; vision only), e.g. slice(0, 1) in the last vision block,
+    after which CLIP reads only the CLS row: the other rows are needed there only as keys and values, and the output
+    projection and the MLP, 3/4 of a block's work, run on one row instead of 197. Exact: every row but the attention
+    is computed on its own. Returns (N, rows, D).
     """
     if not fast:
         return block(x.transpose(0, 1)).transpose(0, 1)                  # NLD -> LND -> stock block -> NLD
-    x = x + attention(block.attn, block.ln_1(x), causal)
-    x = x + block.mlp(block.ln_2(x))
-    return x
+    out = x if rows is None else x[:, rows]
+    out = out + attention(block.attn, block.ln_1(x), causal, rows)
+    return out + block.mlp(block.ln_2(out))
+
+
+class OwnRows(NamedTuple):
+    """Where the class-specific rows of C text sequences lie when they share a prefix (encode_text's shared prefix).
+    They are packed, class after class, into (T, 512), T = n.sum(): no class pays for another's longer name; attention
+    lays them out padded, (C, Ls, 512)."""
+    n: torch.Tensor       # (C,) own rows of each class: its positions Lp..EOT (name, ".", EOT), at least 1
+    Ls: int               # the longest of them: the padded layout is (C, Ls)
+    unpad: torch.Tensor   # (T,) padded position c * Ls + i of each packed row (own row i of class c)
+    last: torch.Tensor    # (C,) packed row of each class's EOT
+
+    @staticmethod
+    def of(n):
+        Ls = int(n.max())
+        i = torch.arange(Ls, device=n.device)
+        unpad = (i < n[:, None]).flatten().nonzero().squeeze(1)                          # (T,)
+        return OwnRows(n, Ls, unpad, n.cumsum(dim=0) - 1)                                 # last = start + n - 1
+
+
+def residual_block_after_prefix(block, own, prefix, rows, eot_only=False):
+    """CLIP's causal residual block (residual_block above, the same math) for the class-specific rows of C text
+    sequences that all begin with the same Lp rows, the shared prefix (see encode_text for why this is exact).
+
+    own:    (T, 512) the rows of every class after the prefix, packed (OwnRows `rows` says where each class's are);
+    prefix: (1, Lp, 512) the prefix rows at this layer's input: what each class's rows see before their own;
+    eot_only: compute the output of each class's EOT row only and return it, (C, 512): in the last block, after which
+            CLIP reads only the EOT row (the other rows are still keys and values there).
+    Returns the packed rows at the block's output, (T, 512). The prefix's own output is residual_block(block, prefix).
+
+    Everything but attention works on one row at a time (LayerNorms, projections, MLP), so it runs on the packed rows
+    only. Attention, the only step that mixes rows, runs on the padded layout: the query at own row i of a class
+    (sequence position Lp + i) attends to the keys and values of the Lp prefix rows and of its own rows 0..i, which is
+    CLIP's causal mask shifted by Lp. Padding (zeros) is only ever a key of later positions (masked), and the outputs
+    of padding queries are dropped, so it changes no number, value or gradient.
+    """
+    attn = block.attn
+    T, D = own.shape                                   # (T, 512)
+    C, Ls, h = rows.n.shape[0], rows.Ls, attn.num_heads
+    Lp = prefix.shape[1]                               # 6 for "X a photo of a", the same at every layer
+    W, b = attn.in_proj_weight, attn.in_proj_bias      # (1536, 512): the q, k and v projections, stacked
+
+    def padded(t):                                     # (T, w) packed -> (C, Ls, w), zeros after each class's rows
+        return t.new_zeros(C * Ls, t.shape[-1]).index_copy(0, rows.unpad, t).view(C, Ls, -1)
+
+    x = block.ln_1(own)                                                                # (T, 512)
+    if eot_only:
+        q = F.linear(x[rows.last], W[:D], b[:D])[:, None]                              # (C, 1, 512) EOT queries
+        k, v = padded(F.linear(x, W[D:], b[D:])).chunk(2, dim=-1)                      # 2 x (C, Ls, 512)
+        i = (rows.n - 1)[:, None]                                                      # (C, 1) own row of each EOT
+    else:
+        q, k, v = padded(F.linear(x, W, b)).chunk(3, dim=-1)                           # 3 x (C, Ls, 512)
+        i = torch.arange(Ls, device=own.device)[None]                                  # (1, Ls) own row of each query
+    # k, v of the prefix rows, computed once for all C classes (their queries are not needed here): 2 x (1, Lp, 512)
+    k_p, v_p = F.linear(block.ln_1(prefix), W[D:], b[D:]).chunk(2, dim=-1)
+    k = torch.cat([k_p.expand(C, -1, -1), k], dim=1)                                   # (C, Lp + Ls, 512)
+    v = torch.cat([v_p.expand(C, -1, -1), v], dim=1)                                   # (C, Lp + Ls, 512)
+    q, k, v = (t.unflatten(-1, (h, D // h)).transpose(1, 2) for t in (q, k, v))        # (C, 8, Ls | 1 | Lp + Ls, 64)
+    # Own row i is position Lp + i: it sees keys j <= Lp + i (CLIP's causal mask, shifted by the prefix). Written out
+    # rather than through SDPA: is_causal would align the non-square mask at the top left (j <= i), and for blocks
+    # this small (a few rows per class) the plain softmax is the faster one on the CPU.
+    j = torch.arange(Lp + Ls, device=own.device)
+    sees = (j <= Lp + i[..., None])[:, None]                                           # (C | 1, 1, Ls | 1, Lp + Ls)
+    a = (q @ k.transpose(-2, -1)) / math.sqrt(D // h)                                  # (C, 8, Ls | 1, Lp + Ls)
+    a = a.masked_fill(~sees, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    y = (a @ v).transpose(1, 2).reshape(-1, D)                                         # (C * Ls | C, 512)
+    if eot_only:
+        out = own[rows.last]                                                           # (C, 512)
+    else:
+        out, y = own, y.index_select(0, rows.unpad)                                    # (T, 512) packed again
+    out = out + F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
+    return out + block.mlp(block.ln_2(out))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -281,13 +375,15 @@ def eot_index(ids):
     return ids.argmax(dim=-1)
 
 
-def encode_text(clip_model, x, eot, hook=None, cut=True, chunk=None, fast=True, eot_rows=False):
+def encode_text(clip_model, x, eot, hook=None, cut=True, chunk=None, fast=True, eot_rows=False, shared_prefix=True,
+                hook_rows=None):
     """Text features of prompts given as token embeddings.
 
     x:     (C, 77, 512) token embeddings, the layer-0 prompts already written into them (before the positional
            embedding is added, as CoOp / MaPLe / MPL do);
     eot:   (C,) EOT positions (`eot_index(ids)`);
-    hook:  hook(layer, x) -> x at the input of every block, x (C, L, 512); deep prompts replace rows there;
+    hook:  hook(layer, x) -> x at the input of every block, x (C, L, 512); deep prompts replace rows there. With
+           a shared prefix (hook_rows below) the hook sees the prefix only, x (1, Lp, 512), and returns that shape;
     cut:   drop the positions after the last EOT (exact under the causal mask). `cut=False` runs all 77;
     chunk: encode at most this many classes at a time, with activation checkpointing when gradients are on (see
            over_class_chunks; None: all at once). A hook then sees one chunk at a time, so it must treat every class
@@ -295,13 +391,38 @@ def encode_text(clip_model, x, eot, hook=None, cut=True, chunk=None, fast=True, 
     fast:  False runs the official way: CLIP's stock blocks over all 77 positions, one pass (bench.py's baseline);
     eot_rows: also return each class's EOT row at the input of every layer (after the hook), (C, layers, 512): the
            token that CLIP reads out at the end, as a per-layer summary of the class's text (ISP's cross module
-           reads it).
+           reads it);
+    shared_prefix: encode the leading rows that are the same in every class once, and each class's own rows after
+           them (exact; see below). False: every class runs all its rows (the path before sharing existed);
+    hook_rows: the caller's promise that makes sharing possible with a hook: the hook writes only rows
+           0..hook_rows-1, and writes them the same way for every class, from those rows alone (MPL / MaPLe: rows
+           1..n_ctx become the layer's prompts, so hook_rows = 1 + n_ctx). None: the hook may write anywhere, so
+           nothing is shared. Without a hook there is nothing to promise.
     Returns (C, E) features, E = 512 for ViT-B/16, not normalised; with eot_rows, (features, rows).
+
+    The shared prefix, and why it is exact. CLIP's text blocks are pre-LN residual blocks under a causal mask: the
+    output of a block at position t is a function of its inputs at positions 0..t only (LayerNorm and MLP act on one
+    row, the attention of row t reads the keys and values of rows <= t). Let Lp be the number of leading positions whose
+    layer-0 rows are equal in all C classes, and let the hook write only rows < hook_rows <= Lp, as the same function
+    of rows < Lp for every class. Then, by induction over the layers, rows 0..Lp-1 stay equal in all classes at the
+    input of every layer, hook included: each is computed from equal rows by the same function. So they are computed
+    once, as one sequence (1, Lp, 512), and the hook is called on that sequence only (it must return it with its shape).
+    A class's own rows t >= Lp need, per layer, their own row-wise work and attention over rows <= t: the prefix's keys
+    and values (the same for all classes, computed once) and their own earlier rows (residual_block_after_prefix).
+    Lp is at most the first EOT, so every class keeps its EOT (and its eot_rows summaries) among its own rows. For
+    "X a photo of a {class}." the prefix is SOS, X, "a photo of a" (6 rows), and each class runs name, ".", EOT.
+    Gradients: the prefix is one tensor that every class reads, so autograd sums the classes' gradients into it, the
+    same sum the per-class copies of the prompts (an expand) receive without sharing. This also needs equal leading
+    rows to be equal because they are the same tensors (shared prompts, frozen tokens), never by coincidence (e.g.
+    per-class prompts that happen to start equal): the caller's promise covers that too (hook_rows, or no hook).
     """
     if not fast:
-        cut, chunk = False, None
-    return over_class_chunks(lambda rows: _encode_text(clip_model, x[rows], eot[rows], hook, cut, fast, eot_rows),
-                             eot, chunk)
+        cut, chunk, shared_prefix = False, None, False
+    if cut:  # the columns after the last EOT never matter: dropped before the chunks pick their rows (a chunk's rows
+        x = x[:, :int(eot.max()) + 1]  # and, in the backward pass, their gradients are then (C, L, 512), not 77 wide)
+    share = (0 if hook is None else hook_rows) if shared_prefix and cut else None  # rows the prefix must cover
+    return over_class_chunks(lambda rows: _encode_text(clip_model, x[rows], eot[rows], hook, cut, fast, eot_rows,
+                                                       share), eot, chunk)
 
 
 def over_class_chunks(encode, eot, chunk):
@@ -324,10 +445,21 @@ def over_class_chunks(encode, eot, chunk):
     return torch.cat(parts)[back]                                         # (C, 512)
 
 
-def _encode_text(clip_model, x, eot, hook, cut, fast=True, eot_rows=False):
+def shared_prefix_length(x, eot):
+    """The number of leading positions at which all C rows of x (C, L, 512) are equal, at most the first EOT position
+    (so that every class keeps its EOT among its own rows). 6 for "X a photo of a {class}." over different names."""
+    equal = (x == x[:1]).flatten(2).all(dim=2).all(dim=0)                # (L,) position t is equal in every class
+    return min(int(equal.int().cumprod(dim=0).sum()), int(eot.min()))     # length of the leading run of equal rows
+
+
+def _encode_text(clip_model, x, eot, hook, cut, fast=True, eot_rows=False, share=None):
     L = int(eot.max()) + 1 if cut else x.shape[1]
     x = x[:, :L].to(clip_model.dtype)  # CLIP's own encode_text casts to its weights' dtype: a no-op but in pure fp16
     x = x + clip_model.positional_embedding[:L].to(x.dtype)             # (C, L, 512), L = 77 when not cut
+    if share is not None and x.shape[0] > 1:  # one class has nothing to share
+        Lp = shared_prefix_length(x, eot)
+        if Lp >= max(share, 1):               # the prefix covers every row the hook writes
+            return _encode_text_shared(clip_model, x, eot, hook, Lp, eot_rows)
     rows = torch.arange(x.shape[0], device=x.device)
     summaries = []
     for i, block in enumerate(clip_model.transformer.resblocks):
@@ -342,9 +474,37 @@ def _encode_text(clip_model, x, eot, hook, cut, fast=True, eot_rows=False):
     return (x, torch.stack(summaries, dim=1)) if eot_rows else x        # rows: (C, layers, 512)
 
 
-def encode_text_ids(clip_model, ids, hook=None, cut=True, chunk=None, fast=True):
+def _encode_text_shared(clip_model, x, eot, hook, Lp, eot_rows=False):
+    """_encode_text with the first Lp rows, equal in all classes, encoded once (see encode_text for why it is exact)."""
+    C, L, D = x.shape                                                     # (C, L, 512), L = last EOT + 1
+    rows = OwnRows.of(eot + 1 - Lp)                                       # each class's own rows: Lp..its EOT
+    prefix = x[:1, :Lp]                                                   # (1, Lp, 512), e.g. SOS X "a photo of a"
+    own = x[:, Lp:].reshape(C * rows.Ls, D).index_select(0, rows.unpad)   # (T, 512) packed, T = sum of own rows
+    summaries = []
+    blocks = clip_model.transformer.resblocks
+    for l, block in enumerate(blocks):
+        if hook is not None:
+            prefix = hook(l, prefix)                                      # (1, Lp, 512): the hook's rows are in here
+            if prefix.shape != (1, Lp, D):
+                raise ValueError(f"the text hook of layer {l} changed the shared prefix's shape from {(1, Lp, D)} "
+                                 f"to {tuple(prefix.shape)}: a hook that writes rows past hook_rows, or changes the "
+                                 f"length, cannot share a prefix (pass shared_prefix=False)")
+        if eot_rows:
+            summaries.append(own[rows.last])                              # (C, 512) each class's EOT row
+        if l < len(blocks) - 1:
+            own = residual_block_after_prefix(block, own, prefix, rows)   # (T, 512), reads the prefix at this input
+            prefix = residual_block(block, prefix, causal=True)           # (1, Lp, 512), as every class's rows 0..Lp-1
+        else:  # after the last block CLIP reads only the EOT rows (and no row reads the prefix any more)
+            own = residual_block_after_prefix(block, own, prefix, rows, eot_only=True)                 # (C, 512)
+    x = clip_model.ln_final(own)                                          # (C, 512) each class's EOT row
+    x = x @ clip_model.text_projection.to(x.dtype)                        # (C, 512)
+    return (x, torch.stack(summaries, dim=1)) if eot_rows else x        # rows: (C, layers, 512)
+
+
+def encode_text_ids(clip_model, ids, hook=None, cut=True, chunk=None, fast=True, shared_prefix=True, hook_rows=None):
     """Frozen-token text features straight from token ids (C, 77): CLIP's `encode_text`, through our blocks."""
-    return encode_text(clip_model, token_embedding(clip_model, ids), eot_index(ids), hook, cut, chunk, fast)
+    return encode_text(clip_model, token_embedding(clip_model, ids), eot_index(ids), hook, cut, chunk, fast,
+                       shared_prefix=shared_prefix, hook_rows=hook_rows)
 
 
 def tokenize(texts, context_length=77):
@@ -375,10 +535,13 @@ def encode_image(clip_model, images, hook=None, fast=True):
     if hook is not None:
         x = hook(0, x)                                                    # (N, 197 + prompts, 768)
     x = v.ln_pre(x)
-    for i, block in enumerate(v.transformer.resblocks):
+    blocks = v.transformer.resblocks
+    for i, block in enumerate(blocks):
         if hook is not None and i > 0:
             x = hook(i, x)                                                # (N, 197 + prompts at layer i, 768)
-        x = residual_block(block, x, causal=False, fast=fast)
+        # After the last block CLIP reads only the CLS row: there, only its output is computed (residual_block).
+        cls_only = slice(0, 1) if i == len(blocks) - 1 else None
+        x = residual_block(block, x, causal=False, fast=fast, rows=cls_only)  # (N, 197 + prompts | 1, 768)
     x = v.ln_post(x[:, 0])                                                # (N, 768) CLS token
     return x @ v.proj.to(x.dtype)                                         # (N, 512)
 
@@ -407,12 +570,13 @@ class ZeroShotCLIP(nn.Module):
     It follows the same contract as the prompt methods: `encode_classes()` gives what the image side needs from the
     class set, `forward(images, classes=None)` gives logits (N, C)."""
 
-    def __init__(self, clip_model, classnames, template="a photo of a {}.", *, fast=True):
+    def __init__(self, clip_model, classnames, template="a photo of a {}.", *, fast=True, shared_prefix=True):
         super().__init__()
-        self.clip, self.fast = freeze(clip_model), fast
+        self.clip, self.fast, self.shared_prefix = freeze(clip_model), fast, shared_prefix
         ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
-        with torch.no_grad():
-            features = encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device), fast=fast)  # (C, 512)
+        with torch.no_grad():  # no hook: the template's words before the name ("a photo of a") are encoded once
+            features = encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device), fast=fast,
+                                       shared_prefix=shared_prefix)                                      # (C, 512)
         self.register_buffer("text_features", features, persistent=False)
 
     def encode_classes(self):

@@ -184,14 +184,17 @@ class ISP(nn.Module):
     fp16 weights into fp32 in place; the compute precision is the caller's: torch.autocast or to_official_fp16); the
     class names; text_chunk, how many classes one text pass encodes (activation checkpointing while training; exact;
     None for all at once); fast=False for the official code's way of running CLIP (stock blocks, all 77 text
-    positions: the same logits, slower).
+    positions: the same logits, slower); shared_prefix=False to encode every class's text rows in full, where
+    otherwise the rows before the class name are encoded once for all classes (exact; clip_layers.encode_text), which
+    holds only while the text prompts are the same for every class: IVLP, and ISP without the self-structural module
+    and without isp_cross="image_tokens" (both make the prompts read the class's own tokens; see _encode_text).
     """
 
-    def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True):
+    def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True, shared_prefix=True):
         super().__init__()
         cfg = ISPConfig() if cfg is None else cfg
         self.clip, self.cfg = clip_layers.freeze(clip_model), cfg
-        self.text_chunk, self.fast = text_chunk, fast
+        self.text_chunk, self.fast, self.shared_prefix = text_chunk, fast, shared_prefix
         if cfg.depth > min(clip_layers.n_layers(clip_model)):
             raise ValueError(f"ISP prompt depth must be in 1..{min(clip_layers.n_layers(clip_model))} for this CLIP "
                              f"(its layers); got depth={cfg.depth}")
@@ -253,7 +256,7 @@ class ISP(nn.Module):
         if cfg.sample_probing:  # h_c: frozen zero-shot text features, computed once for the class set (§5.1)
             zs_ids = clip_layers.tokenize([cfg.sp_template.format(name) for name in names]).to(dev)
             with torch.no_grad():
-                h = clip_layers.encode_text_ids(clip_model, zs_ids, fast=fast)             # (C, 512)
+                h = clip_layers.encode_text_ids(clip_model, zs_ids, fast=fast, shared_prefix=shared_prefix)
             self.register_buffer("zs_text_features", h / h.norm(dim=-1, keepdim=True), persistent=False)
 
     def train(self, mode=True):
@@ -273,7 +276,7 @@ class ISP(nn.Module):
         image_tokens: the list X_v^l (N, 197, 768) filled by the vision hook (isp_cross="image_tokens" only)."""
         cfg, n = self.cfg, self.cfg.n_ctx
 
-        def hook(l, x):                                                   # x: (R, L, 512), L = last EOT + 1 <= 77
+        def hook(l, x):  # x: (R, L, 512), L = last EOT + 1 <= 77; or the shared prefix (1, Lp, 512) (_encode_text)
             if l >= cfg.depth:
                 return x  # IVLP: after layer J-1 the prompt positions pass through the frozen layers
             R, L = x.shape[:2]
@@ -309,8 +312,15 @@ class ISP(nn.Module):
             emb, eot = emb.repeat(N, 1, 1), eot.repeat(N)                 # (N * C, 77, 512), rows i * C + c
         P0 = self.text_prompts[0].expand(emb.shape[0], -1, -1)           # (R, n, 512)
         x = torch.cat([emb[:, :1], P0, emb[:, 1 + n:]], dim=1)            # (R, 77, 512) = [SOS, P^0, name, ., EOT, pad]
+        # Shared prefix (clip_layers.encode_text): the text hook must write only rows 0..n, the same way for every
+        # row, from those rows alone. IVLP's prompts are the same for every class; class_summaries' cross term reads
+        # only P and the vision prompts (image-independent, the same for every class), linear's coupling acts on
+        # the vision side only. Not so with the self-structural module (its prompts read the class's own tokens,
+        # which makes them class-specific) or image_tokens (they read each image, and the rows are image-major).
+        alike = not self.cfg.isp_self and self.cfg.isp_cross != "image_tokens"
         return clip_layers.encode_text(self.clip, x, eot, self._text_hook(eot, image_tokens), fast=self.fast,
-                                       eot_rows=eot_rows)
+                                       eot_rows=eot_rows, shared_prefix=self.shared_prefix and alike,
+                                       hook_rows=1 + n)
 
     def encode_classes(self):
         """Everything class-dependent that does not depend on images, for evaluation to compute once per class set:
@@ -370,18 +380,33 @@ class ISP(nn.Module):
     # -- sample probing ------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample_weights(self, images, labels, logits=None):
+    def frozen_p_clip(self, images, labels):
+        """p_clip(y_i | x_i), (N,): the frozen, un-prompted CLIP's probability of each image's true class, from one
+        no-grad pass of the frozen image encoder and the zero-shot text features h_c computed once in __init__ (§5.1).
+        The pass is one more forward of the image encoder, about half the image side of a training step (a forward
+        and a backward, which costs as much again): on a ViT-B/16-sized CLIP (CPU, batch 4) 0.84 s of ISP's 2.70 s
+        step at 10 classes, 0.97 s of 4.42 s at 100 (bench.py's probe s)."""
+        u = clip_layers.encode_image(self.clip, images, fast=self.fast)  # (N, 512) no prompts
+        p = clip_layers.cosine_logits(u, self.zs_text_features, self.clip.logit_scale).softmax(dim=-1)   # (N, C)
+        return p.gather(1, labels[:, None]).squeeze(1)                                                  # (N,)
+
+    @torch.no_grad()
+    def sample_weights(self, images, labels, logits=None, p_clip=None):
         """(N,) detached loss coefficients for train.py's `loss = (w * CE(logits, y, reduction="none")).mean()`.
-        train.py passes its training logits (only sp_mode "dynamic" uses them). Costs one no-grad pass of the frozen,
-        un-prompted image encoder on the same augmented view (measured on a ViT-B/16-sized CLIP, CPU, batch 4: ~0.45x
-        of ISP's forward + backward); it cannot be cached across epochs, since the crops are random. The text side
-        h_c was computed once in __init__ (§5.1)."""
+        train.py passes its training logits (only sp_mode "dynamic" uses them).
+
+        p_clip: None (default) computes p_clip on the view being trained on (frozen_p_clip: one pass of the frozen
+        encoder per step; it cannot be cached, since the crops are random; no cheaper exact way exists: the prompted
+        pass shares nothing with it past the patch embedding, the prompts change every token from block 0 on).
+        Or (N,) probabilities the caller computed once per training image, e.g. frozen_p_clip on a fixed view (the
+        centre crop the test transform gives) kept beside the dataset: then a step pays no extra pass, but this is
+        another method, INFERRED either way (§5.1): the weight of an image no longer follows the crop it is trained
+        on, so a crop that cuts the object away keeps the weight of the whole image."""
         cfg = self.cfg
         if not cfg.sample_probing:
             return images.new_ones(images.shape[0])
-        u = clip_layers.encode_image(self.clip, images, fast=self.fast)  # (N, 512) no prompts
-        p = clip_layers.cosine_logits(u, self.zs_text_features, self.clip.logit_scale).softmax(dim=-1)
-        p_clip = p.gather(1, labels[:, None]).squeeze(1)                                   # p_clip(y_i | x_i)
+        if p_clip is None:
+            p_clip = self.frozen_p_clip(images, labels)                                    # p_clip(y_i | x_i)
         p_model = None
         if cfg.sp_mode == "dynamic":
             if logits is None:

@@ -177,13 +177,16 @@ class MPL(nn.Module):
         (clip_layers.freeze), and the caller picks the compute precision (torch.autocast, or to_official_fp16).
     text_chunk: classes per text pass, with activation checkpointing when training (exact; None: all at once).
     fast: False runs CLIP's stock blocks over all 77 text positions, as the official code does (same logits, slower).
+    shared_prefix: encode the rows before the class name ("X a photo of a", with the prompts) once for all classes
+        (exact, clip_layers.encode_text; ImageNet's classes then run 4.2 of their 10.2 text rows); False: each class
+        runs all of its rows.
     """
 
-    def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True):
+    def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True, shared_prefix=True):
         super().__init__()
         self.cfg = cfg = cfg if cfg is not None else MPLConfig()
         self.clip = clip_layers.freeze(clip_model)
-        self.text_chunk, self.fast = text_chunk, fast
+        self.text_chunk, self.fast, self.shared_prefix = text_chunk, fast, shared_prefix
         self.prompt_learner = ModularPromptLearner(self.clip, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
                                                    n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init,
                                                    x_placeholders=cfg.x_placeholders)
@@ -198,7 +201,7 @@ class MPL(nn.Module):
         """(C, 512) text features of all classes (MaPLe's deep text prompting; MPL does not change the text side)."""
         prompts = self.prompt_learner
 
-        def text_hook(layer, x):                                          # x: (C, L, 512), L = last EOT + 1 <= 77
+        def text_hook(layer, x):  # x: (C, L, 512), L = last EOT + 1 <= 77; or the shared prefix (1, Lp, 512)
             if 1 <= layer < prompts.depth:
                 # The text side is MaPLe's deep prompting, unchanged by MPL: rows 1..n_ctx (right after SOS) are
                 # *replaced* by this layer's prompts, nothing is carried, and the text length never changes.
@@ -206,8 +209,12 @@ class MPL(nn.Module):
                 x = torch.cat([x[:, :1], deep, x[:, 1 + prompts.n_ctx:]], dim=1)               # (C, L, 512)
             return x
 
+        # The hook writes rows 0..n_ctx only, the same prompts into every class: hook_rows = 1 + n_ctx lets
+        # clip_layers encode the rows before the class name once ("X a photo of a" with its prompts: 6 rows for MPL,
+        # "a photo of a" for MaPLe: 5), and each class its name, "." and EOT.
         return clip_layers.encode_text(self.clip, prompts.text_input(), prompts.eot, text_hook,
-                                       chunk=self.text_chunk, fast=self.fast)
+                                       chunk=self.text_chunk, fast=self.fast, shared_prefix=self.shared_prefix,
+                                       hook_rows=1 + prompts.n_ctx)
 
     def encode_images(self, images):
         """(N, 512) image features; this is where MPL's add / remove / carry happen."""

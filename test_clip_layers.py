@@ -7,6 +7,10 @@ EOT cut is exact, the hooks see every layer, zero-shot CLIP, loading checkpoints
 Every test compares against something computed another way (stock CLIP, the full 77-token path) or against a count,
 so each one can fail.
 """
+import copy
+
+import copy
+
 import pytest
 import torch
 
@@ -131,3 +135,114 @@ def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):
         prompt.grad = None
     assert (feats[0] - feats[1]).abs().max() < 1e-5
     assert (grads[0] - grads[1]).abs().max() < 1e-4 * grads[0].abs().max()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shared prefix: the leading rows that are equal in every class, encoded once
+
+# Names of 1 to 30 tokens behind one template: "a photo of a" (+ SOS) is the shared prefix, 5 rows
+SHARED = ["ox", "golden retriever", " ".join(["big red striped"] * 10), "sea lion", "cat", "red eyed tree frog"]
+
+
+def spy_shared(monkeypatch):
+    """A list that receives the own rows (T) of every residual_block_after_prefix call from now on."""
+    calls, stock = [], clip_layers.residual_block_after_prefix
+
+    def counting(block, own, prefix, rows, eot_only=False):
+        calls.append(own.shape[0])
+        return stock(block, own, prefix, rows, eot_only)
+
+    monkeypatch.setattr(clip_layers, "residual_block_after_prefix", counting)
+    return calls
+
+
+def test_shared_prefix_length():
+    ids = clip_layers.tokenize([f"X a photo of a {n}." for n in SHARED])
+    x, eot = torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)   # any embedding: equal ids give equal rows
+    assert clip_layers.shared_prefix_length(x, eot) == 6             # SOS X a photo of a
+    ids = clip_layers.tokenize(["a dog.", "a dog."])                 # equal texts: the EOT stays a class's own row
+    assert clip_layers.shared_prefix_length(torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)) == 4
+    ids = clip_layers.tokenize(["x", "a photo of a dog."])           # only SOS in common
+    assert clip_layers.shared_prefix_length(torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)) == 1
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_shared_prefix_gradients_of_clip_itself(tiny, monkeypatch, chunk):
+    """Zero-shot CLIP's text path (no hook) with every text weight of CLIP trainable (token and position embeddings
+    included, as in pre-training): the same features and the same gradients with and without the shared prefix, the
+    prefix's gradient summed over the classes that read it, as the embedding table sums it over its copies."""
+    clip_model = copy.deepcopy(tiny)
+    text_params = [p for n, p in clip_model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+    for p in text_params:
+        p.requires_grad_(True)
+    ids = clip_layers.tokenize([f"a photo of a {n}." for n in SHARED])
+    w = torch.randn(len(SHARED), clip_model.text_projection.shape[1], generator=torch.Generator().manual_seed(0))
+    calls = spy_shared(monkeypatch)
+    out = {}
+    for shared in (False, True):
+        for p in text_params:
+            p.grad = None
+        f = clip_layers.encode_text_ids(clip_model, ids, chunk=chunk, shared_prefix=shared)
+        (w * f).sum().backward()
+        out[shared] = f.detach(), [p.grad.clone() for p in text_params]
+        assert bool(calls) == shared
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(out[True][1], out[False][1]):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(out[True][0], clip_model.encode_text(ids), atol=1e-5, rtol=1e-5)
+
+
+def deep_prompt_hook(prompt):
+    """Deep text prompts as MPL / IVLP write them: rows 1..n (right after SOS) replaced at every layer."""
+    n = prompt.shape[1]
+
+    def hook(layer, x):
+        return torch.cat([x[:, :1], prompt[layer].expand(x.shape[0], -1, -1), x[:, 1 + n:]], dim=1)
+
+    return hook
+
+
+def test_shared_prefix_with_a_hook_needs_its_promise(tiny, monkeypatch):
+    """A hook shares the prefix only with hook_rows (its promise to write rows < hook_rows alike in every class), and
+    only where the equal leading rows cover those rows; then with the features and EOT summaries of the full rows."""
+    ids = clip_layers.tokenize([f"X X a photo of a {n}." for n in SHARED])      # equal leading rows: 7
+    x, eot = clip_layers.token_embedding(tiny, ids), clip_layers.eot_index(ids)
+    prompt = torch.randn(len(tiny.transformer.resblocks), 2, x.shape[-1], generator=torch.Generator().manual_seed(1))
+    hook = deep_prompt_hook(prompt)
+    calls = spy_shared(monkeypatch)
+    with torch.no_grad():
+        full = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, shared_prefix=False)
+        assert not calls
+        assert torch.equal(clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True)[0], full[0])  # no promise
+        assert not calls
+        assert torch.equal(clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, hook_rows=8)[0], full[0])
+        assert not calls                                                           # 8 rows > the 7 equal ones
+        shared = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, hook_rows=3)
+        assert calls == [int((eot + 1 - 7).sum())] * len(tiny.transformer.resblocks)   # each class's own rows
+        for a, b in zip(shared, full):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+        def lengthening(layer, x):  # breaks the promise: writes a row past the prefix
+            return torch.cat([x, x[:, -1:]], dim=1)
+
+        with pytest.raises(ValueError, match="shared prefix's shape"):
+            clip_layers.encode_text(tiny, x, eot, lengthening, hook_rows=3)
+
+
+def test_last_vision_block_computes_the_cls_row_only(tiny, monkeypatch):
+    """After the last block CLIP reads only CLS: that block returns (N, 1, D), and the features are stock CLIP's."""
+    shapes, stock = [], clip_layers.residual_block
+
+    def recording(block, x, causal, fast=True, rows=None):
+        y = stock(block, x, causal, fast, rows)
+        shapes.append(tuple(y.shape[1:2]))
+        return y
+
+    monkeypatch.setattr(clip_layers, "residual_block", recording)
+    images = torch.randn(2, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
+    with torch.no_grad():
+        ours = clip_layers.encode_image(tiny, images)
+        assert (ours - tiny.encode_image(images)).abs().max() < 1e-5
+    n_tok = tiny.visual.positional_embedding.shape[0]
+    assert shapes == [(n_tok,)] * (len(tiny.visual.transformer.resblocks) - 1) + [(1,)]

@@ -163,8 +163,8 @@ def record_blocks(monkeypatch, model, images, identity=False):
     seen = {"text": [], "vision": [], "fast": set()}
     stock = clip_layers.residual_block
 
-    def recording(block, x, causal, fast=True):
-        y = x if identity else stock(block, x, causal, fast)
+    def recording(block, x, causal, fast=True, rows=None):
+        y = (x if rows is None else x[:, rows]) if identity else stock(block, x, causal, fast, rows)
         seen["text" if causal else "vision"].append((x.detach().clone(), y.detach().clone()))
         seen["fast"].add(fast)
         return y
@@ -178,15 +178,21 @@ def vision_lengths(n_tokens, cfg, n_layers):
     return [n_tokens + cfg.n_ctx + min(l, cfg.depth - 1) * (cfg.n_add * cfg.n_ctx - cfg.n_rm) for l in range(n_layers)]
 
 
-@pytest.mark.parametrize("preset, expected", [("mpl", [18, 19, 20, 20]), ("maple", [19, 19, 19, 19])])
-def test_sequence_lengths_tiny(tiny, monkeypatch, preset, expected):
+@pytest.mark.parametrize("preset, expected, prefix", [("mpl", [18, 19, 20, 20], 6), ("maple", [19, 19, 19, 19], 5)])
+def test_sequence_lengths_tiny(tiny, monkeypatch, preset, expected, prefix):
     cfg = TINY[preset]
     model = make_model(tiny, cfg)
     seen = record_blocks(monkeypatch, model, images_for(tiny))
     lengths = [x.shape[1] for x, _ in seen["vision"]]
     assert lengths == expected == vision_lengths(17, cfg, 4)
-    cut = int(model.prompt_learner.eot.max()) + 1  # the text keeps its (cut) length at every layer
-    assert [x.shape[1] for x, _ in seen["text"]] == [cut] * 4
+    # The text's shared prefix, SOS + prompts + the template's words ("X a photo of a" / "a photo of a"), runs once
+    # through every block but the last (after which only the EOT rows are read); each class's own rows run beside it
+    # (residual_block_after_prefix, not recorded here) ...
+    assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(1, prefix)] * 3
+    # ... and without sharing every class keeps its (cut) length at every layer
+    seen = record_blocks(monkeypatch, make_model(tiny, cfg, shared_prefix=False), images_for(tiny))
+    cut = int(model.prompt_learner.eot.max()) + 1
+    assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(len(CLASSES), cut)] * 4
 
 
 def test_sequence_lengths_vitb16(vitb16, monkeypatch):
@@ -203,7 +209,7 @@ def test_add_remove_carry(tiny, monkeypatch):
     """Default preset: at the input of layer l the tokens are the previous block's outputs minus the last n_rm (carried
     exactly), then the n_add projections of the layer's text prompt (added); text rows 1..n_ctx are replaced."""
     cfg = TINY["mpl"]
-    model = make_model(tiny, cfg)
+    model = make_model(tiny, cfg, shared_prefix=False)  # every class's text rows through every block
     seen = record_blocks(monkeypatch, model, images_for(tiny))
     p = prompt_params(model)
     for l in range(1, 4):
@@ -615,8 +621,9 @@ NAMES = ["cat", "golden retriever", "sea lion", "red eyed tree frog", "ox"]
 DEPTH = 3  # the tiny CLIP has 4 layers: layer 3 runs without prompts, as layers 9..11 of ViT-B/16 do
 
 
-def make(clip_model, names=NAMES, **kw):
-    return ISP(clip_model, names, ISPConfig(**{"depth": DEPTH, "sample_probing": False, **kw}))
+def make(clip_model, names=NAMES, shared_prefix=True, **kw):
+    return ISP(clip_model, names, ISPConfig(**{"depth": DEPTH, "sample_probing": False, **kw}),
+               shared_prefix=shared_prefix)
 
 
 def images(n, seed=1):
@@ -675,7 +682,9 @@ def test_ivlp_equals_plain_reimplementation(tiny):
 
 @pytest.mark.parametrize("cross", ["none", "image_tokens", "class_summaries", "linear"])
 def test_zero_init_isp_equals_ivlp(tiny, cross):
-    ivlp = make(tiny, isp_self=False, isp_cross="none")
+    # IVLP's text through the same (unshared) path as ISP's, whose self-structural module reads the class's own
+    # tokens, so that the two must agree bit for bit
+    ivlp = make(tiny, isp_self=False, isp_cross="none", shared_prefix=False)
     perturb(ivlp)
     model = make(tiny, isp_cross=cross)
     model.load_state_dict({k: v for k, v in trainable(ivlp).items()}, strict=False)   # same prompt values
@@ -886,6 +895,131 @@ def test_training_with_probing_lowers_weighted_loss(tiny):
     assert torch.equal(model.sample_weights(x, y), w)                # the frozen CLIP did not move
 
 
+def test_sample_weights_from_given_p_clip(tiny, monkeypatch):
+    """p_clip given by the caller (e.g. once per image from a fixed view): the same weights as computed here from the
+    same probabilities, and no pass of the image encoder."""
+    model = make(tiny, sample_probing=True, sp_lambda=0.7)
+    x, y = images(4), torch.tensor([0, 1, 2, 3])
+    p_clip = model.frozen_p_clip(x, y)
+    expected = model.sample_weights(x, y)
+    torch.testing.assert_close(expected, sample_probing_weights(p_clip, "linear", lam=0.7))
+
+    def no_pass(*args, **kw):
+        raise AssertionError("the image encoder ran although p_clip was given")
+
+    monkeypatch.setattr(clip_layers, "encode_image", no_pass)
+    assert torch.equal(model.sample_weights(x, y, p_clip=p_clip), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shared text prefix (clip_layers.encode_text): the rows before the class names are encoded once for all classes,
+# each class runs only its own rows; the same features and gradients as every class running all of its rows
+
+# A one-token name and a 30-token one (its prompt is 3x as long as the next), between names of 1 to 4 tokens
+THIRTY_TOKENS = " ".join(["big red striped"] * 10)
+SHARED_NAMES = ["ox", "golden retriever", THIRTY_TOKENS, "sea lion", "red eyed tree frog", "cat", "tabby cat"]
+ROW_ALIKE = {  # the presets whose text hook treats every class alike, and ISP's cross terms without the self module
+    "mpl": lambda: replace(mpl.PRESETS["mpl"], depth=DEPTH),
+    "maple": lambda: replace(mpl.PRESETS["maple"], depth=DEPTH),
+    "ivlp": lambda: replace(isp.PRESETS["ivlp"], depth=DEPTH),
+    "isp_class_summaries": lambda: replace(isp.PRESETS["isp"], depth=DEPTH, isp_self=False),
+    "isp_linear": lambda: replace(isp.PRESETS["isp"], depth=DEPTH, isp_self=False, isp_cross="linear"),
+}
+
+
+def count_shared_blocks(monkeypatch):
+    """A list that receives the number of own rows (T) of every residual_block_after_prefix call from now on."""
+    calls, stock = [], clip_layers.residual_block_after_prefix
+
+    def counting(block, own, prefix, rows, eot_only=False):
+        calls.append(own.shape[0])
+        return stock(block, own, prefix, rows, eot_only)
+
+    monkeypatch.setattr(clip_layers, "residual_block_after_prefix", counting)
+    return calls
+
+
+def built(clip_model, cfg, names, **kw):
+    """MPL or ISP for cfg, with prompts and zero-initialised modules made non-trivial; the same for the same cfg."""
+    if isinstance(cfg, mpl.MPLConfig):
+        return make_model(clip_model, cfg, classnames=names, **kw)
+    torch.manual_seed(0)
+    model = ISP(clip_model, names, cfg, **kw)
+    perturb(model)
+    return model
+
+
+def features_and_gradients(model, x, y):
+    """Text features (and ISP's EOT summaries), logits, and the gradients of every trainable tensor for a loss that
+    reads both the logits and the text features directly."""
+    model.zero_grad()
+    out = model.encode_classes()
+    features, summaries = out if isinstance(out, tuple) else (out, None)
+    logits = model(x, out)
+    w = torch.randn(features.shape, generator=torch.Generator().manual_seed(3))
+    (F.cross_entropy(logits, y) + (w * features).sum()).backward()
+    grads = {k: p.grad.clone() for k, p in trainable(model).items() if p.grad is not None}
+    return features.detach(), summaries, logits.detach(), grads
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("preset", list(ROW_ALIKE))
+def test_shared_prefix_equals_unshared(tiny, monkeypatch, preset, chunk):
+    """Features, EOT summaries, logits and gradients equal to 1e-5 (fp32; gradients to 1e-5 of their largest entry),
+    with class chunks (checkpointed, 2 classes a pass) and without, over names of 1 to 30 tokens; and the shared path
+    really ran, each class on its own rows."""
+    ids = clip_layers.tokenize([f"{n}." for n in SHARED_NAMES])
+    assert {int(e) - 2 for e in clip_layers.eot_index(ids)} >= {1, 30}             # a 1-token and a 30-token name
+    cfg = ROW_ALIKE[preset]()
+    x, y = images(3), torch.tensor([0, 2, 5])
+    calls = count_shared_blocks(monkeypatch)
+    unshared = features_and_gradients(built(tiny, cfg, SHARED_NAMES, text_chunk=chunk, shared_prefix=False), x, y)
+    assert calls == []
+    model = built(tiny, cfg, SHARED_NAMES, text_chunk=chunk)
+    calls.clear()  # (ISP's sample probing encodes its zero-shot class texts on construction, through the same path)
+    shared = features_and_gradients(model, x, y)
+    for a, b, what in zip(shared, unshared, ("features", "summaries", "logits")):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=what)
+    assert shared[3].keys() == unshared[3].keys() and len(shared[3]) > 0
+    for k, g in unshared[3].items():  # sums over the classes in another order: 1e-5 of the gradient's size (up to 15)
+        assert (shared[3][k] - g).abs().max() <= 1e-5 * max(1.0, g.abs().max().item()), k
+    # Each class ran only its own rows (name, ".", EOT) through the blocks beside the prefix: per text pass, T = the sum
+    # over its classes of EOT + 1 - Lp, where Lp is 6 for MPL ("SOS X a photo of a") and 5 for the others; once per
+    # layer, and with chunks once more in the backward pass (recomputation). A pass of one class has nothing to share.
+    eot = model.prompt_learner.eot if preset in mpl.PRESETS else model.eot
+    Lp = 6 if preset == "mpl" else 5
+    passes = [eot] if chunk is None else [e for e in eot.sort().values.split(chunk) if len(e) > 1]
+    per_pass = [int((e + 1 - Lp).sum()) for e in passes]
+    assert sorted(calls) == sorted(per_pass * len(tiny.transformer.resblocks) * (2 if chunk else 1))
+
+
+def test_hook_reading_the_class_rows_is_not_shared(tiny, monkeypatch):
+    """ISP's self-structural module (its text prompts read the class's own tokens) and image_tokens (they read each
+    image, rows image-major) keep the unshared path, even with shared_prefix=True (the default)."""
+    calls = count_shared_blocks(monkeypatch)
+    x = images(2)
+    for cfg in (dict(isp_self=True, isp_cross="none"), dict(isp_self=False, isp_cross="image_tokens")):
+        cfg = replace(isp.PRESETS["isp"], depth=DEPTH, sample_probing=False, **cfg)
+        model, reference = built(tiny, cfg, SHARED_NAMES), built(tiny, cfg, SHARED_NAMES, shared_prefix=False)
+        with torch.no_grad():
+            assert torch.equal(model(x), reference(x))                                 # the very same path
+    assert calls == []
+
+
+def test_zeroshot_shared_prefix(tiny, monkeypatch):
+    """Zero-shot CLIP's class texts: the template's words before the name ("a photo of a") are encoded once, with the
+    same features as stock CLIP over all 77 tokens."""
+    calls = count_shared_blocks(monkeypatch)
+    model = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES)
+    assert calls  # the shared path ran
+    with torch.no_grad():
+        stock = tiny.encode_text(clip_layers.tokenize([f"a photo of a {n}." for n in SHARED_NAMES]))
+    torch.testing.assert_close(model.text_features, stock, atol=1e-5, rtol=1e-5)
+    unshared = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES, shared_prefix=False).text_features
+    torch.testing.assert_close(model.text_features, unshared, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Trainable set and parameter counts
 
@@ -1044,9 +1178,12 @@ def test_official_path_and_class_chunks_give_the_same_logits(tiny, monkeypatch, 
     assert {t.shape[1] for t, _ in seen["text"]} == {77}
     if preset == "zeroshot":
         return  # its class texts are encoded once, on construction
-    one, whole = preset_model(tiny, preset, text_chunk=1), preset_model(tiny, preset, text_chunk=None)
-    with torch.no_grad():
-        torch.testing.assert_close(one(x), whole(x), atol=1e-5, rtol=0)
+    for shared_prefix in (True, False):
+        one = preset_model(tiny, preset, text_chunk=1, shared_prefix=shared_prefix)
+        whole = preset_model(tiny, preset, text_chunk=None, shared_prefix=shared_prefix)
+        with torch.no_grad():
+            torch.testing.assert_close(one(x), whole(x), atol=1e-5, rtol=0)
+    # (one class alone has no prefix to share; and without sharing each block sees every class of the pass)
     assert {t.shape[0] for t, _ in record_blocks(monkeypatch, one, x)["text"]} == {1}
     assert {t.shape[0] for t, _ in record_blocks(monkeypatch, whole, x)["text"]} == {len(NAMES)}
 

@@ -68,6 +68,7 @@ class ISPConfig:
     sp_eps: float = 1e-3            # focal mode: eps added to d (a batch of easy samples gives 0/0) [INFERRED §5.2]
     sp_temperature: float = 1.0     # batch-softmax mode: temperature T [INFERRED §5.2]
     sp_template: str = "a photo of a {}."  # template of the frozen text features behind p_clip [INFERRED §5.1]
+    sp_view: str = "crop"           # p_clip of the trained crop, or of a "fixed" centre view once [INFERRED §5.1]
 
     # isp_cross: "image_tokens": text prompts read each image's frozen tokens (per-image text, CoCoOp's cost);
     # "class_summaries": vision prompts read each class's text EOT summary, text prompts read the vision prompts (text
@@ -76,6 +77,8 @@ class ISPConfig:
     def __post_init__(self):
         if self.isp_cross not in CROSS_MODES:
             raise ValueError(f"isp_cross must be one of {', '.join(CROSS_MODES)}; got {self.isp_cross!r}")
+        if self.sp_view not in ("crop", "fixed"):
+            raise ValueError(f"sp_view must be crop or fixed; got {self.sp_view!r}")
         if self.sp_mode not in SP_MODES:
             raise ValueError(f"sp_mode must be one of {', '.join(SP_MODES)}; got {self.sp_mode!r}")
         if self.n_ctx < 1 or self.depth < 1:

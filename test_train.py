@@ -245,3 +245,21 @@ def test_load_reads_an_official_maple_dassl_file(tmp_path, tiny, colours):
                 "val_result": None}, path)
     again = run(tmp_path, tiny, colours, "--eval-only", "--load", str(path), name="official")
     assert again["accuracy"] == first["accuracy"]
+
+
+@pytest.mark.parametrize("view", ["crop", "fixed"])
+def test_sample_probing_view(tmp_path, tiny, colours, monkeypatch, view):
+    """ISP's p_clip: of each step's crop (one frozen pass per step, the default), or of every training image's centre
+    view computed once before training (--sp-view fixed: no pass during the steps)."""
+    import isp
+    seen, real = [], isp.ISP.frozen_p_clip
+
+    def counting(self, images, labels):
+        seen.append(images.shape[0])
+        return real(self, images, labels)
+
+    monkeypatch.setattr(isp.ISP, "frozen_p_clip", counting)
+    train.main(["--method", "isp", "--subsample", "all", "--output", str(tmp_path / view), "--epochs", "2",
+                "--depth", "2", "--batch-size", "4", "--sp-view", view], clip_model=tiny, benchmarks={"all": colours})
+    steps = 2 * (len(colours.train) // 4)
+    assert seen == ([4] * steps if view == "crop" else [len(colours.train)])

@@ -380,6 +380,9 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
     loader = make_loader(items, data.train_transform(model.clip.visual.input_resolution, args.crop_scale),
                          batch_size, True, args.workers)
 
+    probing = getattr(model.cfg, "sample_probing", False)  # ISP's p_clip: of each step's crop, or of a fixed view once
+    fixed_p = fixed_view_p_clip(model, items, args) if probing and model.cfg.sp_view == "fixed" else None
+
     def stop(what, epoch, step, detail=""):  # nothing non-finite is ever saved: the checkpoint on disk is finite
         kept = (f"The last checkpoint of this run, {path} (epoch {saved}), is finite and kept; --resume restarts "
                 f"from it." if saved else "No checkpoint of this run was written.")
@@ -397,7 +400,8 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
             images, labels = images.to(args.device), labels.to(args.device)  # clip_layers casts to CLIP's dtype
             with autocast():
                 logits = model(images)
-                weights = model.sample_weights(images, labels, logits=logits.detach()) \
+                weights = model.sample_weights(images, labels, logits=logits.detach(),
+                                               p_clip=None if fixed_p is None else fixed_p[index].to(args.device)) \
                     if hasattr(model, "sample_weights") else None
             loss = loss_fn(logits, labels, weights)
             if not torch.isfinite(loss):  # stop before the step: the prompts stay finite
@@ -429,6 +433,16 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
         print(f"epoch {epoch + 1}/{epochs}  lr {optimizer.param_groups[0]['lr']:.6f}  last loss {loss.item():.4f}")
     # seconds per step, leaving out the first (warm-up of kernels and allocators)
     return sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None
+
+
+@torch.no_grad()
+def fixed_view_p_clip(model, items, args):
+    """ISP's sp_view "fixed": p_clip(y | x) of every training image once, on its centre view (the test transform), so
+    that a step pays no extra pass of the frozen encoder. (N_train,), indexed like `items`."""
+    loader = make_loader(items, data.test_transform(model.clip.visual.input_resolution), args.test_batch_size, False,
+                         args.workers)
+    return torch.cat([model.frozen_p_clip(images.to(args.device), labels.to(args.device)).float().cpu()
+                      for images, labels, _ in loader])
 
 
 def plain_config(args, model):

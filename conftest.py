@@ -232,3 +232,18 @@ def colour_benchmark(root, n_train=8, n_test=6, size=32, seed=0):
                 Image.fromarray(img).save(path)
                 splits[split].append(data.Datum(path, label, name))
     return data.Benchmark("colours", splits["train"], [], splits["test"], list(COLOURS), "a photo of a {}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shared prefix (test_clip_layers.py, test_methods.py)
+
+def spy_shared(monkeypatch):
+    """A list that receives the own rows (T) of every residual_block_after_prefix call from now on."""
+    calls, stock = [], clip_layers.residual_block_after_prefix
+
+    def counting(block, own, prefix, rows, eot_only=False):
+        calls.append(own.shape[0])
+        return stock(block, own, prefix, rows, eot_only)
+
+    monkeypatch.setattr(clip_layers, "residual_block_after_prefix", counting)
+    return calls

@@ -9,12 +9,12 @@ so each one can fail.
 """
 import copy
 
-import copy
 
 import pytest
 import torch
 
 import clip_layers
+from conftest import spy_shared
 
 TEXTS = ["a photo of a dog.", "a photo of a big red striped circle.", "x", "a centered satellite photo of sea."]
 
@@ -142,18 +142,6 @@ def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):
 
 # Names of 1 to 30 tokens behind one template: "a photo of a" (+ SOS) is the shared prefix, 5 rows
 SHARED = ["ox", "golden retriever", " ".join(["big red striped"] * 10), "sea lion", "cat", "red eyed tree frog"]
-
-
-def spy_shared(monkeypatch):
-    """A list that receives the own rows (T) of every residual_block_after_prefix call from now on."""
-    calls, stock = [], clip_layers.residual_block_after_prefix
-
-    def counting(block, own, prefix, rows, eot_only=False):
-        calls.append(own.shape[0])
-        return stock(block, own, prefix, rows, eot_only)
-
-    monkeypatch.setattr(clip_layers, "residual_block_after_prefix", counting)
-    return calls
 
 
 def test_shared_prefix_length():

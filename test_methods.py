@@ -26,7 +26,7 @@ import isp
 import mpl
 import train
 from clip_layers import clip
-from conftest import n_trainable, sgd_steps, trainable
+from conftest import n_trainable, sgd_steps, spy_shared, trainable
 from isp import ISP, ISPConfig, sample_probing_weights
 
 
@@ -927,18 +927,6 @@ ROW_ALIKE = {  # the presets whose text hook treats every class alike, and ISP's
 }
 
 
-def count_shared_blocks(monkeypatch):
-    """A list that receives the number of own rows (T) of every residual_block_after_prefix call from now on."""
-    calls, stock = [], clip_layers.residual_block_after_prefix
-
-    def counting(block, own, prefix, rows, eot_only=False):
-        calls.append(own.shape[0])
-        return stock(block, own, prefix, rows, eot_only)
-
-    monkeypatch.setattr(clip_layers, "residual_block_after_prefix", counting)
-    return calls
-
-
 def built(clip_model, cfg, names, **kw):
     """MPL or ISP for cfg, with prompts and zero-initialised modules made non-trivial; the same for the same cfg."""
     if isinstance(cfg, mpl.MPLConfig):
@@ -972,7 +960,7 @@ def test_shared_prefix_equals_unshared(tiny, monkeypatch, preset, chunk):
     assert {int(e) - 2 for e in clip_layers.eot_index(ids)} >= {1, 30}             # a 1-token and a 30-token name
     cfg = ROW_ALIKE[preset]()
     x, y = images(3), torch.tensor([0, 2, 5])
-    calls = count_shared_blocks(monkeypatch)
+    calls = spy_shared(monkeypatch)
     unshared = features_and_gradients(built(tiny, cfg, SHARED_NAMES, text_chunk=chunk, shared_prefix=False), x, y)
     assert calls == []
     model = built(tiny, cfg, SHARED_NAMES, text_chunk=chunk)
@@ -997,7 +985,7 @@ def test_shared_prefix_equals_unshared(tiny, monkeypatch, preset, chunk):
 def test_hook_reading_the_class_rows_is_not_shared(tiny, monkeypatch):
     """ISP's self-structural module (its text prompts read the class's own tokens) and image_tokens (they read each
     image, rows image-major) keep the unshared path, even with shared_prefix=True (the default)."""
-    calls = count_shared_blocks(monkeypatch)
+    calls = spy_shared(monkeypatch)
     x = images(2)
     for cfg in (dict(isp_self=True, isp_cross="none"), dict(isp_self=False, isp_cross="image_tokens")):
         cfg = replace(isp.PRESETS["isp"], depth=DEPTH, sample_probing=False, **cfg)
@@ -1010,7 +998,7 @@ def test_hook_reading_the_class_rows_is_not_shared(tiny, monkeypatch):
 def test_zeroshot_shared_prefix(tiny, monkeypatch):
     """Zero-shot CLIP's class texts: the template's words before the name ("a photo of a") are encoded once, with the
     same features as stock CLIP over all 77 tokens."""
-    calls = count_shared_blocks(monkeypatch)
+    calls = spy_shared(monkeypatch)
     model = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES)
     assert calls  # the shared path ran
     with torch.no_grad():

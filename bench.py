@@ -239,7 +239,7 @@ def line_fit(points):
     return my - b * mx, b
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["zeroshot", "mpl", "maple", "ivlp", "isp"])
     p.add_argument("--classes", nargs="+", type=int, default=None, help="default 10 100 (CPU), 10 100 1000 (GPU)")
@@ -257,7 +257,13 @@ def main():
                    help="run the official step only where its predicted memory is below this fraction of the free "
                         "memory (default 0.8)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.classes and min(args.classes) < 1:
+        p.error(f"--classes must be >= 1, got {args.classes}")
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.precision != "fp32" and not args.device.startswith("cuda"):
+        p.error(f"--precision {args.precision} is CUDA autocast; on --device {args.device} only fp32 runs")
     if args.one:
         method, n, official, shared = args.one.split(",")
         print(json.dumps(measure(method, int(n), official == "1", args.steps, args.device, args.text_chunk,

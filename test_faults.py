@@ -282,3 +282,12 @@ def test_transfer_targets_are_rescored_when_the_source_is_retrained(tmp_path, ti
     assert retrained[0]["source"]["identity"]["lr"] == 0.05
     with open(os.path.join(out, "domain_generalization", "maple", "imagenet_r", "shots2_seed1", "results.json")) as f:
         assert json.load(f)["source"]["checkpoint_sha256"] == retrained[0]["source"]["checkpoint_sha256"]
+
+
+@pytest.mark.parametrize("flags, message", [(["--classes", "0"], "--classes must be >= 1"),
+                                            (["--precision", "bf16", "--device", "cpu"], "only fp32 runs")])
+def test_bench_refuses_what_it_cannot_measure(flags, message, capsys):
+    import bench
+    with pytest.raises(SystemExit):
+        bench.main(flags)
+    assert message in capsys.readouterr().err

@@ -230,6 +230,19 @@ def read_checkpoint(path):
 _OFFICIAL_CLIP_KEYS = (("image_encoder.", "visual."), ("text_encoder.", ""), ("logit_scale", "logit_scale"))
 
 
+def official_state_dict(checkpoint, clip_model):
+    """(state dict, epoch, name) of an official Dassl checkpoint for the CLIP in hand: `checkpoint` is a path (read by
+    read_checkpoint) or the dict it holds; it must hold a 'state_dict' whose frozen CLIP has this CLIP's shapes.
+    mpl.load_official and isp.load_official_ivlp read their prompts from it."""
+    name = "the given checkpoint dict" if isinstance(checkpoint, dict) else str(checkpoint)
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{name}: not a Dassl checkpoint (no 'state_dict' dict; keys: {sorted(checkpoint)})")
+    check_official_backbone(clip_model, checkpoint["state_dict"], name)
+    return checkpoint["state_dict"], checkpoint.get("epoch"), name
+
+
 def check_official_backbone(clip_model, state_dict, source):
     """An official checkpoint holds the frozen CLIP it was trained with: each of its tensors that CLIP has must have
     CLIP's shape in hand, or the prompts were trained on another backbone (ViT-B/32, ViT-L/14, ...)."""

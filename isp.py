@@ -435,16 +435,10 @@ def load_official_ivlp(model, checkpoint):
     the dict it holds. The frozen CLIP in the file must have the shapes of the CLIP in hand; the token buffers of the
     training-time class names are dropped; fp16 values are cast to fp32.
     """
-    name = "the given checkpoint dict" if isinstance(checkpoint, dict) else str(checkpoint)
-    if not isinstance(checkpoint, dict):
-        checkpoint = clip_layers.read_checkpoint(checkpoint)
-    if not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{name}: not a Dassl checkpoint (no 'state_dict' dict; keys: {sorted(checkpoint)})")
+    sd, epoch, name = clip_layers.official_state_dict(checkpoint, model.clip)
     if any(m is not None for m in (model.self_text, model.cross_text, model.coupling)):
         raise ValueError(f"{name} is an IVLP checkpoint, which holds prompts only: build the model with the ivlp "
                          f"preset (isp.PRESETS['ivlp'], train.py --method ivlp), not with structural modules")
-    sd = checkpoint["state_dict"]
-    clip_layers.check_official_backbone(model.clip, sd, name)
     where = {"prompt_learner.ctx": ("text_prompts", 0), "image_encoder.VPT": ("vision_prompts", 0)}
     for l in range(1, model.cfg.depth):
         where[f"text_encoder.transformer.resblocks.{l}.VPT_shallow"] = ("text_prompts", l)
@@ -462,7 +456,7 @@ def load_official_ivlp(model, checkpoint):
     with torch.no_grad():
         for key, (param, l) in where.items():
             getattr(model, param)[l] = sd[key]                  # copy_ casts fp16 -> fp32
-    return checkpoint.get("epoch")
+    return epoch
 
 
 # ----------------------------------------------------------------------------------------------------------------------

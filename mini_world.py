@@ -51,6 +51,7 @@ from PIL import Image, ImageDraw
 
 import clip_layers
 import data
+import rundir
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary. Every word here is a plain English word that OpenAI's BPE tokenizer knows.
@@ -338,13 +339,9 @@ def _remove_stale_temporaries(root, name):
     """Temporary folders `.<name>-<pid>-*` of renders whose process is gone (killed mid-drawing)."""
     for entry in os.listdir(root):
         parts = entry.split("-")
-        if entry.startswith(f".{name}-") and len(parts) >= 3 and parts[-2].isdigit():
-            try:
-                os.kill(int(parts[-2]), 0)
-            except ProcessLookupError:
-                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-            except PermissionError:
-                pass
+        if entry.startswith(f".{name}-") and len(parts) >= 3 and parts[-2].isdigit() and \
+                not rundir.pid_alive(int(parts[-2])):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 def _render_dataset(root, name, seed):

@@ -261,15 +261,9 @@ def load_official(model, checkpoint):
     the shapes of the CLIP in hand (else: another backbone); the token buffers are dropped; fp16 values are cast to the
     model's dtype. Missing or unexpected prompt keys and shape mismatches raise a ValueError.
     """
-    name = "the given checkpoint dict" if isinstance(checkpoint, dict) else str(checkpoint)
-    if not isinstance(checkpoint, dict):
-        checkpoint = clip_layers.read_checkpoint(checkpoint)
-    if not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{name}: not a Dassl checkpoint (no 'state_dict' dict; keys: {sorted(checkpoint)})")
-    clip_layers.check_official_backbone(model.clip, checkpoint["state_dict"], name)
-
+    state_dict, epoch, name = clip_layers.official_state_dict(checkpoint, model.clip)
     prompts, unexpected = {}, []
-    for key, value in checkpoint["state_dict"].items():
+    for key, value in state_dict.items():
         if key in _OFFICIAL_DROPPED or key.startswith(_OFFICIAL_FROZEN):
             continue
         if key.startswith("prompt_learner."):
@@ -287,7 +281,7 @@ def load_official(model, checkpoint):
                          f"unexpected keys {unexpected}, shape mismatches {shapes}. Is it a checkpoint of the same "
                          f"config (n_ctx, n_add, depth) and backbone?")
     model.prompt_learner.load_state_dict(prompts, strict=True)  # copy_ casts fp16 -> the model's dtype
-    return checkpoint.get("epoch")
+    return epoch
 
 
 # ----------------------------------------------------------------------------------------------------------------------

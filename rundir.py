@@ -107,9 +107,10 @@ def check_writable(folder):
 # ----------------------------------------------------------------------------------------------------------------------
 # One process per run directory
 
-def _alive(pid, host):
-    if host != socket.gethostname():
-        return True  # another machine's process (shared storage): we cannot tell, so we assume it is running
+def pid_alive(pid, host=None):
+    """Is process `pid` running? On another host (shared storage) we cannot tell, so we assume it is."""
+    if host is not None and host != socket.gethostname():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -140,7 +141,7 @@ class RunLock:
                         holder = json.load(f)
                 except (OSError, ValueError):
                     holder = None  # being written this instant, or left half-written by a kill
-                if holder is not None and _alive(holder["pid"], holder["host"]):
+                if holder is not None and pid_alive(holder["pid"], holder["host"]):
                     raise Locked(f"{os.path.dirname(self.path)} is in use by process {holder['pid']} on "
                                  f"{holder['host']} (lock file {self.path}); wait for it, or use another --output")
                 if holder is None and _young(self.path):

@@ -38,7 +38,6 @@ weights, the runtime), "peak MB" the high-water mark during the steps (the kerne
 building, so that building does not count), "step MB" the difference.
 """
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -79,10 +78,7 @@ def build(method, clip_model, n_classes, official, text_chunk, shared_prefix=Tru
     if method == "zeroshot":
         return clip_layers.ZeroShotCLIP(clip_model, names, fast=not official, **unshared)
     recipe = train.RECIPES[method]
-    cfg = recipe.config
-    if cfg.depth > min(clip_layers.n_layers(clip_model)):  # --arch tiny: 4 layers, fewer than the prompt depth 9
-        cfg = dataclasses.replace(cfg, depth=3)
-    return recipe.model(clip_model, names, cfg, text_chunk=None if official else text_chunk, fast=not official,
+    return recipe.model(clip_model, names, recipe.config, text_chunk=None if official else text_chunk, fast=not official,
                         **unshared)
 
 

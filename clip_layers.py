@@ -108,10 +108,11 @@ RANDOM_CLIPS = {
     "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
                      context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
                      transformer_layers=12),
-    # tiny (3.6 M): 4 layers of width 64 in both towers, 32 x 32 images with 8 x 8 patches (16 patches + CLS)
-    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
+    # tiny: ViT-B/16's 12 layers in both towers at width 64, so every preset runs at its published depth; 32 x 32
+    # images with 8 x 8 patches (16 patches + CLS) keep the tests quick (the mini world's CLIP has 64 patches)
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=12, vision_width=64, vision_patch_size=8,
                  context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                 transformer_layers=4),
+                 transformer_layers=12),
 }
 
 

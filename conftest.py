@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The tiny random CLIP (4 layers of width 64 in both towers, 32 x 32 images), built once for the whole session
+# The tiny random CLIP (12 layers of width 64 in both towers, 32 x 32 images), built once for the whole session
 
 @pytest.fixture(scope="session")
 def _tiny_clip():

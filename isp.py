@@ -467,7 +467,7 @@ if __name__ == "__main__":
     images = torch.randn(2, 3, 32, 32)
     for name, preset in PRESETS.items():
         for cross in (CROSS_MODES if name == "isp" else (preset.isp_cross,)):
-            cfg = replace(preset, isp_cross=cross, depth=3)  # the tiny CLIP has 4 layers
+            cfg = replace(preset, isp_cross=cross)
             model = ISP(clip_model, classnames, cfg)
             logits = model(images)
             w = model.sample_weights(images, torch.tensor([0, 2]), logits)

@@ -1,11 +1,11 @@
 """
-The mini world: a procedurally drawn benchmark and a tiny CLIP pre-trained on it, so that the whole prompt-learning
+The mini world: a procedurally drawn benchmark and a small CLIP pre-trained on it, so that the whole prompt-learning
 pipeline (few-shot sampling, base-to-new, cross-dataset and domain-shift evaluation) runs offline, without CLIP's
-weights or any download, on a laptop CPU in minutes. It is what `python train.py --method mpl --shots 16` runs.
+weights or any download, on a laptop CPU. It is what `python train.py --method mpl --shots 16` runs.
 
     python mini_world.py --render --root data    # draw the three datasets (train.py does it on first use)
-    python mini_world.py --pretrain              # re-train the tiny CLIP into assets/ (~6 min on 2 CPU cores)
-    python mini_world.py --report --root data    # zero-shot accuracy of the tiny CLIP on every world dataset
+    python mini_world.py --pretrain              # re-train the world's CLIP into assets/ (~30 min on 2 CPU cores)
+    python mini_world.py --report --root data    # its zero-shot accuracy, template sensitivity and temperature
 
 A class is a combination of attribute words, e.g. "red striped circle". Images of one class vary in position, size,
 rotation, shade, pattern scale and angle, background and noise, so telling classes apart is a real (small) recognition
@@ -20,13 +20,38 @@ read by data.py's loader like any CoOp dataset, stand in for the three evaluatio
     mini_world_shift  the 36 classes of mini_world as crayon sketches on paper, test split only: the domain-shift
                       target (our ImageNet-Sketch).
 
-The tiny CLIP is OpenAI's `clip.model.CLIP` (a ViT), stored as a plain fp16 state dict in assets/ and loaded with
-CLIP's own `build_model`, with OpenAI's BPE tokenizer and 77-token context, so method code sees nothing but smaller
-widths. It is pre-trained contrastively (symmetric InfoNCE with a learned temperature, as in Radford et al., "Learning
-Transferable Visual Models From Natural Language Supervision", ICML 2021, arXiv:2103.00020) on varied captions of a
-separate stream of images covering the *whole* world, new classes included: like real CLIP it has seen every concept,
-and only prompt learning is restricted to the base classes. Most pre-training images come through a neutral camera, so
-each dataset's own light is a domain gap that few-shot adaptation can close (see WORLD_CAMERAS).
+The world's CLIP: a miniature of ViT-B/16 where its shape decides what prompt methods can do
+---------------------------------------------------------------------------------------------
+This design was fixed, and the CLIP pre-trained, before any prompt method ran on it; it is not tuned to their results.
+
+- Depth: 12 layers in each tower, as ViT-B/16. Every preset runs at its published depth (9 of 12; 3 of 12 for the
+  cross-dataset recipe), nothing is rescaled, and MPL's carried tokens have as many layers to matter in as in the paper.
+- Image sequence: 32 x 32 pixel images in 4 x 4 patches, 64 patches + CLS = 65 tokens (ViT-B/16: 197). MPL's preset
+  carries up to 9 extra tokens (14 % of the sequence; 5 % in ViT-B/16), MaPLe's 2, IVLP's 4: prompts stay a small
+  share of what attention looks at, not a half of it.
+- Widths: vision 96, text 64, joint embedding 64; 96 : 64 is ViT-B/16's 768 : 512, so the text-to-vision
+  projections of MaPLe and MPL map between different widths, as they do on real CLIP. clip.model gives a tower
+  width // 64 heads: one head each here (ViT-B/16: 12 and 8 heads of 64).
+- Text: OpenAI's BPE tokenizer and 77-token context, so every prompt learner works unchanged.
+- Captions whose frames matter: a caption pins some attributes of its image (colour, pattern, shape, and through its
+  frame the *style*, photo or sketch, and sometimes the *light*). Sketches are described as "a sketch / drawing /
+  doodle of a ...", photos as "a photo / picture / image of a ...", a photo under a coloured or hazy camera sometimes as
+  "a hazy photo of a ..." or "a photo of a ... in warm light", and 20 % of captions have a neutral frame ("a ...",
+  "..."). The loss is told which images in a batch each caption describes (contrastive_loss), so "a photo of a" is a
+  claim the text encoder must encode: it reads "a sketch of a red circle" differently from "a photo of a red circle".
+  This is what gives text prompts something to act on, as the context words do in real CLIP.
+- Temperature: learned from CLIP's 1/0.07 and clamped at CLIP's 100. It learns with a 10x learning rate because this
+  pre-training has 850 steps where CLIP's had about 400,000 (see pretrain_world_clip); the known positives let it grow
+  (a batch's duplicate captions no longer cap it), so the frozen CLIP's probabilities, which drive ISP's sample
+  probing, are as sharp as the data allows.
+- Pre-training: symmetric InfoNCE over 850 batches of 256 from 32,768 images of the whole world, new classes included
+  (like real CLIP it has seen every concept; only prompt learning is restricted to the base classes), AdamW, warmup
+  and cosine decay: about 30 minutes on 2 CPU cores. 85 % of the images are photos, 70 % of those through a neutral
+  camera, so each benchmark's own light (WORLD_CAMERAS) is a domain gap that few-shot adaptation can close.
+- Weights: 5.1 M parameters (of which the 49408 x 64 token table is 3.2 M), shipped in assets/ as a 10.4 MB fp16
+  state dict, loaded with CLIP's own build_model.
+
+Measured on the shipped weights (`python mini_world.py --report`): see README.md, "The mini world".
 
 Deliberately left out: realism. This is a toy to check that code runs and that prompts learn; its numbers say nothing
 about the real benchmarks.
@@ -94,7 +119,7 @@ DATASETS = {  # DatasetSpec(coop_name, section, dir, image_dir, split_file, read
                                          "split_zhou_MiniWorldShift.json", "json", "a photo of a {}.", 36, 0, 0, 1440),
 }
 WORLD_SPLIT_FILES = {name: spec.split_file for name, spec in DATASETS.items()}
-WORLD_IMAGE_SIZE = 32  # pixels; equals the tiny CLIP's input resolution, so Resize + CenterCrop are no-ops
+WORLD_IMAGE_SIZE = 32  # pixels; equals the world CLIP's input resolution, so Resize + CenterCrop are no-ops
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges and stripes without any extra dependency
 WORLD_VERSION = 2  # bump whenever rendering changes, so render_world() re-renders stale folders
 
@@ -190,11 +215,11 @@ def _downsample(mask, k):
 
 # A camera is how a dataset's pictures were taken: colour gains (the light's colour), contrast, a grey offset (haze)
 # and sensor noise. Each benchmark has its own, as real ones do (satellite views, studio shots, texture close-ups),
-# while 70% of the pre-training images come through a neutral camera and the rest through random ones. Without
-# this gap there was nothing to adapt to: with every image neutral, the tiny CLIP's zero-shot classifier (87% on
-# mini_world base) beat a 40-shot linear probe on its own image features (85%), and deep visual prompts trained on
-# 16 shots only got back to where they started. With it, zero-shot drops to ~73% and the same prompts reach ~81%
-# on base and new classes alike, which is the kind of headroom prompt learning has on real benchmarks.
+# while 70% of the pre-training photos come through a neutral camera and the rest through random ones. Without
+# this gap there was nothing to adapt to: in an earlier 4-layer version of this world with every image neutral, the
+# CLIP's zero-shot classifier (87% on mini_world base) beat a 40-shot linear probe on its own image features (85%),
+# and deep visual prompts trained on 16 shots only got back to where they started. With it, zero-shot dropped to ~73%
+# and the same prompts reached ~81%: the kind of headroom prompt learning has on real benchmarks.
 WORLD_CAMERAS = {
     "lamp": dict(gain=(1.0, 0.82, 0.55), contrast=0.8, offset=(0.06, 0.04, 0.0), noise=0.04),  # warm indoor light
     "haze": dict(gain=(0.92, 0.96, 1.0), contrast=0.55, offset=(0.3, 0.3, 0.3), noise=0.03),  # bright, washed out
@@ -416,48 +441,123 @@ def render_world(root, seed=0, datasets=tuple(WORLD_DATASETS)):
 
 
 # -----------------------------------------------------------------------------
-# Captions for pre-training: full and partial descriptions in several phrasings, like alt-text on the web
+# Captions for pre-training: what is drawn, how (photo or sketch) and under what light, in many phrasings
+#
+# A caption *pins* some attributes of its image: "a sketch of a red circle." pins colour, shape and style (sketch);
+# "a red shape." pins the colour only. Image j is a positive of caption i when it has every attribute caption i pins
+# (caption_matches), so the contrastive loss knows that "a red shape." describes every red image in the batch.
+# Because the style and light words pin attributes of the image, the text encoder cannot ignore them: "a photo of a"
+# describes photos and not sketches, "in warm light" describes warm photos. That is what gives a prompt something to
+# act on, as the words around a class name do in real CLIP ("a sketch of a" and "a photo of a" read differently).
 
-PHOTO_TEMPLATES = ["a photo of a {}.", "a {}.", "an image of a {}.", "a picture of a {}.", "this is a {}.",
-                   "a close-up photo of a {}.", "a {} on a background.", "{}."]
-SKETCH_TEMPLATES = ["a sketch of a {}.", "a drawing of a {}.", "a crayon drawing of a {}.", "a doodle of a {}."]
+PHOTO_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
+                   "a photo of the {}.", "a good photo of a {}."]
+SKETCH_TEMPLATES = ["a sketch of a {}.", "a drawing of a {}.", "a crayon drawing of a {}.", "a doodle of a {}.",
+                    "a sketch of the {}."]
+NEUTRAL_TEMPLATES = ["a {}.", "{}.", "this is a {}.", "the {}."]  # say nothing about photo or sketch
+LIGHT_TEMPLATES = {  # photos only: a caption may name one light word of its camera (light_words)
+    "warm": ["a photo of a {} in warm light.", "a warm photo of a {}."],
+    "cold": ["a photo of a {} in cold light.", "a cold photo of a {}."],
+    "hazy": ["a hazy photo of a {}.", "a washed out photo of a {}."],
+    "dark": ["a dark photo of a {}.", "a photo of a {} in dim light."],
+}
+LIGHTS = list(LIGHT_TEMPLATES)
+STYLES = ["photo", "sketch"]
 PATTERN_NOUNS = {"striped": "stripes", "dotted": "dots", "checkered": "checks"}
 
 
-def make_caption(rng, colour, pattern, shape, style="photo"):
-    """A random caption of one image: 60% name all three attributes, 40% only some of them."""
+def light_words(camera):
+    """The light words that describe a camera (a dict like WORLD_CAMERAS["lamp"]); none for the neutral camera.
+    The datasets' cameras: lamp is "warm", haze is "hazy"."""
+    if camera is None:
+        return []
+    gain, offset = np.asarray(camera["gain"]), np.asarray(camera["offset"])
+    words = []
+    if gain[0] - gain[2] > 0.25:
+        words.append("warm")
+    if gain[2] - gain[0] > 0.25:
+        words.append("cold")
+    if offset.mean() > 0.2:
+        words.append("hazy")
+    if camera["contrast"] * gain.mean() + offset.mean() < 0.5:
+        words.append("dark")
+    return words
+
+
+def make_caption(rng, colour, pattern, shape, style="photo", lights=()):
+    """A random caption of one image and what it pins: (text, dict with some of colour, pattern, shape, style, light).
+
+    The object: 60% all three attribute words, 40% only some of them. The frame: 20% a neutral one ("a {}."), else
+    one of the image's style (photo or sketch templates), and for a photo whose camera has light words, half the time
+    one of those ("a hazy photo of a {}.").
+    """
+    pins = {}
     r = rng.uniform()
-    p = "" if pattern == "plain" and rng.uniform() < 0.5 else pattern + " "  # "plain" is often left unsaid
+    say_plain = pattern != "plain" or rng.uniform() < 0.5  # "plain" is often left unsaid (then pattern is not pinned)
+    p = pattern + " " if say_plain else ""
     if r < 0.45:
-        phrase = f"{colour} {p}{shape}"
+        phrase, pinned = f"{colour} {p}{shape}", ("colour", "shape") + (("pattern",) if say_plain else ())
     elif r < 0.52:
-        phrase = f"{p}{colour} {shape}"  # the other natural English order
+        phrase, pinned = f"{p}{colour} {shape}", ("colour", "shape") + (("pattern",) if say_plain else ())
     elif r < 0.60:
         phrase = f"{colour} {shape} with {PATTERN_NOUNS[pattern]}" if pattern != "plain" else f"plain {colour} {shape}"
-    else:  # partial descriptions: the rest of the batch holds many images that match them too (CLIP's noise)
-        phrase = [f"{colour} {shape}", f"{pattern} {shape}", f"{colour} {pattern} shape", f"{colour} shape",
-                  f"{shape}", f"{pattern} shape", f"{colour} object", f"{pattern} {colour} thing"][rng.integers(8)]
-    templates = SKETCH_TEMPLATES if style == "sketch" and rng.uniform() < 0.6 else PHOTO_TEMPLATES
-    caption = templates[rng.integers(len(templates))].format(phrase)
+        pinned = ("colour", "pattern", "shape")
+    else:  # partial descriptions: many images in a batch match them, and the loss knows it
+        phrase, pinned = [(f"{colour} {shape}", ("colour", "shape")), (f"{pattern} {shape}", ("pattern", "shape")),
+                          (f"{colour} {pattern} shape", ("colour", "pattern")), (f"{colour} shape", ("colour",)),
+                          (f"{shape}", ("shape",)), (f"{pattern} shape", ("pattern",)),
+                          (f"{colour} object", ("colour",)),
+                          (f"{pattern} {colour} thing", ("pattern", "colour"))][rng.integers(8)]
+    pins.update({k: v for k, v in dict(colour=colour, pattern=pattern, shape=shape).items() if k in pinned})
+
+    if rng.uniform() < 0.2:
+        template = NEUTRAL_TEMPLATES[rng.integers(len(NEUTRAL_TEMPLATES))]
+    elif style == "photo" and lights and rng.uniform() < 0.5:
+        light = lights[rng.integers(len(lights))]
+        template = LIGHT_TEMPLATES[light][rng.integers(len(LIGHT_TEMPLATES[light]))]
+        pins.update(style="photo", light=light)
+    else:
+        templates = SKETCH_TEMPLATES if style == "sketch" else PHOTO_TEMPLATES
+        template = templates[rng.integers(len(templates))]
+        pins["style"] = style
+    caption = template.format(phrase)
     if rng.uniform() < 0.75:  # mostly proper English ("an orange ..."); sometimes not, as templates often are not
         caption = re.sub(r"\ba (?=[aeiou])", "an ", caption)
-    return caption
+    return caption, pins
+
+
+def _codes(attrs):
+    """Integer codes of images' attributes: (N, 4) [colour, pattern, shape, style] and an (N,) bit mask of light words."""
+    vocab = [list(WORLD_COLOURS), WORLD_PATTERNS, WORLD_SHAPES, STYLES]
+    codes = np.array([[v.index(a[k]) for k, v in enumerate(vocab)] for a in attrs])
+    lights = np.array([sum(1 << LIGHTS.index(w) for w in a[4]) for a in attrs])
+    return codes, lights
+
+
+def caption_matches(image_codes, image_lights, pins):
+    """(B_images, B_captions) bool: image i has every attribute that caption j pins."""
+    vocab = [("colour", list(WORLD_COLOURS)), ("pattern", WORLD_PATTERNS), ("shape", WORLD_SHAPES), ("style", STYLES)]
+    need = np.array([[v.index(p[k]) if k in p else -1 for k, v in vocab] for p in pins])  # -1: not pinned
+    need_light = np.array([1 << LIGHTS.index(p["light"]) if "light" in p else 0 for p in pins])
+    ok = ((need[None] == -1) | (need[None] == image_codes[:, None])).all(-1)
+    return ok & ((image_lights[:, None] & need_light[None]) == need_light[None])
 
 
 def pretrain_sample(seed, i):
-    """Image i of the pre-training stream and its (colour, pattern, shape, style); the captions are drawn anew
-    every time the image is used. Attributes are uniform over the whole world, so every combination occurs."""
+    """Image i of the pre-training stream and its (colour, pattern, shape, style, light words); the captions are drawn
+    anew every time the image is used. Attributes are uniform over the whole world, so every combination occurs."""
     rng = np.random.default_rng([seed, PRETRAIN_STREAM_ID, i])
     colour = list(WORLD_COLOURS)[rng.integers(len(WORLD_COLOURS))]
     pattern = WORLD_PATTERNS[rng.integers(len(WORLD_PATTERNS))]
     shape = WORLD_SHAPES[rng.integers(len(WORLD_SHAPES))]
     style = "sketch" if rng.uniform() < 0.15 else "photo"
     camera = random_camera(rng) if style == "photo" and rng.uniform() < 0.3 else None
-    return render_image(rng, colour, pattern, shape, style=style, camera=camera), (colour, pattern, shape, style)
+    image = render_image(rng, colour, pattern, shape, style=style, camera=camera)
+    return image, (colour, pattern, shape, style, tuple(light_words(camera)))
 
 
 # -----------------------------------------------------------------------------
-# The tiny CLIP: OpenAI's architecture at toy size, pre-trained on the world's captions
+# The world's CLIP: OpenAI's architecture at toy width and full depth, pre-trained on the world's captions
 
 WORLD_CLIP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mini_world_clip.pt")
 
@@ -465,30 +565,31 @@ WORLD_CLIP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "asse
 @dataclass
 class WorldClipConfig:
     # architecture: clip.model.CLIP's arguments; build_model() infers all of them back from the state dict
-    embed_dim: int = 64
+    embed_dim: int = 64             # ViT-B/16: 512
     image_resolution: int = WORLD_IMAGE_SIZE
-    vision_layers: int = 4
-    vision_width: int = 128  # != transformer_width, as in ViT-B/16 (768 vs 512); clip.model uses width // 64 heads
-    vision_patch_size: int = 8  # 4 x 4 patches + CLS = 17 tokens (ViT-B/16: 14 x 14 + 1 = 197)
-    context_length: int = 77  # CLIP's, so clip.tokenize and every prompt learner work unchanged
-    vocab_size: int = 49408  # OpenAI's BPE vocabulary; the table is 49408 x 64 = 6.3 MB of the fp16 file
-    transformer_width: int = 64  # 1 head
-    transformer_layers: int = 4
+    vision_layers: int = 12         # ViT-B/16's depth in both towers: every preset runs as published (depth 9 of 12)
+    vision_width: int = 96          # ViT-B/16: 768; 96 : 64 is ViT-B/16's 768 : 512. clip.model: width // 64 = 1 head
+    vision_patch_size: int = 4      # 8 x 8 patches + CLS = 65 tokens (ViT-B/16: 14 x 14 + 1 = 197)
+    context_length: int = 77        # CLIP's, so clip.tokenize and every prompt learner work unchanged
+    vocab_size: int = 49408         # OpenAI's BPE vocabulary; the table is 49408 x 64 = 6.3 MB of the fp16 file
+    transformer_width: int = 64     # ViT-B/16: 512; 1 head
+    transformer_layers: int = 12
     # pre-training
     seed: int = 0
-    pool_size: int = 16384  # pre-training images, rendered once (~12 s); captions are re-drawn at every use
-    steps: int = 1400
+    pool_size: int = 32768          # pre-training images, rendered once (~25 s); captions are re-drawn at every use
+    steps: int = 850                # ~28 min on 2 CPU cores (2 s a step)
     batch_size: int = 256
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    temperature_lr_scale: float = 10.0
 
 
 def build_tiny_clip(cfg):
     heads = cfg.transformer_width // 64  # what build_model() assumes; a different count would load but misbehave
     return clip_layers.clip.model.CLIP(cfg.embed_dim, cfg.image_resolution, cfg.vision_layers, cfg.vision_width,
-                           cfg.vision_patch_size, cfg.context_length, cfg.vocab_size, cfg.transformer_width,
-                           heads, cfg.transformer_layers)
+                                       cfg.vision_patch_size, cfg.context_length, cfg.vocab_size,
+                                       cfg.transformer_width, heads, cfg.transformer_layers)
 
 
 def images_to_tensor(images):
@@ -500,60 +601,80 @@ def images_to_tensor(images):
 
 
 def _pretrain_lr(step, cfg):
-    # 1) linear warmup, 2) cosine decay to 0 (nanoGPT's _pretrain_lr, CLIP's schedule)
+    # 1) linear warmup, 2) cosine decay to 0 (CLIP's schedule)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def contrastive_loss(logits, matches):
+    """CLIP's symmetric InfoNCE, with every known positive as a target: (B, B) logits image i x caption j and the bool
+    matches of caption_matches. Row i's target is uniform over the captions image i matches, column j's over the images
+    caption j matches (UniCL's loss, Yang et al., arXiv:2204.03610). With one positive per row (the diagonal) this is
+    CLIP's loss exactly. Why not CLIP's: a batch of 256 from this world holds many images that one caption describes
+    ("a red shape."), and calling all but one of them negatives caps how sharp the similarities may get; CLIP's own
+    temperature ends at its clamp of 100 because web captions rarely collide. With known positives this one can too."""
+    m = matches.float()
+    image_to_text = -(m / m.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    text_to_image = -(m / m.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
+    return (image_to_text + text_to_image) / 2
+
+
 def pretrain_world_clip(path=WORLD_CLIP_PATH, cfg=None):
-    """Pre-train the tiny CLIP on the world's captions and save a plain fp16 state dict at `path`.
+    """Pre-train the world's CLIP on the world's captions and save a plain fp16 state dict at `path`.
 
     Deterministic from cfg.seed for a given machine and thread count: the images, captions and batch order come
     from seeded numpy generators and the weights from torch.manual_seed, but float sums in multi-threaded CPU
     kernels may differ between machines or thread counts, so a rerun elsewhere gives close, not identical, weights.
-    The shipped file was trained when the text side ran CLIP's stock attention (nn.MultiheadAttention) rather than
-    clip_layers' SDPA: the same function to float rounding, so a rerun now gives close, not byte-identical, weights.
     """
     cfg = cfg or WorldClipConfig()
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     model = build_tiny_clip(cfg)  # fp32 on the CPU
     print(cfg)
-    print(f"tiny CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    print(f"world CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
 
     samples = [pretrain_sample(cfg.seed, i) for i in range(cfg.pool_size)]
     pool = images_to_tensor([img for img, _ in samples])
-    attrs = [a for _, a in samples]
+    codes, lights = _codes([a for _, a in samples])
     print(f"rendered {cfg.pool_size} pre-training images in {time.time() - t0:.1f} s")
 
     # CLIP's recipe: AdamW with weight decay on matrices only (not on gains, biases, embeddings or the temperature)
+    # The temperature learns 10x faster than the rest: Adam moves a parameter by about lr per step, CLIP's log
+    # temperature climbs from log(1/0.07) to its clamp log(100) (+1.95) over ~400,000 steps, and this run has
+    # cfg.steps; at lr 1e-3 under the cosine schedule it could move by half a unit at most.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
+                and n != "logit_scale"]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+                                   {"params": [model.logit_scale], "weight_decay": 0.0,
+                                    "lr_scale": cfg.temperature_lr_scale}],
+                                  lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     rng = np.random.default_rng([cfg.seed, PRETRAIN_STREAM_ID, 1])  # batch order, captions, flips
     order = []
     model.train()
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
-            group["lr"] = _pretrain_lr(step, cfg)
+            group["lr"] = _pretrain_lr(step, cfg) * group["lr_scale"]
         if len(order) < cfg.batch_size:
             order = np.concatenate([order, rng.permutation(cfg.pool_size)]).astype(np.int64)
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         images = pool[idx]
         flip = torch.as_tensor(rng.uniform(size=len(idx)) < 0.5)  # every shape here is left-right symmetric
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        tokens = clip_layers.tokenize([make_caption(rng, *attrs[i]) for i in idx])
+        captions = [make_caption(rng, *samples[i][1][:4], lights=samples[i][1][4]) for i in idx]
+        tokens = clip_layers.tokenize([text for text, _ in captions])
+        matches = torch.as_tensor(caption_matches(codes[idx], lights[idx], [pins for _, pins in captions]))
+        assert matches.diagonal().all()  # every caption describes its own image
 
         image_features = F.normalize(model.encode_image(images), dim=-1)
         # clip_layers' text encoder: CLIP's blocks, the sequence cut after the last EOT (exact under the causal mask;
-        # the captions are at most 14 tokens, so this makes the text side ~5x cheaper than all 77 positions).
+        # the captions are at most ~16 tokens, so this makes the text side ~5x cheaper than all 77 positions).
         text_features = F.normalize(clip_layers.encode_text_ids(model, tokens), dim=-1)
         logits = model.logit_scale.exp() * image_features @ text_features.t()  # (B, B)
-        target = torch.arange(len(idx))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2  # symmetric InfoNCE
+        loss = contrastive_loss(logits, matches)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -562,18 +683,18 @@ def pretrain_world_clip(path=WORLD_CLIP_PATH, cfg=None):
             model.logit_scale.clamp_(0, math.log(100))  # CLIP clips the temperature at 100
         if step % 50 == 0 or step == cfg.steps - 1:
             print(f"step {step:5d} | loss {loss.item():.3f} | logit scale {model.logit_scale.exp().item():.1f} "
-                  f"| lr {_pretrain_lr(step, cfg):.2e} | {time.time() - t0:.0f} s")
+                  f"| lr {_pretrain_lr(step, cfg):.2e} | {time.time() - t0:.0f} s", flush=True)
 
-    # fp16 storage halves the file (10 MB budget); load_world_clip() returns fp32 again.
+    # fp16 storage halves the file (25 MB budget); load_world_clip() returns fp32 again.
     state_dict = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state_dict, path)
+    rundir.atomic_save(state_dict, path, torch.save)
     print(f"saved {path} ({os.path.getsize(path) / 1e6:.1f} MB) after {time.time() - t0:.0f} s")
     return path
 
 
 def load_world_clip(path=None, device="cpu"):
-    """The shipped tiny CLIP, through CLIP's own loading path, as a frozen fp32 model in eval mode."""
+    """The shipped world CLIP, through CLIP's own loading path, as a frozen fp32 model in eval mode."""
     state_dict = torch.load(path or WORLD_CLIP_PATH, map_location="cpu", weights_only=True)
     return clip_layers.freeze(clip_layers.clip.model.build_model(state_dict).float().to(device))
 
@@ -623,9 +744,14 @@ def zero_shot_accuracy(model, root, name="mini_world", split="test", classes="al
     return 100.0 * correct / len(kept)
 
 
+SENSITIVITY_TEMPLATES = ["a photo of a {}.", "{}", "a sketch of a {}."]  # how much the frozen text encoder reads
+
+
 def zero_shot_report(model, root):
-    """Zero-shot accuracy on every rendered dataset, base and new where it applies, next to chance."""
+    """Zero-shot accuracy on every rendered dataset (base and new where it applies) next to chance, the same with
+    other templates (does the text encoder read the words around a class name?), and the learned temperature."""
     rows = []
+    print(f"temperature (logit scale): {model.logit_scale.exp().item():.1f}  (CLIP ViT-B/16: 100)")
     for name in WORLD_DATASETS:
         if not os.path.exists(os.path.join(root, name, WORLD_SPLIT_FILES[name])):
             continue
@@ -633,8 +759,12 @@ def zero_shot_report(model, root):
         base, new = base_new_labels(n)
         for classes, k in [("all", n), ("base", len(base)), ("new", len(new))]:
             acc = zero_shot_accuracy(model, root, name, classes=classes)
-            rows.append((name, classes, acc, 100.0 / k))
+            rows.append((name, classes, "a photo of a {}.", acc, 100.0 / k))
             print(f"{name:18s} {classes:5s} {acc:6.1f}%  (chance {100.0 / k:.1f}%, {k} classes)")
+        for template in SENSITIVITY_TEMPLATES[1:]:
+            acc = zero_shot_accuracy(model, root, name, template=template)
+            rows.append((name, "all", template, acc, 100.0 / n))
+            print(f"{name:18s} all   {acc:6.1f}%  with the template {template!r}")
     return rows
 
 
@@ -653,10 +783,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="where the world's datasets are drawn")
     p.add_argument("--render", action="store_true", help="draw the three datasets under --root")
-    p.add_argument("--pretrain", action="store_true", help="pre-train the tiny CLIP and write it to --weights, "
+    p.add_argument("--pretrain", action="store_true", help="pre-train the world CLIP and write it to --weights, "
                    "replacing the shipped file by default, then print its zero-shot accuracy")
     p.add_argument("--report", action="store_true", help="zero-shot accuracy of --weights on every world dataset")
-    p.add_argument("--weights", default=WORLD_CLIP_PATH, help="the tiny CLIP file to write or read")
+    p.add_argument("--weights", default=WORLD_CLIP_PATH, help="the world CLIP file to write or read")
     args = p.parse_args(argv)
     if not (args.render or args.pretrain or args.report):
         p.error("give --render, --pretrain or --report")

@@ -287,11 +287,9 @@ def load_official(model, checkpoint):
 # ----------------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    import dataclasses
     clip_model = clip_layers.random_clip("tiny")
     images = torch.randn(2, 3, 32, 32)
     for preset, cfg in PRESETS.items():
-        cfg = dataclasses.replace(cfg, depth=min(cfg.depth, *clip_layers.n_layers(clip_model)))  # tiny has 4 layers
         model = MPL(clip_model, ["cat", "dog", "sea lion"], cfg)
         with torch.no_grad():
             logits = model(images)

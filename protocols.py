@@ -6,6 +6,7 @@ train.py's `main` with that run's flags, so a protocol is a list of runs plus a 
     python protocols.py cross_dataset --method mpl --cross-dataset --root $DATA --clip ViT-B/16 --output runs
     python protocols.py domain_generalization --method mpl --cross-dataset --root $DATA --clip ViT-B/16 --output runs
     python protocols.py ablation --method isp --output runs       # ISP's 2 x 2 x 2 switches, base-to-new
+    python protocols.py ablation --method mpl --output runs       # MPL's n_add x n_rm grid, base-to-new
     python protocols.py summary runs                              # runs/summary.md, summary.csv, summary_*.png
 
 Every flag besides --datasets, --seeds and --output is handed to each run (see `python train.py --help`). Each run has
@@ -125,31 +126,60 @@ def _run_once(argv, run_dir, protocol, source, clip_model, fingerprint):
     return train.main(argv, clip_model=clip_model, extra=extra)
 
 
+def ablation_grid(method, argv):
+    """The ablation cells of a method: a list of (row labels, train.py flags), flags None where the cell is not a valid
+    config. isp: self-structural on/off x cross-structural none/class_summaries x sample probing on/off (the row
+    off/none/off is IVLP). mpl: n_add in {1, 2} x n_rm in {0, 1, 2} at the preset's n_ctx; n_rm > n_add * n_ctx is not
+    a valid cell (the official code asserts that the vision sequence never shrinks)."""
+    if method == "isp":
+        return [((on(s), cross, on(p)), ["--isp-self" if s else "--no-isp-self", "--isp-cross", cross,
+                                         "--sample-probing" if p else "--no-sample-probing"])
+                for s in (False, True) for cross in ("none", "class_summaries") for p in (False, True)]
+    if method == "mpl":
+        n_ctx = train.method_config(train.get_args(argv)).n_ctx
+        return [((str(a), str(r)), ["--n-add", str(a), "--n-rm", str(r)] if r <= a * n_ctx else None)
+                for a in (1, 2) for r in (0, 1, 2)]
+    raise ValueError(f"no ablation for --method {method}: give --method isp or --method mpl")
+
+
+def on(flag):
+    return "on" if flag else "off"
+
+
+ABLATION_COLUMNS = {"isp": ("self-structural", "cross-structural", "sample probing"), "mpl": ("n_add", "n_rm")}
+
+
 def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
-    """ISP's ablation: base-to-new with each of (self-structural on/off) x (cross-structural none/class_summaries) x
-    (sample probing on/off), the same seeds and datasets, one table (<out>/ablation/ablation.md). Row (off, none, off) is IVLP."""
-    lines = ["| self-structural | cross-structural | sample probing | base | new | HM |", "|---|---|---|---|---|---|"]
-    for isp_self in (False, True):
-        for cross in ("none", "class_summaries"):
-            for probing in (False, True):
-                flags = ["--isp-self" if isp_self else "--no-isp-self", "--isp-cross", cross,
-                         "--sample-probing" if probing else "--no-sample-probing"]
-                name = f"self-{'on' if isp_self else 'off'}_cross-{cross}_probing-{'on' if probing else 'off'}"
-                runs = run_protocol("base2new", argv + flags, datasets, seeds, os.path.join(out, "ablation", name),
-                                    clip_model)
-                by_dataset = {}
-                for r in runs:
-                    by_dataset.setdefault(r["dataset"], []).append(r["accuracy"])
-                # per dataset the mean over seeds, then the mean over datasets, and HM of those
-                b = np.mean([np.mean([a["base"] for a in accs]) for accs in by_dataset.values()])
-                n = np.mean([np.mean([a["new"] for a in accs]) for accs in by_dataset.values()])
-                lines.append(f"| {'on' if isp_self else 'off'} | {cross} | {'on' if probing else 'off'} | {b:.2f} | "
-                             f"{n:.2f} | {2 * b * n / (b + n):.2f} |")
-    text = (f"ISP ablation, base-to-new, {', '.join(sorted(by_dataset))}, seeds {', '.join(map(str, seeds))} "
-            f"(mean over seeds, then datasets)\n\n" + "\n".join(lines))
+    """A method's ablation grid (ablation_grid), each cell base-to-new on the same seeds and datasets, and one table
+    (<out>/ablation/ablation_<method>.md) of mean +- std over seeds (then the mean over datasets) and HM of the means.
+    A cell whose config is the preset's is the base2new protocol's own run (<out>/base2new/...), shared, not re-run."""
+    args = train.get_args(argv)
+    method, preset = args.method, train.method_config(args)
+    columns = ABLATION_COLUMNS[method]
+    lines = ["| " + " | ".join(columns) + " | base | new | HM |", "|" + "---|" * (len(columns) + 3)]
+    for labels, flags in ablation_grid(method, argv):
+        if flags is None:
+            lines.append("| " + " | ".join(labels) + " | not a valid config | | |")
+            continue
+        is_preset = train.method_config(train.get_args(argv + flags)) == preset
+        cell_out = out if is_preset else os.path.join(out, "ablation", method, "_".join(
+            f"{c.replace(' ', '-')}-{v}" for c, v in zip(columns, labels)))
+        runs = run_protocol("base2new", argv + flags, datasets, seeds, cell_out, clip_model)
+        by_seed = {}
+        for r in runs:  # per seed the mean over datasets
+            by_seed.setdefault(r["seed"], []).append(r["accuracy"])
+        b = [np.mean([a["base"] for a in accs]) for accs in by_seed.values()]
+        n = [np.mean([a["new"] for a in accs]) for accs in by_seed.values()]
+        (bm, bs), (nm, ns) = _mean_std(b), _mean_std(n)
+        shown = labels[:-1] + (labels[-1] + (" (preset)" if is_preset else ""),)
+        lines.append("| " + " | ".join(shown) + f" | {bm:.2f} ± {bs:.2f} | {nm:.2f} ± {ns:.2f} | "
+                     f"{2 * bm * nm / (bm + nm):.2f} |")
+    datasets_run = sorted({r["dataset"] for r in runs})
+    text = (f"{method} ablation, base-to-new, {', '.join(datasets_run)}, seeds {', '.join(map(str, seeds))} "
+            f"(mean +- std over seeds of the mean over datasets; HM of the means)\n\n" + "\n".join(lines))
     print(text)
     os.makedirs(os.path.join(out, "ablation"), exist_ok=True)
-    with open(os.path.join(out, "ablation", "ablation.md"), "w") as f:
+    with open(os.path.join(out, "ablation", f"ablation_{method}.md"), "w") as f:
         f.write(text + "\n")
     return text
 
@@ -302,8 +332,8 @@ def main(argv=None):
     if args.protocol == "summary":
         summarize(args.dir or args.output, seeds=args.seeds)
     elif args.protocol == "ablation":
-        if train.get_args(run_flags).method != "isp":
-            p.error("ablation switches ISP's modules: give --method isp")
+        if train.get_args(run_flags).method not in ABLATION_COLUMNS:
+            p.error("ablation switches a method's modules: give --method isp (2 x 2 x 2) or --method mpl (add/remove)")
         run_ablation(run_flags, args.datasets, args.seeds, args.output)
     else:
         run_protocol(args.protocol, run_flags, args.datasets, args.seeds, args.output)

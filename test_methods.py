@@ -40,7 +40,7 @@ def vitb16():
 # mpl.py: MPL and the MaPLe preset, against a plain re-implementation of the official forward
 
 CLASSES = ["dog", "cat", "sea lion"]
-TINY = {  # the tiny CLIP has 4 layers: the cross-dataset depth 3 leaves one unprompted layer at the end
+TINY = {  # the cross-dataset depth 3: most of the tiny CLIP's 12 layers run unprompted, which the tests check too
     "mpl": replace(mpl.PRESETS["mpl"], **mpl.CROSS_DATASET),
     "maple": replace(mpl.PRESETS["maple"], **mpl.CROSS_DATASET),
 }
@@ -137,7 +137,7 @@ def test_logits_equal_official_forward(tiny, preset):
 
 def test_maple_preset_equals_maple_block(tiny):
     """With n_add = 1 and n_rm = n_ctx, MPL is MaPLe's deep prompting (its block replaces the last n_ctx)."""
-    cfg = replace(mpl.PRESETS["maple"], depth=4)
+    cfg = mpl.PRESETS["maple"]  # depth 9 of 12, as published
     model = make_model(tiny, cfg)
     images = images_for(tiny)
     with torch.no_grad():
@@ -178,21 +178,21 @@ def vision_lengths(n_tokens, cfg, n_layers):
     return [n_tokens + cfg.n_ctx + min(l, cfg.depth - 1) * (cfg.n_add * cfg.n_ctx - cfg.n_rm) for l in range(n_layers)]
 
 
-@pytest.mark.parametrize("preset, expected, prefix", [("mpl", [18, 19, 20, 20], 6), ("maple", [19, 19, 19, 19], 5)])
+@pytest.mark.parametrize("preset, expected, prefix", [("mpl", [18, 19] + [20] * 10, 6), ("maple", [19] * 12, 5)])
 def test_sequence_lengths_tiny(tiny, monkeypatch, preset, expected, prefix):
     cfg = TINY[preset]
     model = make_model(tiny, cfg)
     seen = record_blocks(monkeypatch, model, images_for(tiny))
     lengths = [x.shape[1] for x, _ in seen["vision"]]
-    assert lengths == expected == vision_lengths(17, cfg, 4)
+    assert lengths == expected == vision_lengths(17, cfg, 12)
     # The text's shared prefix, SOS + prompts + the template's words ("X a photo of a" / "a photo of a"), runs once
     # through every block but the last (after which only the EOT rows are read); each class's own rows run beside it
     # (residual_block_after_prefix, not recorded here) ...
-    assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(1, prefix)] * 3
+    assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(1, prefix)] * 11
     # ... and without sharing every class keeps its (cut) length at every layer
     seen = record_blocks(monkeypatch, make_model(tiny, cfg, shared_prefix=False), images_for(tiny))
     cut = int(model.prompt_learner.eot.max()) + 1
-    assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(len(CLASSES), cut)] * 4
+    assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(len(CLASSES), cut)] * 12
 
 
 def test_sequence_lengths_vitb16(vitb16, monkeypatch):
@@ -212,7 +212,7 @@ def test_add_remove_carry(tiny, monkeypatch):
     model = make_model(tiny, cfg, shared_prefix=False)  # every class's text rows through every block
     seen = record_blocks(monkeypatch, model, images_for(tiny))
     p = prompt_params(model)
-    for l in range(1, 4):
+    for l in range(1, 12):
         x_in, y_prev = seen["vision"][l][0], seen["vision"][l - 1][1]
         if l < cfg.depth:
             keep = y_prev.shape[1] - cfg.n_rm
@@ -232,13 +232,16 @@ def test_add_remove_carry(tiny, monkeypatch):
 
 def test_maple_preset_carries_nothing(tiny, monkeypatch):
     """maple preset: the sequence stays 17 + n_ctx and the prompt positions at every deep layer's input hold exactly the
-    projected compound prompts of that layer: nothing of the previous layer's prompts survives."""
-    cfg = replace(mpl.PRESETS["maple"], depth=4)
+    projected compound prompts of that layer: nothing of the previous layer's prompts survives. Past the depth (layers
+    9..11) the block's outputs go on unchanged."""
+    cfg = mpl.PRESETS["maple"]
     model = make_model(tiny, cfg)
     seen = record_blocks(monkeypatch, model, images_for(tiny))
     p = prompt_params(model)
-    assert [x.shape[1] for x, _ in seen["vision"]] == [17 + cfg.n_ctx] * 4
-    for l in range(1, 4):
+    assert [x.shape[1] for x, _ in seen["vision"]] == [17 + cfg.n_ctx] * 12
+    for l in range(cfg.depth, 12):
+        assert torch.equal(seen["vision"][l][0], seen["vision"][l - 1][1])
+    for l in range(1, cfg.depth):
         x_in, y_prev = seen["vision"][l][0], seen["vision"][l - 1][1]
         proj = F.linear(p[f"compound_prompts_text.{l - 1}"], p[f"txt2img_proj.0.{l - 1}.weight"],
                         p[f"txt2img_proj.0.{l - 1}.bias"])                                  # (n_ctx, D)
@@ -463,7 +466,7 @@ def test_maple_with_other_n_ctx_removes_what_it_added(tiny, monkeypatch):
     cfg = train.method_config(train.get_args(["--method", "maple", "--n-ctx", "3", "--depth", "3"]))
     assert (cfg.n_ctx, cfg.n_add, cfg.n_rm) == (3, 1, 3) and cfg == mpl.maple(3, depth=3)
     seen = record_blocks(monkeypatch, mpl.MPL(tiny, CLASSES, cfg), images_for(tiny))
-    assert [x.shape[1] for x, _ in seen["vision"]] == [17 + 3] * 4
+    assert [x.shape[1] for x, _ in seen["vision"]] == [17 + 3] * 12
     explicit = train.method_config(train.get_args(["--method", "maple", "--n-ctx", "3", "--n-rm", "1"]))
     assert explicit.n_rm == 1  # an explicit --n-rm still wins
 
@@ -562,8 +565,8 @@ def test_maple_text_is_maples(tiny):
 def test_config_errors(tiny):
     with pytest.raises(ValueError, match="removes at most what it adds"):
         mpl.MPL(tiny, CLASSES, mpl.MPLConfig(n_ctx=1, n_add=2, n_rm=3, depth=3))
-    with pytest.raises(ValueError, match=r"depth must be in 1\.\.4"):
-        mpl.MPL(tiny, CLASSES, mpl.MPLConfig())  # the official depth 9 does not fit the 4-layer tiny CLIP
+    with pytest.raises(ValueError, match=r"depth must be in 1\.\.12"):
+        mpl.MPL(tiny, CLASSES, mpl.MPLConfig(depth=13))  # deeper than the CLIP: refused, never rescaled
 
 
 def test_trainable_set_is_the_prompt_learner(tiny):
@@ -1188,6 +1191,6 @@ def test_config_fields_have_help(tiny):
     assert dataclasses.fields(ISPConfig)[0].name == "n_ctx"
     names = {f.name for f in dataclasses.fields(ISPConfig)}
     assert {"n_ctx", "depth", "ctx_init", "isp_self", "isp_cross", "sample_probing", "sp_lambda", "sp_mode"} <= names
-    with pytest.raises(ValueError):
-        ISP(tiny, NAMES, ISPConfig())     # depth 9 > the tiny CLIP's 4 layers
+    with pytest.raises(ValueError, match=r"depth must be in 1\.\.12"):
+        ISP(tiny, NAMES, ISPConfig(depth=13))     # deeper than the CLIP: refused, never rescaled
     assert math.isclose(ISPConfig().sp_lambda, 1.0)

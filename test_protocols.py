@@ -1,12 +1,15 @@
 """
 Tests of protocols.py: the summary tables (seed means, harmonic means, missing seeds, the published rows beside ours),
-whole protocols run end to end on fake CoOp trees (conftest.py) with the tiny random CLIP, and the ISP ablation grid.
+whole protocols run end to end on fake CoOp trees (conftest.py) with the tiny random CLIP, and the ablation grids (ISP, MPL).
 
     python -m pytest -q test_protocols.py
 """
 import json
 import os
 
+import pytest
+
+import isp
 import protocols
 import train
 
@@ -82,22 +85,37 @@ def test_protocols_end_to_end_on_fake_trees(tmp_path, tiny, tree_copy):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The ISP ablation grid
+# Ablation grids: ISP's 2 x 2 x 2 switches, MPL's add/remove
+
+def fake_protocol(seen, score):
+    def run(protocol, argv, datasets, seeds, out, clip_model=None):
+        args = train.get_args(argv)
+        seen.append((train.method_config(args), out))
+        return [dict(dataset="mini_world", seed=s, accuracy=dict(base=score(args) + s, new=40.0)) for s in seeds]
+    return run
+
 
 def test_isp_ablation_grid_writes_one_table(tmp_path, monkeypatch):
-    """--ablation runs base2new for the 8 switch combinations and writes one table; (off, none, off) is IVLP."""
+    """The 8 switch combinations, one table of mean +- std over seeds; the preset's cell is base2new's own run."""
     seen = []
-
-    def fake_protocol(protocol, argv, datasets, seeds, out, clip_model=None):
-        args = train.get_args(argv)
-        seen.append((args.cfg_isp_self, args.cfg_isp_cross, args.cfg_sample_probing))
-        b = (50.0 + 10 * bool(args.cfg_isp_self) + 5 * (args.cfg_isp_cross == "class_summaries")
-             + 2 * bool(args.cfg_sample_probing))
-        return [dict(dataset="mini_world", accuracy=dict(base=b + s, new=40.0)) for s in seeds]
-
-    monkeypatch.setattr(protocols, "run_protocol", fake_protocol)
+    score = lambda a: 50.0 + 10 * bool(a.cfg_isp_self) + 5 * (a.cfg_isp_cross == "class_summaries") \
+        + 2 * bool(a.cfg_sample_probing)
+    monkeypatch.setattr(protocols, "run_protocol", fake_protocol(seen, score))
     text = protocols.run_ablation(["--method", "isp"], None, [1, 3], str(tmp_path))
-    assert len(set(seen)) == 8
-    assert "| off | none | off | 52.00 | 40.00 |" in text    # mean of seeds 1 and 3: 51, 53
-    assert "| on | class_summaries | on | 69.00 | 40.00 |" in text
-    assert open(tmp_path / "ablation" / "ablation.md").read().strip() == text.strip()
+    assert len({(c.isp_self, c.isp_cross, c.sample_probing) for c, _ in seen}) == 8
+    assert "| off | none | off | 52.00 ± 1.41 | 40.00 ± 0.00 |" in text    # seeds 1 and 3: 51, 53
+    assert "| on | class_summaries | on (preset) | 69.00 ± 1.41 | 40.00 ± 0.00 | 50.64 |" in text
+    assert [out for c, out in seen if c == isp.PRESETS["isp"]] == [str(tmp_path)]  # shared with base2new
+    assert len({out for _, out in seen}) == 8
+    assert open(tmp_path / "ablation" / "ablation_isp.md").read().strip() == text.strip()
+
+
+def test_mpl_ablation_grid_skips_what_the_official_code_forbids(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(protocols, "run_protocol", fake_protocol(seen, lambda a: 60.0 + a.cfg_n_add + a.cfg_n_rm))
+    text = protocols.run_ablation(["--method", "mpl"], None, [1, 2, 3], str(tmp_path))
+    assert sorted((c.n_add, c.n_rm) for c, _ in seen) == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+    assert "| 1 | 2 | not a valid config |" in text    # n_rm 2 > n_add * n_ctx = 1
+    assert "| 2 | 1 (preset) | 65.00 ± 1.00 | 40.00 ± 0.00 | 49.52 |" in text
+    with pytest.raises(ValueError, match="no ablation for --method maple"):
+        protocols.ablation_grid("maple", ["--method", "maple"])

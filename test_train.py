@@ -205,7 +205,7 @@ def test_nan_loss_stops_with_step_paths_and_lr_and_keeps_checkpoint(tmp_path, ti
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The main job in the mini world, reduced: draw the world, load the shipped tiny CLIP, train on base, test base and new;
+# The main job in the mini world, reduced: draw the world, load the shipped world CLIP, train on base, test base and new;
 # the README's commands
 
 def test_main_job_in_the_mini_world_end_to_end(tmp_path, capsys):
@@ -214,7 +214,8 @@ def test_main_job_in_the_mini_world_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no --dataset given: running in the built-in mini world" in out
     assert res["dataset"] == "mini_world" and set(res["accuracy"]) == {"base", "new", "hm"}
-    assert res["config"]["method_config"]["depth"] == 3  # 9 of ViT-B/16's 12 layers -> 3 of the tiny CLIP's 4
+    assert res["config"]["method_config"]["depth"] == 9  # the published depth: the world's CLIP has 12 layers too
+    assert "depth" not in out.split("no --dataset given")[1].split("epoch")[0]  # nothing about the depth is changed
     chance = 100 / 18
     assert res["accuracy"]["base"] > 3 * chance and res["accuracy"]["new"] > 3 * chance
     assert os.path.exists(tmp_path / "run" / "results.json")

@@ -113,7 +113,7 @@ def get_args(argv=None):
     p.add_argument("--cross-dataset", action="store_true",
                    help="the cross-dataset / domain-generalisation recipe (depth 3; MPL/MaPLe: lr 0.0026, 2 epochs)")
     p.add_argument("--clip", default=None, help="CLIP model name (ViT-B/16) or path to a local .pt; default ViT-B/16 "
-                   "with --dataset, else the mini world's tiny CLIP")
+                   "with --dataset, else the mini world's CLIP")
     p.add_argument("--output", default=None, help="run directory (default output/<dataset>/<method>/shots<K>_seed<S>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
@@ -126,7 +126,7 @@ def get_args(argv=None):
                         "model in fp16 with plain SGD, as the official code runs (for parity checks)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 for the "
-                   "mini world's tiny CLIP, else the cores not busy with other processes)")
+                   "mini world's small CLIP, else the cores not busy with other processes)")
     p.add_argument("--crop-scale", type=float, default=None, help="smallest area of the training RandomResizedCrop "
                    "(default: Dassl's 0.08 on the benchmarks; 0.5 in the mini world, whose 32-pixel images an 8%% crop "
                    "reduces to 9 x 9 pixels)")
@@ -195,28 +195,10 @@ def recipe(args):
             args.batch_size if args.batch_size is not None else r.batch_size)
 
 
-PRESET_LAYERS = 12  # the presets' prompt depths are for ViT-B/16's 12 layers
-
-
-def model_config(args, clip_model, quiet=False):
-    """method_config for the CLIP in hand: a preset's depth for ViT-B/16's 12 layers is scaled to a shallower CLIP."""
-    cfg = method_config(args)
-    layers = min(clip_layers.n_layers(clip_model))
-    if cfg is not None and args.cfg_depth is None and cfg.depth > layers:
-        # A shallower CLIP (the mini world's has 4 layers): keep the preset's share of prompted layers, 9 of 12 -> 3 of 4
-        depth = max(1, round(cfg.depth * layers / PRESET_LAYERS))
-        if not quiet:
-            print(f"prompt depth {cfg.depth} is for ViT-B/16's {PRESET_LAYERS} layers; this CLIP has {layers}: "
-                  f"depth {depth} (--depth sets it)")
-        cfg = dataclasses.replace(cfg, depth=depth)
-    return cfg
-
-
-def build_model(args, clip_model, classnames, template, quiet=False):
+def build_model(args, clip_model, classnames, template):
     if args.method == "zeroshot":
         return clip_layers.ZeroShotCLIP(clip_model, classnames, template)
-    return RECIPES[args.method].model(clip_model, classnames, model_config(args, clip_model, quiet),
-                                      text_chunk=args.text_chunk or None)
+    return RECIPES[args.method].model(clip_model, classnames, method_config(args), text_chunk=args.text_chunk or None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -447,7 +429,7 @@ def fixed_view_p_clip(model, items, args):
 
 def plain_config(args, model):
     lr, epochs, batch_size = recipe(args)
-    cfg = getattr(model, "cfg", None)  # the config the model was built with (depth scaled for a shallow CLIP)
+    cfg = getattr(model, "cfg", None)  # the config the model was built with
     return dict(args=vars(args), lr=lr, epochs=epochs, batch_size=batch_size,
                 method_config=dataclasses.asdict(cfg) if cfg is not None else None)
 
@@ -469,7 +451,7 @@ def prepare_run_dir(args):
 
 
 def load_clip(args, real=None):
-    """--clip if given; else ViT-B/16 for a real dataset and the mini world's tiny CLIP in the mini world."""
+    """--clip if given; else ViT-B/16 for a real dataset and the mini world's CLIP in the mini world."""
     if args.clip:
         return clip_layers.load_clip(args.clip, args.device)
     if real if real is not None else not mini_world.is_world(args.dataset):
@@ -478,16 +460,17 @@ def load_clip(args, real=None):
 
 
 def cpu_threads(args, clip_model):
-    """Threads for torch on the CPU, and why. The mini world's tiny CLIP runs small matrices, whose per-op cost is mostly
-    thread synchronisation. The main job on a 2-core machine: idle, 10.5 s with one thread and 9.3 s with two; with
-    another process busy on one core, 10.5 s with one and 23.3 s with two (each thread waits for the other at every
-    op). So one thread for the tiny CLIP; a large CLIP gets the cores that other processes leave free (by the
-    1-minute load average)."""
+    """Threads for torch on the CPU, and why. A CLIP narrower than 256 (the mini world's: 96 / 64) runs small
+    matrices, whose per-op cost is largely thread synchronisation. The main job on an idle 2-core machine: 34.3 s with
+    one thread, 28.3 s with two. With another process busy on one core, two threads were 2.2x slower than one (23.3 s
+    against 10.5 s, measured on the earlier 4-layer world CLIP): each thread waits for the other at every op. So one
+    thread for a small CLIP, which also lets two protocol processes share two cores; a large CLIP gets the cores that
+    other processes leave free (by the 1-minute load average)."""
     if args.threads:
         return args.threads, "--threads"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if clip_layers.widths(clip_model)[1] < 256:
-        return 1, f"the tiny CLIP's ops are too small to share between threads; {cores} cores here; --threads sets it"
+        return 1, f"this small CLIP's ops are too small to share between threads; {cores} cores here; --threads sets it"
     busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
     return max(1, cores - busy), f"{cores} cores, about {busy} busy with other processes; --threads sets it"
 
@@ -495,7 +478,7 @@ def cpu_threads(args, clip_model):
 def run_identity(args, clip_model, clip_fingerprint=None):
     """What a run of these flags computes on this CLIP (rundir.identity): the config as built for this CLIP, the
     precision as resolved, the CLIP's weights fingerprint. protocols.py computes it too, before deciding to skip."""
-    cfg = model_config(args, clip_model, quiet=True)
+    cfg = method_config(args)
     ident = rundir.identity(args, recipe(args), dataclasses.asdict(cfg) if cfg is not None else None,
                             clip_fingerprint or rundir.weights_fingerprint(clip_model))
     ident["precision"] = resolve_precision(args.precision, args.device)
@@ -574,7 +557,7 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
     acc = {train_on: evaluate(model, bench.test, args, autocast)}
     if args.subsample == "base2new":  # the same prompts; the model rebuilt with the new class names
         new = benchmark("new")
-        new_model = build_model(args, clip_model, new.classnames, new.template, quiet=True).to(args.device)
+        new_model = build_model(args, clip_model, new.classnames, new.template).to(args.device)
         load_trainable(new_model, trainable_state(model), "the prompts trained on the base classes")
         precision_setup(precision, args.device, new_model)
         acc["new"] = evaluate(new_model, new.test, args, autocast)

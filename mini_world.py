@@ -41,9 +41,9 @@ This design was fixed, and the CLIP pre-trained, before any prompt method ran on
   claim the text encoder must encode: it reads "a sketch of a red circle" differently from "a photo of a red circle".
   This is what gives text prompts something to act on, as the context words do in real CLIP.
 - Temperature: learned from CLIP's 1/0.07 and clamped at CLIP's 100. It learns with a 10x learning rate because this
-  pre-training has 850 steps where CLIP's had about 400,000 (see pretrain_world_clip); the known positives let it grow
-  (a batch's duplicate captions no longer cap it), so the frozen CLIP's probabilities, which drive ISP's sample
-  probing, are as sharp as the data allows.
+  pre-training has 850 steps where CLIP's had about 400,000 (see pretrain_world_clip), and the known positives let it
+  grow (a batch's duplicate captions no longer cap it). Measured: it ends at 26.5, still rising when the schedule
+  ended; 850 steps do not make features sharp enough for CLIP's 100 (README: "The mini world").
 - Pre-training: symmetric InfoNCE over 850 batches of 256 from 32,768 images of the whole world, new classes included
   (like real CLIP it has seen every concept; only prompt learning is restricted to the base classes), AdamW, warmup
   and cosine decay: about 30 minutes on 2 CPU cores. 85 % of the images are photos, 70 % of those through a neutral

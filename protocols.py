@@ -152,26 +152,36 @@ ABLATION_COLUMNS = {"isp": ("self-structural", "cross-structural", "sample probi
 def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
     """A method's ablation grid (ablation_grid), each cell base-to-new on the same seeds and datasets, and one table
     (<out>/ablation/ablation_<method>.md) of mean +- std over seeds (then the mean over datasets) and HM of the means.
-    A cell whose config is the preset's is the base2new protocol's own run (<out>/base2new/...), shared, not re-run."""
-    args = train.get_args(argv)
-    method, preset = args.method, train.method_config(args)
+    A cell that is a preset (ISP's own; IVLP, which is ISP with every switch off) is that preset's base2new run
+    (<out>/base2new/<preset>/...), shared, not re-run."""
+    method = train.get_args(argv).method
     columns = ABLATION_COLUMNS[method]
+
+    def preset(m):  # the flags of this ablation, but method m at its preset
+        return train.get_args(argv + ["--method", m])
+
     lines = ["| " + " | ".join(columns) + " | base | new | HM |", "|" + "---|" * (len(columns) + 3)]
     for labels, flags in ablation_grid(method, argv):
         if flags is None:
             lines.append("| " + " | ".join(labels) + " | not a valid config | | |")
             continue
-        is_preset = train.method_config(train.get_args(argv + flags)) == preset
-        cell_out = out if is_preset else os.path.join(out, "ablation", method, "_".join(
+        # the presets whose config and recipe equal this cell's: the same config, recipe and seed compute the same run
+        cell = train.get_args(argv + flags)
+        same = [m for m, r in train.RECIPES.items() if r.model is train.RECIPES[method].model and
+                (train.method_config(preset(m)), train.recipe(preset(m))) == (train.method_config(cell),
+                                                                             train.recipe(cell))]
+        shared = method if method in same else (same[0] if same else None)
+        cell_out = out if shared else os.path.join(out, "ablation", method, "_".join(
             f"{c.replace(' ', '-')}-{v}" for c, v in zip(columns, labels)))
-        runs = run_protocol("base2new", argv + flags, datasets, seeds, cell_out, clip_model)
+        runs = run_protocol("base2new", argv + ["--method", shared] if shared else argv + flags, datasets, seeds,
+                            cell_out, clip_model)
         by_seed = {}
         for r in runs:  # per seed the mean over datasets
             by_seed.setdefault(r["seed"], []).append(r["accuracy"])
         b = [np.mean([a["base"] for a in accs]) for accs in by_seed.values()]
         n = [np.mean([a["new"] for a in accs]) for accs in by_seed.values()]
         (bm, bs), (nm, ns) = _mean_std(b), _mean_std(n)
-        shown = labels[:-1] + (labels[-1] + (" (preset)" if is_preset else ""),)
+        shown = labels[:-1] + (labels[-1] + (f" (= {shared})" if shared else ""),)
         lines.append("| " + " | ".join(shown) + f" | {bm:.2f} ± {bs:.2f} | {nm:.2f} ± {ns:.2f} | "
                      f"{2 * bm * nm / (bm + nm):.2f} |")
     datasets_run = sorted({r["dataset"] for r in runs})

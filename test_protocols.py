@@ -89,33 +89,32 @@ def test_protocols_end_to_end_on_fake_trees(tmp_path, tiny, tree_copy):
 
 def fake_protocol(seen, score):
     def run(protocol, argv, datasets, seeds, out, clip_model=None):
-        args = train.get_args(argv)
-        seen.append((train.method_config(args), out))
-        return [dict(dataset="mini_world", seed=s, accuracy=dict(base=score(args) + s, new=40.0)) for s in seeds]
+        cfg = train.method_config(train.get_args(argv))
+        seen.append((cfg, out))
+        return [dict(dataset="mini_world", seed=s, accuracy=dict(base=score(cfg) + s, new=40.0)) for s in seeds]
     return run
 
 
 def test_isp_ablation_grid_writes_one_table(tmp_path, monkeypatch):
     """The 8 switch combinations, one table of mean +- std over seeds; the preset's cell is base2new's own run."""
     seen = []
-    score = lambda a: 50.0 + 10 * bool(a.cfg_isp_self) + 5 * (a.cfg_isp_cross == "class_summaries") \
-        + 2 * bool(a.cfg_sample_probing)
+    score = lambda c: 50.0 + 10 * c.isp_self + 5 * (c.isp_cross == "class_summaries") + 2 * c.sample_probing
     monkeypatch.setattr(protocols, "run_protocol", fake_protocol(seen, score))
     text = protocols.run_ablation(["--method", "isp"], None, [1, 3], str(tmp_path))
     assert len({(c.isp_self, c.isp_cross, c.sample_probing) for c, _ in seen}) == 8
-    assert "| off | none | off | 52.00 ± 1.41 | 40.00 ± 0.00 |" in text    # seeds 1 and 3: 51, 53
-    assert "| on | class_summaries | on (preset) | 69.00 ± 1.41 | 40.00 ± 0.00 | 50.64 |" in text
-    assert [out for c, out in seen if c == isp.PRESETS["isp"]] == [str(tmp_path)]  # shared with base2new
-    assert len({out for _, out in seen}) == 8
+    assert "| off | none | off (= ivlp) | 52.00 ± 1.41 | 40.00 ± 0.00 |" in text    # seeds 1 and 3: 51, 53
+    assert "| on | class_summaries | on (= isp) | 69.00 ± 1.41 | 40.00 ± 0.00 | 50.64 |" in text
+    assert [out for c, out in seen if c in (isp.PRESETS["isp"], isp.PRESETS["ivlp"])] == [str(tmp_path)] * 2
+    assert len({out for _, out in seen}) == 7  # 6 cells of their own, 2 shared with base2new (isp, ivlp)
     assert open(tmp_path / "ablation" / "ablation_isp.md").read().strip() == text.strip()
 
 
 def test_mpl_ablation_grid_skips_what_the_official_code_forbids(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(protocols, "run_protocol", fake_protocol(seen, lambda a: 60.0 + a.cfg_n_add + a.cfg_n_rm))
+    monkeypatch.setattr(protocols, "run_protocol", fake_protocol(seen, lambda c: 60.0 + c.n_add + c.n_rm))
     text = protocols.run_ablation(["--method", "mpl"], None, [1, 2, 3], str(tmp_path))
     assert sorted((c.n_add, c.n_rm) for c, _ in seen) == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
     assert "| 1 | 2 | not a valid config |" in text    # n_rm 2 > n_add * n_ctx = 1
-    assert "| 2 | 1 (preset) | 65.00 ± 1.00 | 40.00 ± 0.00 | 49.52 |" in text
+    assert "| 2 | 1 (= mpl) | 65.00 ± 1.00 | 40.00 ± 0.00 | 49.52 |" in text
     with pytest.raises(ValueError, match="no ablation for --method maple"):
         protocols.ablation_grid("maple", ["--method", "maple"])

@@ -78,8 +78,8 @@ def build(method, clip_model, n_classes, official, text_chunk, shared_prefix=Tru
     if method == "zeroshot":
         return clip_layers.ZeroShotCLIP(clip_model, names, fast=not official, **unshared)
     recipe = train.RECIPES[method]
-    return recipe.model(clip_model, names, recipe.config, text_chunk=None if official else text_chunk, fast=not official,
-                        **unshared)
+    return recipe.model(clip_model, names, recipe.config, text_chunk=None if official else text_chunk,
+                        fast=not official, **unshared)
 
 
 def trains(model):

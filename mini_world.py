@@ -526,18 +526,21 @@ def make_caption(rng, colour, pattern, shape, style="photo", lights=()):
     return caption, pins
 
 
+# what a caption can pin besides the light, in the order of pretrain_sample's attribute tuples
+PINNABLE = [("colour", list(WORLD_COLOURS)), ("pattern", WORLD_PATTERNS), ("shape", WORLD_SHAPES), ("style", STYLES)]
+
+
 def _codes(attrs):
-    """Integer codes of images' attributes: (N, 4) [colour, pattern, shape, style] and an (N,) bit mask of light words."""
-    vocab = [list(WORLD_COLOURS), WORLD_PATTERNS, WORLD_SHAPES, STYLES]
-    codes = np.array([[v.index(a[k]) for k, v in enumerate(vocab)] for a in attrs])
+    """Integer codes of images' attributes: (N, 4) [colour, pattern, shape, style] and (N,) bit masks of light
+    words."""
+    codes = np.array([[words.index(a[k]) for k, (_, words) in enumerate(PINNABLE)] for a in attrs])
     lights = np.array([sum(1 << LIGHTS.index(w) for w in a[4]) for a in attrs])
     return codes, lights
 
 
 def caption_matches(image_codes, image_lights, pins):
     """(B_images, B_captions) bool: image i has every attribute that caption j pins."""
-    vocab = [("colour", list(WORLD_COLOURS)), ("pattern", WORLD_PATTERNS), ("shape", WORLD_SHAPES), ("style", STYLES)]
-    need = np.array([[v.index(p[k]) if k in p else -1 for k, v in vocab] for p in pins])  # -1: not pinned
+    need = np.array([[words.index(p[k]) if k in p else -1 for k, words in PINNABLE] for p in pins])  # -1: not pinned
     need_light = np.array([1 << LIGHTS.index(p["light"]) if "light" in p else 0 for p in pins])
     ok = ((need[None] == -1) | (need[None] == image_codes[:, None])).all(-1)
     return ok & ((image_lights[:, None] & need_light[None]) == need_light[None])
@@ -709,39 +712,50 @@ def read_world_split(root, name):
 
 
 @torch.no_grad()
+def encode_split(model, root, name, split="test", max_per_class=None, batch_size=500):
+    """A rendered split through CLIP's image encoder, once: (normalised features (N, D), labels (N,),
+    {label: classname}). zero_shot_accuracy scores it against any template and class subset."""
+    items = read_world_split(root, name)[split]
+    names = dict((label, classname) for _, label, classname in items)
+    kept, per_class = [], {}
+    for impath, label, _ in items:
+        if per_class.get(label, 0) < (max_per_class or len(items)):
+            per_class[label] = per_class.get(label, 0) + 1
+            kept.append((impath, label))
+    device = next(model.parameters()).device
+    features = []
+    for i in range(0, len(kept), batch_size):
+        images = [np.asarray(Image.open(os.path.join(root, name, "images", p)).convert("RGB"))
+                  for p, _ in kept[i:i + batch_size]]
+        features.append(F.normalize(clip_layers.encode_image(model, images_to_tensor(images).to(device)), dim=-1))
+    return torch.cat(features), torch.tensor([label for _, label in kept], device=device), names
+
+
+@torch.no_grad()
 def zero_shot_accuracy(model, root, name="mini_world", split="test", classes="all", template="a photo of a {}.",
-                       max_per_class=None, batch_size=500):
+                       max_per_class=None, batch_size=500, encoded=None):
     """Top-1 accuracy (%) of zero-shot CLIP on a rendered split, with CoOp's base/new relabelling.
 
     classes: "all", "base" or "new" (sorted labels, first ceil(n/2) are base). Goes through clip_layers' encoders
-    (equal to CLIP's own to 1e-6), so it measures exactly what a prompt learner starts from.
+    (equal to CLIP's own to 1e-6), so it measures exactly what a prompt learner starts from. encoded: encode_split's
+    result for this split, to score one encoding with several templates or class subsets.
     """
     if classes not in ("all", "base", "new"):
         raise ValueError(f"classes must be 'all', 'base' or 'new', not {classes!r}")
-    items = read_world_split(root, name)[split]
-    names = dict((label, classname) for _, label, classname in items)
+    features, image_labels, names = encoded if encoded is not None else \
+        encode_split(model, root, name, split, max_per_class, batch_size)
     labels = sorted(names)
     if classes != "all":
         base, new = base_new_labels(len(labels))
         labels = [labels[i] for i in (base if classes == "base" else new)]
-    relabel = {label: i for i, label in enumerate(labels)}
-    kept, per_class = [], {}
-    for impath, label, _ in items:
-        if label in relabel and per_class.get(label, 0) < (max_per_class or len(items)):
-            per_class[label] = per_class.get(label, 0) + 1
-            kept.append((impath, relabel[label]))
-
-    device = next(model.parameters()).device
-    prompts = [template.format(names[label].replace("_", " ")) for label in labels]
-    text_features = F.normalize(clip_layers.encode_text_ids(model, clip_layers.tokenize(prompts).to(device)), dim=-1)
-    correct = 0
-    for i in range(0, len(kept), batch_size):
-        chunk = kept[i:i + batch_size]
-        images = [np.asarray(Image.open(os.path.join(root, name, "images", p)).convert("RGB")) for p, _ in chunk]
-        image_features = F.normalize(clip_layers.encode_image(model, images_to_tensor(images).to(device)), dim=-1)
-        pred = (image_features @ text_features.t()).argmax(dim=-1).cpu()
-        correct += (pred == torch.tensor([y for _, y in chunk])).sum().item()
-    return 100.0 * correct / len(kept)
+    labels = torch.tensor(labels, device=image_labels.device)
+    keep = torch.isin(image_labels, labels)
+    target = torch.searchsorted(labels, image_labels[keep])  # CoOp's relabelling: position among the kept labels
+    prompts = [template.format(names[label].replace("_", " ")) for label in labels.tolist()]
+    text_features = F.normalize(clip_layers.encode_text_ids(model, clip_layers.tokenize(prompts).to(labels.device)),
+                                dim=-1)
+    pred = (features[keep] @ text_features.t()).argmax(dim=-1)
+    return 100.0 * (pred == target).float().mean().item()
 
 
 SENSITIVITY_TEMPLATES = ["a photo of a {}.", "{}", "a sketch of a {}."]  # how much the frozen text encoder reads
@@ -757,12 +771,13 @@ def zero_shot_report(model, root):
             continue
         n = len(world_classes(name))
         base, new = base_new_labels(n)
+        encoded = encode_split(model, root, name)  # the images once; each template and subset re-scores them
         for classes, k in [("all", n), ("base", len(base)), ("new", len(new))]:
-            acc = zero_shot_accuracy(model, root, name, classes=classes)
+            acc = zero_shot_accuracy(model, root, name, classes=classes, encoded=encoded)
             rows.append((name, classes, "a photo of a {}.", acc, 100.0 / k))
             print(f"{name:18s} {classes:5s} {acc:6.1f}%  (chance {100.0 / k:.1f}%, {k} classes)")
         for template in SENSITIVITY_TEMPLATES[1:]:
-            acc = zero_shot_accuracy(model, root, name, template=template)
+            acc = zero_shot_accuracy(model, root, name, template=template, encoded=encoded)
             rows.append((name, "all", template, acc, 100.0 / n))
             print(f"{name:18s} all   {acc:6.1f}%  with the template {template!r}")
     return rows

@@ -167,9 +167,9 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
             continue
         # the presets whose config and recipe equal this cell's: the same config, recipe and seed compute the same run
         cell = train.get_args(argv + flags)
+        computes = (train.method_config(cell), train.recipe(cell))
         same = [m for m, r in train.RECIPES.items() if r.model is train.RECIPES[method].model and
-                (train.method_config(preset(m)), train.recipe(preset(m))) == (train.method_config(cell),
-                                                                             train.recipe(cell))]
+                (train.method_config(preset(m)), train.recipe(preset(m))) == computes]
         shared = method if method in same else (same[0] if same else None)
         cell_out = out if shared else os.path.join(out, "ablation", method, "_".join(
             f"{c.replace(' ', '-')}-{v}" for c, v in zip(columns, labels)))
@@ -189,9 +189,14 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
             f"(mean +- std over seeds of the mean over datasets; HM of the means)\n\n" + "\n".join(lines))
     print(text)
     os.makedirs(os.path.join(out, "ablation"), exist_ok=True)
-    with open(os.path.join(out, "ablation", f"ablation_{method}.md"), "w") as f:
+    with open(ablation_table_path(out, method), "w") as f:
         f.write(text + "\n")
     return text
+
+
+def ablation_table_path(out, method):
+    """Where run_ablation writes a method's table (markdown)."""
+    return os.path.join(out, "ablation", f"ablation_{method}.md")
 
 
 # Published anchors (the papers' tables; ViT-B/16, 16 shots, mean of seeds 1-3): base2new (B, N, HM), transfer accuracy.

@@ -165,7 +165,8 @@ def test_caption_matches_and_contrastive_loss():
     logits = torch.randn(3, 3)
     # one positive per row and column (the diagonal): CLIP's symmetric InfoNCE exactly
     target = torch.arange(3)
-    clip_loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target)) / 2
+    ce = torch.nn.functional.cross_entropy
+    clip_loss = (ce(logits, target) + ce(logits.t(), target)) / 2
     assert torch.allclose(mini_world.contrastive_loss(logits, torch.eye(3, dtype=torch.bool)), clip_loss)
     # two images that one caption describes: its target is half on each
     both = torch.tensor([[True, False], [True, True]])

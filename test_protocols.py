@@ -106,7 +106,7 @@ def test_isp_ablation_grid_writes_one_table(tmp_path, monkeypatch):
     assert "| on | class_summaries | on (= isp) | 69.00 ± 1.41 | 40.00 ± 0.00 | 50.64 |" in text
     assert [out for c, out in seen if c in (isp.PRESETS["isp"], isp.PRESETS["ivlp"])] == [str(tmp_path)] * 2
     assert len({out for _, out in seen}) == 7  # 6 cells of their own, 2 shared with base2new (isp, ivlp)
-    assert open(tmp_path / "ablation" / "ablation_isp.md").read().strip() == text.strip()
+    assert open(protocols.ablation_table_path(str(tmp_path), "isp")).read().strip() == text.strip()
 
 
 def test_mpl_ablation_grid_skips_what_the_official_code_forbids(tmp_path, monkeypatch):

@@ -476,8 +476,8 @@ def cpu_threads(args, clip_model):
 
 
 def run_identity(args, clip_model, clip_fingerprint=None):
-    """What a run of these flags computes on this CLIP (rundir.identity): the config as built for this CLIP, the
-    precision as resolved, the CLIP's weights fingerprint. protocols.py computes it too, before deciding to skip."""
+    """What a run of these flags computes on this CLIP (rundir.identity): the method's config, the precision as
+    resolved, the CLIP's weights fingerprint. protocols.py computes it too, before deciding to skip."""
     cfg = method_config(args)
     ident = rundir.identity(args, recipe(args), dataclasses.asdict(cfg) if cfg is not None else None,
                             clip_fingerprint or rundir.weights_fingerprint(clip_model))

@@ -37,7 +37,6 @@ everything is read from the model in hand, so the tiny random CLIP of the tests 
 import hashlib
 import math
 import os
-import pickle
 import warnings
 from typing import NamedTuple
 
@@ -167,98 +166,6 @@ def to_official_fp16(model):
 def widths(clip_model):
     """(text width, vision width), e.g. (512, 768) for ViT-B/16, read from the weights."""
     return clip_model.ln_final.weight.shape[0], clip_model.visual.conv1.weight.shape[0]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Official checkpoints: Dassl's `model.pth.tar-N` files, read without running any code from them
-
-class _Inert:
-    """Stands in for any Python object a checkpoint pickles besides tensors (Dassl pickles its LR scheduler, whose
-    state holds a scheduler object and, through it, the optimizer). It is built from the pickled arguments and state
-    without calling anything of the original class, so loading a file runs none of its code."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def _inert_class(module, name):
-    return type(name, (_Inert,), {"__module__": f"<not loaded: {module}>"})
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    """Resolves only what a state dict is made of: torch's tensor rebuild functions, storages (torch.load resolves
-    those itself), dtypes, torch.Size, OrderedDict. Every other global (a class, os.system, ...) becomes an inert
-    placeholder class, so nothing from the file is ever called."""
-
-    def find_class(self, module, name):
-        if module == "torch._utils" and name.startswith("_rebuild_") or \
-                (module, name) in (("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device")) or \
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return super().find_class(module, name)
-        return _inert_class(module, name)
-
-
-class _TensorsOnlyPickle:  # the `pickle_module` torch.load takes: our Unpickler, the rest from pickle
-    Unpickler = _TensorsOnlyUnpickler
-    load = staticmethod(lambda f, **kw: _TensorsOnlyUnpickler(f, **kw).load())
-
-
-def read_checkpoint(path):
-    """The dict of a checkpoint file, tensors on the CPU. `torch.load(weights_only=True)` first; a file it refuses
-    because it pickles other objects (every official MaPLe / MPL / PromptSRC `model.pth.tar-N`: Dassl saves the LR
-    scheduler) is read again with an unpickler that only rebuilds tensors and keeps every other object as an inert
-    placeholder (_Inert): its tensors load, and no code from the file runs (never weights_only=False's arbitrary code).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # other objects besides tensors: read again below, inertly
-    except Exception as e:
-        raise RuntimeError(f"could not read checkpoint {path}: the file is truncated or not a torch checkpoint "
-                           f"({type(e).__name__}: {e})") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
-    except Exception as e:
-        raise RuntimeError(f"could not read checkpoint {path} ({type(e).__name__}: {e})") from e
-
-
-# Where the official CustomCLIP (MaPLe, MPL, PromptSRC) keeps the frozen CLIP in its state dict, and where it is in ours.
-_OFFICIAL_CLIP_KEYS = (("image_encoder.", "visual."), ("text_encoder.", ""), ("logit_scale", "logit_scale"))
-
-
-def official_state_dict(checkpoint, clip_model):
-    """(state dict, epoch, name) of an official Dassl checkpoint for the CLIP in hand: `checkpoint` is a path (read by
-    read_checkpoint) or the dict it holds; it must hold a 'state_dict' whose frozen CLIP has this CLIP's shapes.
-    mpl.load_official and isp.load_official_ivlp read their prompts from it."""
-    name = "the given checkpoint dict" if isinstance(checkpoint, dict) else str(checkpoint)
-    if not isinstance(checkpoint, dict):
-        checkpoint = read_checkpoint(checkpoint)
-    if not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{name}: not a Dassl checkpoint (no 'state_dict' dict; keys: {sorted(checkpoint)})")
-    check_official_backbone(clip_model, checkpoint["state_dict"], name)
-    return checkpoint["state_dict"], checkpoint.get("epoch"), name
-
-
-def check_official_backbone(clip_model, state_dict, source):
-    """An official checkpoint holds the frozen CLIP it was trained with: each of its tensors that CLIP has must have
-    CLIP's shape in hand, or the prompts were trained on another backbone (ViT-B/32, ViT-L/14, ...)."""
-    own = clip_model.state_dict()
-    wrong = []
-    for key, value in state_dict.items():
-        for theirs, ours in _OFFICIAL_CLIP_KEYS:
-            if key.startswith(theirs):
-                mine = own.get(ours + key[len(theirs):])
-                if mine is not None and tuple(mine.shape) != tuple(value.shape):
-                    wrong.append(f"{key}: {tuple(value.shape)} in the file, {tuple(mine.shape)} in this CLIP")
-    if wrong:
-        raise ValueError(f"{source} was trained on another CLIP backbone than the one in hand: "
-                         f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}. Load the CLIP it was trained "
-                         f"with (--clip).")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -420,46 +420,6 @@ class ISP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Official IVLP checkpoints: PromptSRC's IndependentVL trainer (Dassl `model.pth.tar-N`), into the ivlp preset
-
-def load_official_ivlp(model, checkpoint):
-    """Load the prompts of an official IVLP checkpoint (the PromptSRC repository's IndependentVL trainer) into `model`,
-    an ISP built with the ivlp preset (no structural modules) and the file's n_ctx and depth; returns its epoch.
-
-    Where the official code keeps each prompt, and ours:
-        prompt_learner.ctx                                     (n, 512)  text prompts of layer 0   -> text_prompts[0]
-        text_encoder.transformer.resblocks.{l}.VPT_shallow     (n, 512)  text prompts of layer l   -> text_prompts[l]
-        image_encoder.VPT                                      (n, 768)  vision prompts of layer 0 -> vision_prompts[0]
-        image_encoder.transformer.resblocks.{l}.VPT_shallow    (n, 768)  vision prompts of layer l -> vision_prompts[l]
-    `checkpoint`: a path (read by clip_layers.read_checkpoint: tensors only, the pickled LR scheduler kept inert) or
-    the dict it holds. The frozen CLIP in the file must have the shapes of the CLIP in hand; the token buffers of the
-    training-time class names are dropped; fp16 values are cast to fp32.
-    """
-    sd, epoch, name = clip_layers.official_state_dict(checkpoint, model.clip)
-    if any(m is not None for m in (model.self_text, model.cross_text, model.coupling)):
-        raise ValueError(f"{name} is an IVLP checkpoint, which holds prompts only: build the model with the ivlp "
-                         f"preset (isp.PRESETS['ivlp'], train.py --method ivlp), not with structural modules")
-    where = {"prompt_learner.ctx": ("text_prompts", 0), "image_encoder.VPT": ("vision_prompts", 0)}
-    for l in range(1, model.cfg.depth):
-        where[f"text_encoder.transformer.resblocks.{l}.VPT_shallow"] = ("text_prompts", l)
-        where[f"image_encoder.transformer.resblocks.{l}.VPT_shallow"] = ("vision_prompts", l)
-    prompt_like = [k for k in sd if k.startswith("prompt_learner.") or k.endswith(("VPT", "VPT_shallow"))]
-    dropped = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
-    missing = sorted(k for k in where if k not in sd)
-    unexpected = sorted(k for k in prompt_like if k not in where and k not in dropped)
-    shapes = [f"{k}: {tuple(sd[k].shape)} in the file, {tuple(getattr(model, p)[l].shape)} in the model"
-              for k, (p, l) in where.items() if k in sd and sd[k].shape != getattr(model, p)[l].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{name} does not match this IVLP model (n_ctx {model.cfg.n_ctx}, depth {model.cfg.depth}): "
-                         f"missing prompt keys {missing}, unexpected prompt keys {unexpected}, shape mismatches "
-                         f"{shapes}. Is it an IVLP checkpoint of the same n_ctx, depth and backbone?")
-    with torch.no_grad():
-        for key, (param, l) in where.items():
-            getattr(model, param)[l] = sd[key]                  # copy_ casts fp16 -> fp32
-    return epoch
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     clip_model = clip_layers.random_clip("tiny")

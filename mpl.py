@@ -241,50 +241,6 @@ class MPL(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Official checkpoints: Dassl's `output/.../MultiModalPromptLearner/model.pth.tar-N` of the MPL and MaPLe repositories
-
-# What the official CustomCLIP registers besides its prompt learner: the frozen CLIP (fp16), which we take from `clip`.
-_OFFICIAL_FROZEN = ("image_encoder.", "text_encoder.", "logit_scale")
-# Token embeddings of the training-time class names; the official loaders drop them too.
-_OFFICIAL_DROPPED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
-# MaPLe names its one projection per deep layer `compound_prompt_projections.{l}`; MPL's code (n_add of them per layer)
-# `txt2img_proj.{a}.{l}`, which is ours. A MaPLe file is MPL's layout with a = 0.
-_MAPLE_NAMES = ("compound_prompt_projections.", "txt2img_proj.0.")
-
-
-def load_official(model, checkpoint):
-    """Load the prompts of an official MPL or MaPLe checkpoint into `model` (an `MPL` of the same config: the mpl or
-    maple preset); returns its epoch.
-
-    `checkpoint`: the path of a Dassl `model.pth.tar-N` (read by clip_layers.read_checkpoint: tensors only, the
-    pickled LR scheduler kept inert, no code from the file run) or the dict it holds. The frozen CLIP in it must have
-    the shapes of the CLIP in hand (else: another backbone); the token buffers are dropped; fp16 values are cast to the
-    model's dtype. Missing or unexpected prompt keys and shape mismatches raise a ValueError.
-    """
-    state_dict, epoch, name = clip_layers.official_state_dict(checkpoint, model.clip)
-    prompts, unexpected = {}, []
-    for key, value in state_dict.items():
-        if key in _OFFICIAL_DROPPED or key.startswith(_OFFICIAL_FROZEN):
-            continue
-        if key.startswith("prompt_learner."):
-            key = key[len("prompt_learner."):]
-            prompts[key.replace(*_MAPLE_NAMES) if key.startswith(_MAPLE_NAMES[0]) else key] = value
-        else:
-            unexpected.append(key)
-    own = model.prompt_learner.state_dict()
-    missing = sorted(f"prompt_learner.{k}" for k in own.keys() - prompts.keys())
-    unexpected += sorted(f"prompt_learner.{k}" for k in prompts.keys() - own.keys())
-    shapes = [f"prompt_learner.{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
-              for k, v in prompts.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{name} does not match this MPL model (config {model.cfg}): missing prompt keys {missing}, "
-                         f"unexpected keys {unexpected}, shape mismatches {shapes}. Is it a checkpoint of the same "
-                         f"config (n_ctx, n_add, depth) and backbone?")
-    model.prompt_learner.load_state_dict(prompts, strict=True)  # copy_ casts fp16 -> the model's dtype
-    return epoch
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     clip_model = clip_layers.random_clip("tiny")

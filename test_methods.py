@@ -1,6 +1,6 @@
 """
 Tests of the methods on the CPU with the tiny random CLIP (conftest.py): mpl.py (MPL and its MaPLe preset, against a
-plain re-implementation of the official forward; token counts per layer; official checkpoints; parameter counts) and
+plain re-implementation of the official forward; token counts per layer; parameter counts) and
 isp.py (ISP and its IVLP preset, the structural modules, sample probing, parameter counts); what both do with the CLIP
 they are handed; the official path (fast=False) and class chunks; the config flags' help.
 
@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import math
 import warnings
-from collections import OrderedDict
 from dataclasses import replace
 
 import pytest
@@ -250,214 +249,6 @@ def test_maple_preset_carries_nothing(tiny, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Official checkpoints
-
-def official_names(cfg):
-    """The official ModularPromptLearner's parameter names for a config."""
-    names = {"ctx", "proj.weight", "proj.bias"} | {f"compound_prompts_text.{l}" for l in range(cfg.depth - 1)}
-    return names | {f"txt2img_proj.{a}.{l}.{w}" for a in range(cfg.n_add) for l in range(cfg.depth - 1)
-                    for w in ("weight", "bias")}
-
-
-def official_checkpoint(model, clip_model, epoch=5, n_train_classes=7):
-    """A Dassl model.pth.tar-N as the official code writes it. dtypes as in the official fp16 run: ctx (made from the
-    fp16 token embedding), proj (`.half()`), the token buffers and the frozen CLIP are fp16; compound prompts and
-    projections are fp32 parameters. The token buffers come from other (training-time) class names."""
-    pl = model.prompt_learner
-    text_width = pl.ctx.shape[1]
-    sd = OrderedDict()
-    sd["prompt_learner.ctx"] = pl.ctx.detach().half()
-    sd["prompt_learner.token_prefix"] = torch.randn(n_train_classes, 1, text_width).half()
-    sd["prompt_learner.token_suffix"] = torch.randn(n_train_classes, 76 - pl.n_ctx, text_width).half()
-    for k, v in pl.state_dict().items():
-        if k != "ctx":
-            sd["prompt_learner." + k] = v.half() if k.startswith("proj.") else v.clone()
-    for k, v in clip_model.visual.state_dict().items():
-        sd["image_encoder." + k] = v.half()
-    for k, v in clip_model.state_dict().items():
-        if k.startswith(("transformer.", "positional_embedding", "ln_final.", "text_projection")):
-            sd["text_encoder." + k] = v.half()
-    sd["logit_scale"] = clip_model.logit_scale.detach().half()
-    return {"state_dict": sd, "epoch": epoch, "optimizer": None, "scheduler": None, "val_result": None}
-
-
-def round_to_fp16(model):
-    with torch.no_grad():
-        for p in model.prompt_learner.parameters():
-            p.copy_(p.half().float())
-
-
-@pytest.mark.parametrize("preset", ["mpl", "maple"])
-def test_official_checkpoint_loads(tiny, tmp_path, preset):
-    cfg = TINY[preset]
-    source = make_model(tiny, cfg, seed=0)
-    round_to_fp16(source)  # so that the fp16 file holds the exact values
-    path = tmp_path / "model.pth.tar-5"
-    torch.save(official_checkpoint(source, tiny), path)
-
-    target = make_model(tiny, cfg, seed=1)
-    assert set(target.prompt_learner.state_dict()) == official_names(cfg)
-    images = images_for(tiny)
-    with torch.no_grad():
-        assert not torch.equal(target(images), source(images))
-        assert mpl.load_official(target, path) == 5
-        assert torch.equal(target(images), source(images))
-    assert all(p.dtype == torch.float32 for p in target.prompt_learner.parameters())
-
-
-def test_official_checkpoint_errors(tiny, tmp_path):
-    cfg = TINY["mpl"]
-    model = make_model(tiny, cfg)
-    good = official_checkpoint(model, tiny)
-
-    def save(ckpt, name):
-        path = tmp_path / name
-        torch.save(ckpt, path)
-        return path
-
-    renamed = copy.deepcopy(good)
-    renamed["state_dict"]["prompt_learner.ctx_vectors"] = renamed["state_dict"].pop("prompt_learner.ctx")
-    path = save(renamed, "renamed.pth.tar-5")
-    with pytest.raises(ValueError, match=r"renamed\.pth\.tar-5.*missing prompt keys \['prompt_learner\.ctx'\], "
-                                         r"unexpected keys \['prompt_learner\.ctx_vectors'\]"):
-        mpl.load_official(model, path)
-
-    reshaped = copy.deepcopy(good)
-    reshaped["state_dict"]["prompt_learner.compound_prompts_text.1"] = torch.zeros(2, 64)
-    with pytest.raises(ValueError, match=r"shape mismatches \['prompt_learner\.compound_prompts_text\.1: \(2, 64\) "
-                                         r"in the file, \(1, 64\) in the model'\]"):
-        mpl.load_official(model, save(reshaped, "reshaped.pth.tar-5"))
-
-    deeper = official_checkpoint(make_model(tiny, replace(cfg, depth=4)), tiny)  # a checkpoint of another config
-    with pytest.raises(ValueError, match=r"unexpected keys \['prompt_learner\.compound_prompts_text\.2'"):
-        mpl.load_official(model, deeper)
-
-    stranger = copy.deepcopy(good)
-    stranger["state_dict"]["visual.proj"] = torch.zeros(64, 64)  # neither prompt nor the official frozen CLIP
-    with pytest.raises(ValueError, match=r"unexpected keys \['visual\.proj'\]"):
-        mpl.load_official(model, stranger)
-
-    with pytest.raises(ValueError, match="no 'state_dict'"):
-        mpl.load_official(model, {"epoch": 5})
-
-
-def dassl_save(state_dict, path, epoch=5, payload=None):
-    """A model.pth.tar-N written the way Dassl's save_checkpoint writes it: the state dict, the epoch, the optimizer's
-    state, the LR scheduler's state (ConstantWarmupScheduler: its `successor`, a pickled CosineAnnealingLR object that
-    holds the optimizer object) and val_result. payload: one more pickled object (a would-be exploit)."""
-    params = [torch.nn.Parameter(v.float().clone()) for v in state_dict.values() if v.is_floating_point()][:4]
-    optimizer = torch.optim.SGD(params, lr=0.0035, momentum=0.9, weight_decay=5e-4)
-    successor = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 5)
-    scheduler = {"successor": successor, "warmup_epoch": 1, "cons_lr": 1e-5, "last_epoch": epoch, "base_lrs": [0.0035]}
-    ckpt = {"state_dict": state_dict, "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler,
-            "val_result": None}
-    if payload is not None:
-        ckpt["extra"] = payload
-    torch.save(ckpt, path)
-    return path
-
-
-class CreatesAFile:
-    """Unpickling this runs open(path, "w"): the proof that a loader executed code from a file."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def maple_layout(state_dict):
-    """The MaPLe repository's names: its one projection per deep layer is `compound_prompt_projections.{l}`."""
-    return OrderedDict((k.replace("prompt_learner.txt2img_proj.0.", "prompt_learner.compound_prompt_projections."), v)
-                       for k, v in state_dict.items())
-
-
-@pytest.mark.parametrize("method", ["mpl", "maple"])
-def test_dassl_files_load_through_load_without_running_code(tiny, tmp_path, method):
-    """Real Dassl files pickle the LR scheduler, which torch.load(weights_only=True) refuses: --load reads their
-    tensors with an unpickler that keeps every other object inert. A payload that would create a file does not run."""
-    cfg = TINY[method]
-    source = make_model(tiny, cfg)
-    round_to_fp16(source)
-    sd = official_checkpoint(source, tiny)["state_dict"]
-    if method == "maple":
-        sd = maple_layout(sd)
-        assert any(k.startswith("prompt_learner.compound_prompt_projections.1.") for k in sd)
-    proof = tmp_path / "code_ran"
-    path = dassl_save(sd, tmp_path / "model.pth.tar-5", payload=CreatesAFile(proof))
-    with pytest.raises(Exception):  # what plain weights_only loading says of such a file
-        torch.load(path, weights_only=True)
-    target = make_model(tiny, cfg, seed=1)
-    images = images_for(tiny)
-    with torch.no_grad():
-        assert not torch.equal(target(images), source(images))
-        train.load_prompts(target, str(path), method)
-        assert torch.equal(target(images), source(images))
-    assert not proof.exists()
-    ckpt = clip_layers.read_checkpoint(str(path))
-    assert ckpt["epoch"] == 5 and type(ckpt["scheduler"]["successor"]).__name__ == "CosineAnnealingLR"
-    assert isinstance(ckpt["scheduler"]["successor"], clip_layers._Inert) and not proof.exists()
-
-
-def ivlp_official_state_dict(model, clip_model, n_train_classes=7):
-    """PromptSRC's IndependentVL CustomCLIP state dict, fp16 as its checkpoints hold it: prompt_learner.ctx (layer-0
-    text prompts) and token buffers, the frozen CLIP under image_encoder./text_encoder., and the deep prompts as
-    VPT_shallow parameters of the blocks 1..J-1 of each encoder, the layer-0 vision prompts as image_encoder.VPT."""
-    sd = OrderedDict()
-    Dt = model.text_prompts.shape[-1]
-    sd["prompt_learner.ctx"] = model.text_prompts[0].detach().half()
-    sd["prompt_learner.token_prefix"] = torch.randn(n_train_classes, 1, Dt).half()
-    sd["prompt_learner.token_suffix"] = torch.randn(n_train_classes, 72, Dt).half()
-    for k, v in clip_model.visual.state_dict().items():
-        sd["image_encoder." + k] = v.half()
-    sd["image_encoder.VPT"] = model.vision_prompts[0].detach().half()
-    for k, v in clip_model.state_dict().items():
-        if k.startswith(("transformer.", "positional_embedding", "ln_final.", "text_projection")):
-            sd["text_encoder." + k] = v.half()
-    for l in range(1, model.cfg.depth):
-        sd[f"text_encoder.transformer.resblocks.{l}.VPT_shallow"] = model.text_prompts[l].detach().half()
-        sd[f"image_encoder.transformer.resblocks.{l}.VPT_shallow"] = model.vision_prompts[l].detach().half()
-    sd["logit_scale"] = clip_model.logit_scale.detach().half()
-    return sd
-
-
-def test_official_ivlp_checkpoint_loads(tiny, tmp_path):
-    cfg = replace(isp.PRESETS["ivlp"], depth=DEPTH)
-    torch.manual_seed(0)
-    source = ISP(tiny, NAMES, cfg)
-    with torch.no_grad():
-        for p in (source.text_prompts, source.vision_prompts):
-            p.copy_(torch.randn_like(p).half().float())   # values an fp16 file holds exactly
-    path = dassl_save(ivlp_official_state_dict(source, tiny), tmp_path / "model.pth.tar-20", epoch=20)
-    torch.manual_seed(1)
-    target = ISP(tiny, NAMES, cfg)
-    x = images(3)
-    with torch.no_grad():
-        assert not torch.equal(target(x), source(x))
-        train.load_prompts(target, str(path), "ivlp")
-        assert torch.equal(target(x), source(x))
-    # the same file into another depth, or into an ISP with structural modules: clear errors
-    with pytest.raises(ValueError, match=r"missing prompt keys \['image_encoder.transformer.resblocks.3.VPT_shallow'"):
-        isp.load_official_ivlp(ISP(tiny, NAMES, replace(cfg, depth=4)), str(path))
-    with pytest.raises(ValueError, match="holds prompts only: build the model with the ivlp preset"):
-        isp.load_official_ivlp(make(tiny), str(path))
-    with pytest.raises(ValueError, match="nor an official one this method reads"):
-        train.load_prompts(make(tiny), str(path), "isp")
-
-
-def test_official_checkpoint_of_another_backbone_is_refused(tiny, tmp_path):
-    model = make_model(tiny, TINY["mpl"])
-    sd = official_checkpoint(model, tiny)["state_dict"]
-    sd["image_encoder.conv1.weight"] = torch.zeros(64, 3, 16, 16).half()   # a /16 patch embedding, not tiny's /8
-    sd["image_encoder.positional_embedding"] = torch.zeros(5, 64).half()
-    path = dassl_save(sd, tmp_path / "model.pth.tar-5")
-    with pytest.raises(ValueError, match=r"another CLIP backbone.*image_encoder\.conv1\.weight: \(64, 3, 16, 16\) in "
-                                         r"the file, \(64, 3, 8, 8\) in this CLIP"):
-        mpl.load_official(model, str(path))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # MaPLe's own rules, against plain re-implementations of its code
 
 def test_maple_with_other_n_ctx_removes_what_it_added(tiny, monkeypatch):
@@ -567,6 +358,13 @@ def test_config_errors(tiny):
         mpl.MPL(tiny, CLASSES, mpl.MPLConfig(n_ctx=1, n_add=2, n_rm=3, depth=3))
     with pytest.raises(ValueError, match=r"depth must be in 1\.\.12"):
         mpl.MPL(tiny, CLASSES, mpl.MPLConfig(depth=13))  # deeper than the CLIP: refused, never rescaled
+
+
+def official_names(cfg):
+    """The official ModularPromptLearner's parameter names for a config."""
+    names = {"ctx", "proj.weight", "proj.bias"} | {f"compound_prompts_text.{l}" for l in range(cfg.depth - 1)}
+    return names | {f"txt2img_proj.{a}.{l}.{w}" for a in range(cfg.n_add) for l in range(cfg.depth - 1)
+                    for w in ("weight", "bias")}
 
 
 def test_trainable_set_is_the_prompt_learner(tiny):

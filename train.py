@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints
 import clip_layers
 import data
 import isp
@@ -243,70 +244,16 @@ def loss_fn(logits, labels, weights=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: only the trainable tensors and plain values, written atomically, read with weights_only=True
+# Checkpoints: only the trainable tensors and plain values, written atomically, read by checkpoints.read (PyTorch's
+# weights_only unpickler, with stand-ins for what Dassl pickles; see checkpoints.py for what is trusted)
 
-def trainable_state(model):
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def load_trainable(model, params, source):
-    """Load prompt parameters into a model (possibly built for other class names). Every trainable parameter must be
-    given, with its shape; nothing else may be."""
-    own = dict((k, v) for k, v in model.named_parameters() if v.requires_grad)
-    missing, unexpected = sorted(set(own) - set(params)), sorted(set(params) - set(own))
-    wrong = [f"{k}: {tuple(params[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in params and params[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{source} does not fit this model ({model.__class__.__name__}): missing {missing}, "
-                         f"unexpected {unexpected}, shape mismatch {wrong}")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(params[k])
+trainable_state, load_trainable, load_prompts = \
+    checkpoints.trainable_state, checkpoints.load_trainable, checkpoints.load_prompts
 
 
 def load_checkpoint(path):
-    """A checkpoint of this project: tensors and plain values only, so torch.load(weights_only=True) reads it."""
-    check_checkpoint_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"could not read checkpoint {path}: it is truncated or corrupt "
-                           f"({type(e).__name__}: {e})") from e
-
-
-def check_checkpoint_file(path):
-    """Fail early, and say why, for what is not a torch checkpoint at all (torch's own messages do not)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise ValueError(f"checkpoint {path} is an empty file (0 bytes): an interrupted copy or download?")
-    if not head.startswith((b"PK", b"\x80")):  # a zip archive (torch.save) or a pickle (older torch.save)
-        kind = "a JSON file (results.json?)" if head.lstrip()[:1] in (b"{", b"[") else \
-            f"not one (it begins with {head!r})"
-        raise ValueError(f"{path} is not a torch checkpoint: it is {kind}. --load and --resume take checkpoint.pt or "
-                         f"an official model.pth.tar-N")
-
-
-# --load of an official Dassl model.pth.tar-N: the method decides which layout it reads
-OFFICIAL_IMPORTERS = {"mpl": mpl.load_official, "maple": mpl.load_official, "ivlp": isp.load_official_ivlp}
-
-
-def load_prompts(model, path, method):
-    """--load: a checkpoint of ours ({"params": ...}) or an official MPL / MaPLe / IVLP model.pth.tar-N. Read by
-    clip_layers.read_checkpoint: official files also pickle Dassl's LR scheduler, which is kept as inert placeholders
-    (no code from the file runs)."""
-    check_checkpoint_file(path)
-    ckpt = clip_layers.read_checkpoint(path)
-    if "params" in ckpt:
-        load_trainable(model, ckpt["params"], path)
-    elif "state_dict" in ckpt and method in OFFICIAL_IMPORTERS:
-        OFFICIAL_IMPORTERS[method](model, ckpt)
-    else:
-        official = ", ".join(f"--method {m}" for m in OFFICIAL_IMPORTERS)
-        raise ValueError(f"--load {path}: not a checkpoint of this project (no 'params') nor an official one this "
-                         f"method reads (official MPL, MaPLe and IVLP checkpoints load with {official})")
+    """A checkpoint of this project (--resume): tensors and plain values only."""
+    return checkpoints.read(path)
 
 
 def git_commit():

@@ -10,7 +10,7 @@ One step = forward of a batch of 4 images and the whole class set, cross-entropy
 random weights (the speed does not depend on the values); its time is the fastest of --steps steps after a warm-up
 (other processes on the machine only ever add time). Three ways of running it:
 
-  official  the method built with fast=False, which runs CLIP's stock modules the way the MaPLe-derived official code
+  official  clip_engine's official setting, which runs CLIP's stock modules the way the MaPLe-derived official code
             does: `ResidualAttentionBlock.forward` (nn.MultiheadAttention, LND layout, the 77 x 77 causal mask), all
             77 text tokens, the whole class set in one pass;
   ours      this project's path: SDPA, the text cut after the last EOT, the rows before the class names encoded once
@@ -46,6 +46,7 @@ import time
 
 import torch
 
+import clip_engine
 import clip_layers
 import train
 
@@ -70,16 +71,20 @@ def classnames(n):
     return names
 
 
-def build(method, clip_model, n_classes, official, text_chunk, shared_prefix=True):
-    """The method at its preset, on the CLIP in hand. official: fast=False, the official code's way of running CLIP
-    (stock blocks, all 77 text positions, the whole class set in one pass); else ours, chunked by text_chunk."""
+def engine_options(official, text_chunk, shared_prefix=True):
+    """The engine's settings for one configuration. official: the official code's way of running CLIP (stock blocks,
+    all 77 text positions, the whole class set in one pass); else ours, chunked by text_chunk."""
+    return clip_engine.options(official=official, text_chunk=None if official else text_chunk,
+                               shared_prefix=shared_prefix)
+
+
+def build(method, clip_model, n_classes):
+    """The method at its preset, on the CLIP in hand."""
     names = classnames(n_classes)
-    unshared = {} if shared_prefix else dict(shared_prefix=False)  # (so that this file also times older versions)
     if method == "zeroshot":
-        return clip_layers.ZeroShotCLIP(clip_model, names, fast=not official, **unshared)
+        return clip_layers.ZeroShotCLIP(clip_model, names)
     recipe = train.RECIPES[method]
-    return recipe.model(clip_model, names, recipe.config, text_chunk=None if official else text_chunk,
-                        fast=not official, **unshared)
+    return recipe.model(clip_model, names, recipe.config)
 
 
 def trains(model):
@@ -105,9 +110,7 @@ def step(model, images, labels, classes=None):
 def text_side(model, gradient):
     """The class side of a step alone: the class set's text features, and their backward with a fixed gradient."""
     if not trains(model):  # zero-shot: its class texts are encoded once, on construction; that encoding, timed
-        unshared = {} if getattr(model, "shared_prefix", True) else dict(shared_prefix=False)
-        return clip_layers.ZeroShotCLIP(model.clip, classnames(model.text_features.shape[0]), fast=model.fast,
-                                        **unshared)
+        return clip_layers.ZeroShotCLIP(model.clip, classnames(model.text_features.shape[0]))
     out = model.encode_classes()
     features = out[0] if isinstance(out, tuple) else out                 # ISP: (features, EOT summaries or None)
     features.backward(gradient)
@@ -160,8 +163,10 @@ def measure(method, n_classes, official, steps, device, text_chunk, precision, a
     torch.manual_seed(0)
     cuda = device.startswith("cuda")
     memory = PeakMemory(cuda)
+    clip_engine.settings.__init__(official=official, text_chunk=None if official else text_chunk,
+                                  shared_prefix=shared_prefix)                # this process measures one configuration
     clip_model = clip_layers.random_clip(arch, device=device)
-    model = build(method, clip_model, n_classes, official, text_chunk, shared_prefix).to(device)
+    model = build(method, clip_model, n_classes).to(device)
     r = clip_model.visual.input_resolution
     images, labels = torch.randn(4, 3, r, r, device=device), torch.arange(4, device=device) % n_classes
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -208,12 +213,13 @@ def check_same_logits(method, device, text_chunk, arch, n_classes=10):
     clip_model = clip_layers.random_clip(arch, device=device)
     outs = []
     for official in (True, False):
-        torch.manual_seed(0)
-        model = build(method, clip_model, n_classes, official, text_chunk).to(device)
-        torch.manual_seed(1)
-        r = clip_model.visual.input_resolution
-        with torch.no_grad():
-            outs.append(model(torch.randn(2, 3, r, r, device=device)).float())
+        with engine_options(official, text_chunk):
+            torch.manual_seed(0)
+            model = build(method, clip_model, n_classes).to(device)
+            torch.manual_seed(1)
+            r = clip_model.visual.input_resolution
+            with torch.no_grad():
+                outs.append(model(torch.randn(2, 3, r, r, device=device)).float())
     return (outs[0] - outs[1]).abs().max().item()
 
 
@@ -333,4 +339,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+    cli.run(main)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_engine
 import clip_layers
 import data
 
@@ -238,12 +239,12 @@ def colour_benchmark(root, n_train=8, n_test=6, size=32, seed=0):
 # The shared prefix (test_clip_layers.py, test_methods.py)
 
 def spy_shared(monkeypatch):
-    """A list that receives the own rows (T) of every residual_block_after_prefix call from now on."""
-    calls, stock = [], clip_layers.residual_block_after_prefix
+    """A list that receives the own rows (T) of every clip_engine.block_after_prefix call from now on."""
+    calls, stock = [], clip_engine.block_after_prefix
 
     def counting(block, own, prefix, rows, eot_only=False):
         calls.append(own.shape[0])
         return stock(block, own, prefix, rows, eot_only)
 
-    monkeypatch.setattr(clip_layers, "residual_block_after_prefix", counting)
+    monkeypatch.setattr(clip_engine, "block_after_prefix", counting)
     return calls

@@ -36,6 +36,7 @@ Letters: C classes, N images, n = n_ctx prompt tokens, J = depth, L text length 
 comments are for ViT-B/16: text width 512, vision width 768, 197 = 1 CLS + 196 patch tokens.
 """
 import math
+import string
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,6 +84,32 @@ class ISPConfig:
             raise ValueError(f"sp_mode must be one of {', '.join(SP_MODES)}; got {self.sp_mode!r}")
         if self.n_ctx < 1 or self.depth < 1:
             raise ValueError(f"ISP needs n_ctx >= 1 and depth >= 1; got n_ctx={self.n_ctx}, depth={self.depth}")
+        # (field, ok, valid range): a NaN fails every comparison, so each range also refuses it
+        finite = {k: math.isfinite(getattr(self, k)) for k in ("prompt_std", "sp_lambda", "sp_gamma", "sp_eps",
+                                                                 "sp_temperature")}
+        ranges = [("prompt_std", finite["prompt_std"] and self.prompt_std >= 0, "a finite number >= 0"),
+                  ("self_ratio", 0 < self.self_ratio <= 1, "a fraction of the width in (0, 1]"),
+                  ("cross_ratio", 0 < self.cross_ratio <= 1, "a fraction of the width in (0, 1]"),
+                  ("sp_lambda", finite["sp_lambda"] and self.sp_lambda >= 0, "a finite number >= 0"),
+                  ("sp_gamma", finite["sp_gamma"] and self.sp_gamma >= 0, "a finite number >= 0"),
+                  ("sp_eps", finite["sp_eps"] and self.sp_eps > 0, "a finite number > 0"),
+                  ("sp_temperature", finite["sp_temperature"] and self.sp_temperature > 0, "a finite number > 0")]
+        for name, ok, expected in ranges:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)}")
+        if not _one_placeholder(self.sp_template):
+            raise ValueError(f"sp_template must hold exactly one {{}} (the class name), as in 'a photo of a {{}}.'; "
+                             f"got {self.sp_template!r}")
+
+
+def _one_placeholder(template):
+    """Does str.format fill `template` with one class name, through exactly one {}?"""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        template.format("a class")
+    except (ValueError, IndexError, KeyError):
+        return False
+    return fields == [""]
 
 
 PRESETS = {
@@ -184,20 +211,14 @@ class ISP(nn.Module):
     image-specific (N, n, 768). With both modules off this is exactly IVLP (PRESETS["ivlp"]).
 
     Arguments besides the config: an OpenAI ViT CLIP as `clip.load` returns it (clip_layers.freeze freezes it and turns
-    fp16 weights into fp32 in place; the compute precision is the caller's: torch.autocast or to_official_fp16); the
-    class names; text_chunk, how many classes one text pass encodes (activation checkpointing while training; exact;
-    None for all at once); fast=False for the official code's way of running CLIP (stock blocks, all 77 text
-    positions: the same logits, slower); shared_prefix=False to encode every class's text rows in full, where
-    otherwise the rows before the class name are encoded once for all classes (exact; clip_layers.encode_text), which
-    holds only while the text prompts are the same for every class: IVLP, and ISP without the self-structural module
-    and without isp_cross="image_tokens" (both make the prompts read the class's own tokens; see _encode_text).
+    fp16 weights into fp32 in place; the compute precision is the caller's: torch.autocast or to_official_fp16), and
+    the class names.
     """
 
-    def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True, shared_prefix=True):
+    def __init__(self, clip_model, classnames, cfg=None):
         super().__init__()
         cfg = ISPConfig() if cfg is None else cfg
         self.clip, self.cfg = clip_layers.freeze(clip_model), cfg
-        self.text_chunk, self.fast, self.shared_prefix = text_chunk, fast, shared_prefix
         if cfg.depth > min(clip_layers.n_layers(clip_model)):
             raise ValueError(f"ISP prompt depth must be in 1..{min(clip_layers.n_layers(clip_model))} for this CLIP "
                              f"(its layers); got depth={cfg.depth}")
@@ -259,7 +280,7 @@ class ISP(nn.Module):
         if cfg.sample_probing:  # h_c: frozen zero-shot text features, computed once for the class set (§5.1)
             zs_ids = clip_layers.tokenize([cfg.sp_template.format(name) for name in names]).to(dev)
             with torch.no_grad():
-                h = clip_layers.encode_text_ids(clip_model, zs_ids, fast=fast, shared_prefix=shared_prefix)
+                h = clip_layers.encode_text_ids(clip_model, zs_ids)
             self.register_buffer("zs_text_features", h / h.norm(dim=-1, keepdim=True), persistent=False)
 
     def train(self, mode=True):
@@ -271,15 +292,12 @@ class ISP(nn.Module):
     # -- text branch ---------------------------------------------------------------------------------------------------
 
     def _text_hook(self, eot, image_tokens=None):
-        """hook(l, x) for clip_layers.encode_text over the text rows in hand. Everything row-dependent comes from `eot`
-        (their EOT positions), passed in by the caller for exactly those rows, so the same hook serves all classes, any
-        chunk of them (encode_classes), or the N*C image-major rows (i*C + c) of isp_cross="image_tokens". The hook
-        depends on the class of each row, so encode_classes chunks the classes itself instead of leaving it to
-        clip_layers.encode_text (which would split and reorder the rows behind the hook's back).
+        """hook(l, x) for clip_layers.encode_text over the text rows in hand, whose EOT positions are `eot`: all
+        classes, or the N*C image-major rows (i*C + c) of isp_cross="image_tokens".
         image_tokens: the list X_v^l (N, 197, 768) filled by the vision hook (isp_cross="image_tokens" only)."""
         cfg, n = self.cfg, self.cfg.n_ctx
 
-        def hook(l, x):  # x: (R, L, 512), L = last EOT + 1 <= 77; or the shared prefix (1, Lp, 512) (_encode_text)
+        def hook(l, x):                                                   # x: (R, L, 512), L = last EOT + 1 <= 77
             if l >= cfg.depth:
                 return x  # IVLP: after layer J-1 the prompt positions pass through the frozen layers
             R, L = x.shape[:2]
@@ -315,15 +333,11 @@ class ISP(nn.Module):
             emb, eot = emb.repeat(N, 1, 1), eot.repeat(N)                 # (N * C, 77, 512), rows i * C + c
         P0 = self.text_prompts[0].expand(emb.shape[0], -1, -1)           # (R, n, 512)
         x = torch.cat([emb[:, :1], P0, emb[:, 1 + n:]], dim=1)            # (R, 77, 512) = [SOS, P^0, name, ., EOT, pad]
-        # Shared prefix (clip_layers.encode_text): the text hook must write only rows 0..n, the same way for every
-        # row, from those rows alone. IVLP's prompts are the same for every class; class_summaries' cross term reads
-        # only P and the vision prompts (image-independent, the same for every class), linear's coupling acts on
-        # the vision side only. Not so with the self-structural module (its prompts read the class's own tokens,
-        # which makes them class-specific) or image_tokens (they read each image, and the rows are image-major).
+        # The hook writes only rows 0..n, the same way for every row (hook_rows), unless the prompts read the row's
+        # own tokens: the self-structural module (class-specific prompts) and image_tokens (per-image prompts).
         alike = not self.cfg.isp_self and self.cfg.isp_cross != "image_tokens"
-        return clip_layers.encode_text(self.clip, x, eot, self._text_hook(eot, image_tokens), fast=self.fast,
-                                       eot_rows=eot_rows, shared_prefix=self.shared_prefix and alike,
-                                       hook_rows=1 + n)
+        return clip_layers.encode_text(self.clip, x, eot, self._text_hook(eot, image_tokens),
+                                       hook_rows=1 + n if alike else None, eot_rows=eot_rows)
 
     def encode_classes(self):
         """Everything class-dependent that does not depend on images, for evaluation to compute once per class set:
@@ -331,11 +345,9 @@ class ISP(nn.Module):
         summarised by its EOT row at the input of each layer, the token CLIP reads out at the end; the vision prompts
         read the summaries under image_tokens / class_summaries. Under image_tokens the text features returned here
         are the image-free ones; forward() re-encodes the classes per image.
-        The classes go in chunks of text_chunk (clip_layers.over_class_chunks: sorted by length, checkpointed with
-        gradients on, exact), with our own per-rows encoder, since the hook depends on which class each row is."""
+        """
         summaries_needed = self.cfg.isp_cross in ("image_tokens", "class_summaries")
-        out = clip_layers.over_class_chunks(lambda rows: self._encode_text(rows, eot_rows=summaries_needed),
-                                            self.eot, self.text_chunk if self.fast else None)
+        out = self._encode_text(slice(None), eot_rows=summaries_needed)
         return out if summaries_needed else (out, None)
 
     # -- image branch and logits ---------------------------------------------------------------------------------------
@@ -357,7 +369,7 @@ class ISP(nn.Module):
                 P = P + self.self_vision[l](P, X)                         # Eq. (SSP): image-specific prompts
             if self.cross_vision is not None:
                 # Reads S_t^l (C, 512) of *all* classes (the class set is the graph), so the vision branch needs
-                # encode_classes() of the whole class set; the text passes themselves may be chunked.
+                # encode_classes() of the whole class set.
                 P = P + self.cross_vision[l](P, summaries[:, l])          # shared by all images
             elif self.coupling is not None:
                 P = P + self.coupling[l](self.text_prompts[l])            # linear: (n, 512) -> (n, 768), over N
@@ -369,8 +381,8 @@ class ISP(nn.Module):
         """images (N, 3, 224, 224) -> logits (N, C). classes: the output of encode_classes(), computed here if None."""
         text_features, summaries = self.encode_classes() if classes is None else classes
         image_tokens = [] if self.cfg.isp_cross == "image_tokens" else None
-        image_features = clip_layers.encode_image(self.clip, images, self._vision_hook(summaries, image_tokens),
-                                                  fast=self.fast)                                # (N, 512)
+        image_features = clip_layers.encode_image(self.clip, images,
+                                                  self._vision_hook(summaries, image_tokens))    # (N, 512)
         if image_tokens is None:
             return clip_layers.cosine_logits(image_features, text_features, self.clip.logit_scale)  # (N, C)
         # image_tokens: class features g_{c|i} per image (§4.2): N * C text sequences, the CoCoOp cost.
@@ -389,7 +401,7 @@ class ISP(nn.Module):
         The pass is one more forward of the image encoder, about half the image side of a training step (a forward
         and a backward, which costs as much again): on a ViT-B/16-sized CLIP (CPU, batch 4) 0.84 s of ISP's 2.70 s
         step at 10 classes, 0.97 s of 4.42 s at 100 (bench.py's probe s)."""
-        u = clip_layers.encode_image(self.clip, images, fast=self.fast)  # (N, 512) no prompts
+        u = clip_layers.encode_image(self.clip, images)                  # (N, 512) no prompts
         p = clip_layers.cosine_logits(u, self.zs_text_features, self.clip.logit_scale).softmax(dim=-1)   # (N, C)
         return p.gather(1, labels[:, None]).squeeze(1)                                                  # (N,)
 

@@ -175,18 +175,12 @@ class MPL(nn.Module):
 
     clip_model: any OpenAI ViT CLIP, e.g. straight from `clip.load`; it is frozen and made fp32 in place
         (clip_layers.freeze), and the caller picks the compute precision (torch.autocast, or to_official_fp16).
-    text_chunk: classes per text pass, with activation checkpointing when training (exact; None: all at once).
-    fast: False runs CLIP's stock blocks over all 77 text positions, as the official code does (same logits, slower).
-    shared_prefix: encode the rows before the class name ("X a photo of a", with the prompts) once for all classes
-        (exact, clip_layers.encode_text; ImageNet's classes then run 4.2 of their 10.2 text rows); False: each class
-        runs all of its rows.
     """
 
-    def __init__(self, clip_model, classnames, cfg=None, *, text_chunk=128, fast=True, shared_prefix=True):
+    def __init__(self, clip_model, classnames, cfg=None):
         super().__init__()
         self.cfg = cfg = cfg if cfg is not None else MPLConfig()
         self.clip = clip_layers.freeze(clip_model)
-        self.text_chunk, self.fast, self.shared_prefix = text_chunk, fast, shared_prefix
         self.prompt_learner = ModularPromptLearner(self.clip, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
                                                    n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init,
                                                    x_placeholders=cfg.x_placeholders)
@@ -201,7 +195,7 @@ class MPL(nn.Module):
         """(C, 512) text features of all classes (MaPLe's deep text prompting; MPL does not change the text side)."""
         prompts = self.prompt_learner
 
-        def text_hook(layer, x):  # x: (C, L, 512), L = last EOT + 1 <= 77; or the shared prefix (1, Lp, 512)
+        def text_hook(layer, x):                                          # x: (C, L, 512), L = last EOT + 1 <= 77
             if 1 <= layer < prompts.depth:
                 # The text side is MaPLe's deep prompting, unchanged by MPL: rows 1..n_ctx (right after SOS) are
                 # *replaced* by this layer's prompts, nothing is carried, and the text length never changes.
@@ -209,12 +203,9 @@ class MPL(nn.Module):
                 x = torch.cat([x[:, :1], deep, x[:, 1 + prompts.n_ctx:]], dim=1)               # (C, L, 512)
             return x
 
-        # The hook writes rows 0..n_ctx only, the same prompts into every class: hook_rows = 1 + n_ctx lets
-        # clip_layers encode the rows before the class name once ("X a photo of a" with its prompts: 6 rows for MPL,
-        # "a photo of a" for MaPLe: 5), and each class its name, "." and EOT.
+        # The hook writes rows 0..n_ctx only, the same prompts into every class: hook_rows = 1 + n_ctx.
         return clip_layers.encode_text(self.clip, prompts.text_input(), prompts.eot, text_hook,
-                                       chunk=self.text_chunk, fast=self.fast, shared_prefix=self.shared_prefix,
-                                       hook_rows=1 + prompts.n_ctx)
+                                       hook_rows=1 + prompts.n_ctx)                                  # (C, 512)
 
     def encode_images(self, images):
         """(N, 512) image features; this is where MPL's add / remove / carry happen."""
@@ -233,7 +224,7 @@ class MPL(nn.Module):
                 x = torch.cat([x, new_tokens[layer].expand(x.shape[0], -1, -1)], dim=1)  # (N, L-n_rm+n_add*n_ctx, 768)
             return x                                                      # default: 198, 199, ..., 206, 206, ...
 
-        return clip_layers.encode_image(self.clip, images, vision_hook, fast=self.fast)
+        return clip_layers.encode_image(self.clip, images, vision_hook)
 
     def forward(self, images, classes=None):
         text_features = self.encode_classes() if classes is None else classes                    # (C, 512)

@@ -1,6 +1,7 @@
 """
-Tests of clip_layers.py on the CPU with the tiny random CLIP (conftest.py): the patched encoders equal stock CLIP, the
-EOT cut is exact, the hooks see every layer, zero-shot CLIP, loading checkpoints, chunked text encoding.
+Tests of clip_layers.py and its engine (clip_engine.py) on the CPU with the tiny random CLIP (conftest.py): the patched
+encoders equal stock CLIP, the EOT cut is exact, the hooks see every layer, zero-shot CLIP, loading checkpoints; each
+speed-up of the engine (class chunks, shared text prefix, CLS-only last block) equals the plain loops.
 
     python -m pytest -q test_clip_layers.py
 
@@ -13,6 +14,7 @@ import copy
 import pytest
 import torch
 
+import clip_engine
 import clip_layers
 from conftest import spy_shared
 
@@ -22,7 +24,10 @@ TEXTS = ["a photo of a dog.", "a photo of a big red striped circle.", "x", "a ce
 # ----------------------------------------------------------------------------------------------------------------------
 # The patched encoders equal stock CLIP
 
-def test_patched_text_encoder_equals_stock(tiny):
+@pytest.mark.parametrize("engine", [True, False])
+def test_patched_text_encoder_equals_stock(tiny, monkeypatch, engine):
+    if not engine:
+        monkeypatch.setattr(clip_layers, "_engine", None)
     ids = clip_layers.tokenize(TEXTS)
     with torch.no_grad():
         ours, stock = clip_layers.encode_text_ids(tiny, ids), tiny.encode_text(ids)
@@ -30,7 +35,10 @@ def test_patched_text_encoder_equals_stock(tiny):
     assert (ours - stock).abs().max() < 1e-5
 
 
-def test_patched_image_encoder_equals_stock(tiny):
+@pytest.mark.parametrize("engine", [True, False])
+def test_patched_image_encoder_equals_stock(tiny, monkeypatch, engine):
+    if not engine:  # the plain loop of clip_layers, as a copy of clip_layers.py without clip_engine.py runs it
+        monkeypatch.setattr(clip_layers, "_engine", None)
     torch.manual_seed(0)
     images = torch.randn(5, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
     with torch.no_grad():
@@ -50,8 +58,9 @@ def test_eot_cut_equals_full_77_tokens_with_prompts(tiny):
     x = clip_layers.token_embedding(tiny, ids)
     eot = clip_layers.eot_index(ids)
     with torch.no_grad():
-        cut = clip_layers.encode_text(tiny, x, eot, hook=hook, cut=True)
-        full = clip_layers.encode_text(tiny, x, eot, hook=hook, cut=False)
+        cut = clip_layers.text_transformer(tiny, x, eot, hook=hook)
+        with clip_engine.options(official=True):  # all 77 positions through CLIP's stock blocks
+            full = clip_layers.encode_text(tiny, x, eot, hook=hook)
     assert (cut - full).abs().max() < 1e-5
     assert int(eot.max()) + 1 < 77 // 4  # and it really is a much shorter sequence
 
@@ -114,7 +123,7 @@ def test_load_clip_reads_a_real_checkpoint_file(tmp_path, tiny):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Class chunks
+# The engine: class chunks
 
 def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):
     """Class chunks (sorted by length, each cut at its own EOT, checkpointed) give the same features and gradients."""
@@ -128,7 +137,8 @@ def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):
 
     grads, feats = [], []
     for chunk in (None, 4):
-        f = clip_layers.encode_text(tiny, clip_layers.token_embedding(tiny, ids), eot, hook=hook, chunk=chunk)
+        with clip_engine.options(text_chunk=chunk):
+            f = clip_layers.encode_text(tiny, clip_layers.token_embedding(tiny, ids), eot, hook=hook, hook_rows=3)
         (f ** 2).sum().backward()
         feats.append(f.detach())
         grads.append(prompt.grad.clone())
@@ -138,7 +148,7 @@ def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The shared prefix: the leading rows that are equal in every class, encoded once
+# The engine: the shared prefix, the leading rows that are equal in every class, encoded once
 
 # Names of 1 to 30 tokens behind one template: "a photo of a" (+ SOS) is the shared prefix, 5 rows
 SHARED = ["ox", "golden retriever", " ".join(["big red striped"] * 10), "sea lion", "cat", "red eyed tree frog"]
@@ -147,11 +157,11 @@ SHARED = ["ox", "golden retriever", " ".join(["big red striped"] * 10), "sea lio
 def test_shared_prefix_length():
     ids = clip_layers.tokenize([f"X a photo of a {n}." for n in SHARED])
     x, eot = torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)   # any embedding: equal ids give equal rows
-    assert clip_layers.shared_prefix_length(x, eot) == 6             # SOS X a photo of a
+    assert clip_engine.shared_prefix_length(x, eot) == 6             # SOS X a photo of a
     ids = clip_layers.tokenize(["a dog.", "a dog."])                 # equal texts: the EOT stays a class's own row
-    assert clip_layers.shared_prefix_length(torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)) == 4
+    assert clip_engine.shared_prefix_length(torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)) == 4
     ids = clip_layers.tokenize(["x", "a photo of a dog."])           # only SOS in common
-    assert clip_layers.shared_prefix_length(torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)) == 1
+    assert clip_engine.shared_prefix_length(torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)) == 1
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
@@ -170,7 +180,8 @@ def test_shared_prefix_gradients_of_clip_itself(tiny, monkeypatch, chunk):
     for shared in (False, True):
         for p in text_params:
             p.grad = None
-        f = clip_layers.encode_text_ids(clip_model, ids, chunk=chunk, shared_prefix=shared)
+        with clip_engine.options(text_chunk=chunk, shared_prefix=shared):
+            f = clip_layers.encode_text_ids(clip_model, ids)
         (w * f).sum().backward()
         out[shared] = f.detach(), [p.grad.clone() for p in text_params]
         assert bool(calls) == shared
@@ -200,7 +211,8 @@ def test_shared_prefix_with_a_hook_needs_its_promise(tiny, monkeypatch):
     hook = deep_prompt_hook(prompt)
     calls = spy_shared(monkeypatch)
     with torch.no_grad():
-        full = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, shared_prefix=False)
+        with clip_engine.options(shared_prefix=False):
+            full = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True)
         assert not calls
         assert torch.equal(clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True)[0], full[0])  # no promise
         assert not calls
@@ -214,23 +226,27 @@ def test_shared_prefix_with_a_hook_needs_its_promise(tiny, monkeypatch):
         def lengthening(layer, x):  # breaks the promise: writes a row past the prefix
             return torch.cat([x, x[:, -1:]], dim=1)
 
-        with pytest.raises(ValueError, match="shared prefix's shape"):
+        with pytest.raises(ValueError, match="changed the shared rows' shape"):
             clip_layers.encode_text(tiny, x, eot, lengthening, hook_rows=3)
 
 
 def test_last_vision_block_computes_the_cls_row_only(tiny, monkeypatch):
-    """After the last block CLIP reads only CLS: that block returns (N, 1, D), and the features are stock CLIP's."""
-    shapes, stock = [], clip_layers.residual_block
+    """After the last block CLIP reads only CLS: the engine's last block returns (N, 1, D), the blocks before it
+    (N, L, D), and the features are stock CLIP's."""
+    shapes, stock, stock_cls = [], clip_layers.residual_block, clip_engine.cls_block
 
-    def recording(block, x, causal, fast=True, rows=None):
-        y = stock(block, x, causal, fast, rows)
-        shapes.append(tuple(y.shape[1:2]))
-        return y
+    def recording(run):
+        def call(block, x, **kw):
+            y = run(block, x, **kw)
+            shapes.append(y.shape[1])
+            return y
+        return call
 
-    monkeypatch.setattr(clip_layers, "residual_block", recording)
+    monkeypatch.setattr(clip_layers, "residual_block", recording(stock))
+    monkeypatch.setattr(clip_engine, "cls_block", recording(stock_cls))
     images = torch.randn(2, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
     with torch.no_grad():
         ours = clip_layers.encode_image(tiny, images)
         assert (ours - tiny.encode_image(images)).abs().max() < 1e-5
     n_tok = tiny.visual.positional_embedding.shape[0]
-    assert shapes == [(n_tok,)] * (len(tiny.visual.transformer.resblocks) - 1) + [(1,)]
+    assert shapes == [n_tok] * (len(tiny.visual.transformer.resblocks) - 1) + [1]

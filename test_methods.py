@@ -2,7 +2,7 @@
 Tests of the methods on the CPU with the tiny random CLIP (conftest.py): mpl.py (MPL and its MaPLe preset, against a
 plain re-implementation of the official forward; token counts per layer; parameter counts) and
 isp.py (ISP and its IVLP preset, the structural modules, sample probing, parameter counts); what both do with the CLIP
-they are handed; the official path (fast=False) and class chunks; the config flags' help.
+they are handed; the engine's official path and class chunks under the methods; the config flags' help.
 
     python -m pytest -q test_methods.py
 
@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import clip_engine
 import clip_layers
 import isp
 import mpl
@@ -47,7 +48,7 @@ TINY = {  # the cross-dataset depth 3: most of the tiny CLIP's 12 layers run unp
 
 def make_model(clip_model, cfg, seed=0, classnames=CLASSES, **kw):
     """An MPL model whose prompt values are random and all different (the projections start as identical copies, and
-    a zero-ish prompt would hide mistakes of order or placement). kw: MPL's text_chunk, fast."""
+    a zero-ish prompt would hide mistakes of order or placement)."""
     torch.manual_seed(seed)
     model = mpl.MPL(clip_model, classnames, cfg, **kw)
     with torch.no_grad():
@@ -157,18 +158,23 @@ def run_spied(monkeypatch, model, images, **spies):
 
 
 def record_blocks(monkeypatch, model, images, identity=False):
-    """Inputs and outputs of every block call, per tower, through a wrapper of clip_layers.residual_block, while
-    model(images) runs; and the set of `fast` flags the blocks were called with."""
-    seen = {"text": [], "vision": [], "fast": set()}
-    stock = clip_layers.residual_block
+    """Inputs and outputs of every block call, per tower, while model(images) runs: clip_layers.residual_block and the
+    engine's CLS-only last vision block and stock blocks (the official path); and which of these kinds ran."""
+    seen = {"text": [], "vision": [], "kinds": set()}
 
-    def recording(block, x, causal, fast=True, rows=None):
-        y = (x if rows is None else x[:, rows]) if identity else stock(block, x, causal, fast, rows)
-        seen["text" if causal else "vision"].append((x.detach().clone(), y.detach().clone()))
-        seen["fast"].add(fast)
-        return y
+    def recording(kind, run):
+        def call(block, x, causal=False):
+            y = (x[:, :1] if kind == "cls" else x) if identity else \
+                run(block, x) if kind != "ours" else run(block, x, causal=causal)
+            text = causal or (kind == "stock" and block.attn_mask is not None)
+            seen["text" if text else "vision"].append((x.detach().clone(), y.detach().clone()))
+            seen["kinds"].add(kind)
+            return y
+        return call
 
-    run_spied(monkeypatch, model, images, residual_block=recording)
+    monkeypatch.setattr(clip_engine, "cls_block", recording("cls", clip_engine.cls_block))
+    monkeypatch.setattr(clip_engine, "stock_block", recording("stock", clip_engine.stock_block))
+    run_spied(monkeypatch, model, images, residual_block=recording("ours", clip_layers.residual_block))
     return seen
 
 
@@ -186,10 +192,11 @@ def test_sequence_lengths_tiny(tiny, monkeypatch, preset, expected, prefix):
     assert lengths == expected == vision_lengths(17, cfg, 12)
     # The text's shared prefix, SOS + prompts + the template's words ("X a photo of a" / "a photo of a"), runs once
     # through every block but the last (after which only the EOT rows are read); each class's own rows run beside it
-    # (residual_block_after_prefix, not recorded here) ...
+    # (clip_engine.block_after_prefix, not recorded here) ...
     assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(1, prefix)] * 11
     # ... and without sharing every class keeps its (cut) length at every layer
-    seen = record_blocks(monkeypatch, make_model(tiny, cfg, shared_prefix=False), images_for(tiny))
+    with clip_engine.options(shared_prefix=False):
+        seen = record_blocks(monkeypatch, make_model(tiny, cfg), images_for(tiny))
     cut = int(model.prompt_learner.eot.max()) + 1
     assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(len(CLASSES), cut)] * 12
 
@@ -208,8 +215,9 @@ def test_add_remove_carry(tiny, monkeypatch):
     """Default preset: at the input of layer l the tokens are the previous block's outputs minus the last n_rm (carried
     exactly), then the n_add projections of the layer's text prompt (added); text rows 1..n_ctx are replaced."""
     cfg = TINY["mpl"]
-    model = make_model(tiny, cfg, shared_prefix=False)  # every class's text rows through every block
-    seen = record_blocks(monkeypatch, model, images_for(tiny))
+    model = make_model(tiny, cfg)
+    with clip_engine.options(shared_prefix=False):  # every class's text rows through every block
+        seen = record_blocks(monkeypatch, model, images_for(tiny))
     p = prompt_params(model)
     for l in range(1, 12):
         x_in, y_prev = seen["vision"][l][0], seen["vision"][l - 1][1]
@@ -422,9 +430,8 @@ NAMES = ["cat", "golden retriever", "sea lion", "red eyed tree frog", "ox"]
 DEPTH = 3  # the tiny CLIP has 4 layers: layer 3 runs without prompts, as layers 9..11 of ViT-B/16 do
 
 
-def make(clip_model, names=NAMES, shared_prefix=True, **kw):
-    return ISP(clip_model, names, ISPConfig(**{"depth": DEPTH, "sample_probing": False, **kw}),
-               shared_prefix=shared_prefix)
+def make(clip_model, names=NAMES, **kw):
+    return ISP(clip_model, names, ISPConfig(**{"depth": DEPTH, "sample_probing": False, **kw}))
 
 
 def images(n, seed=1):
@@ -485,12 +492,12 @@ def test_ivlp_equals_plain_reimplementation(tiny):
 def test_zero_init_isp_equals_ivlp(tiny, cross):
     # IVLP's text through the same (unshared) path as ISP's, whose self-structural module reads the class's own
     # tokens, so that the two must agree bit for bit
-    ivlp = make(tiny, isp_self=False, isp_cross="none", shared_prefix=False)
+    ivlp = make(tiny, isp_self=False, isp_cross="none")
     perturb(ivlp)
     model = make(tiny, isp_cross=cross)
     model.load_state_dict({k: v for k, v in trainable(ivlp).items()}, strict=False)   # same prompt values
     x = images(3)
-    with torch.no_grad():
+    with torch.no_grad(), clip_engine.options(shared_prefix=False):
         a, b = model(x), ivlp(x)
     # image_tokens: per-image text, the same rows in an N * C batch (other matmul shapes), so equal to rounding only
     if cross == "image_tokens":
@@ -550,23 +557,24 @@ def test_text_padding_is_masked(tiny):
     model = make(tiny, isp_cross="none")
     perturb(model)
     with torch.no_grad():
-        model.text_chunk = 1
-        alone = model.encode_classes()[0]                             # each class cut at its own EOT
-        model.text_chunk = None
         together = model.encode_classes()[0]                          # all cut at the longest EOT
-    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+        for c, name in enumerate(NAMES):
+            alone = make(tiny, [name], isp_cross="none")
+            alone.load_state_dict(model.state_dict())                 # the same prompts and modules, one class
+            torch.testing.assert_close(alone.encode_classes()[0][0], together[c], atol=1e-5, rtol=1e-5)
+    assert len({int(e) for e in model.eot}) > 1                       # (the names do differ in length)
 
 
-@pytest.mark.parametrize("cross", ["image_tokens", "class_summaries"])
-def test_chunked_encode_classes(tiny, cross):
+def test_chunked_encode_classes(tiny):
     """Chunks (sorted by length, checkpointed with gradients on) give the same features, summaries and gradients; the
-    chunk is the model's text_chunk (train.py's --text-chunk)."""
-    model = make(tiny, isp_cross=cross)
+    chunk is the engine's text_chunk (train.py's --text-chunk). ISP's class_summaries cross module without the
+    self-structural module: its text hook writes every class alike, so the engine may chunk it."""
+    model = make(tiny, isp_self=False, isp_cross="class_summaries")
     perturb(model)
 
     def encode(text_chunk):
-        model.text_chunk = text_chunk
-        return model.encode_classes()
+        with clip_engine.options(text_chunk=text_chunk):
+            return model.encode_classes()
 
     with torch.no_grad():
         (f1, s1), (f2, s2) = encode(None), encode(2)
@@ -576,10 +584,10 @@ def test_chunked_encode_classes(tiny, cross):
     x, y = images(2), torch.tensor([1, 3])
 
     def grads(text_chunk):
-        model.text_chunk = text_chunk
         model.zero_grad()
-        logits = model(x)
-        F.cross_entropy(logits, y).backward()
+        with clip_engine.options(text_chunk=text_chunk):
+            logits = model(x)
+            F.cross_entropy(logits, y).backward()
         return logits.detach(), {k: p.grad.clone() for k, p in trainable(model).items()}
 
     (l1, g1), (l2, g2) = grads(None), grads(2)
@@ -728,12 +736,12 @@ ROW_ALIKE = {  # the presets whose text hook treats every class alike, and ISP's
 }
 
 
-def built(clip_model, cfg, names, **kw):
+def built(clip_model, cfg, names):
     """MPL or ISP for cfg, with prompts and zero-initialised modules made non-trivial; the same for the same cfg."""
     if isinstance(cfg, mpl.MPLConfig):
-        return make_model(clip_model, cfg, classnames=names, **kw)
+        return make_model(clip_model, cfg, classnames=names)
     torch.manual_seed(0)
-    model = ISP(clip_model, names, cfg, **kw)
+    model = ISP(clip_model, names, cfg)
     perturb(model)
     return model
 
@@ -762,11 +770,13 @@ def test_shared_prefix_equals_unshared(tiny, monkeypatch, preset, chunk):
     cfg = ROW_ALIKE[preset]()
     x, y = images(3), torch.tensor([0, 2, 5])
     calls = spy_shared(monkeypatch)
-    unshared = features_and_gradients(built(tiny, cfg, SHARED_NAMES, text_chunk=chunk, shared_prefix=False), x, y)
+    with clip_engine.options(text_chunk=chunk, shared_prefix=False):
+        unshared = features_and_gradients(built(tiny, cfg, SHARED_NAMES), x, y)
     assert calls == []
-    model = built(tiny, cfg, SHARED_NAMES, text_chunk=chunk)
+    model = built(tiny, cfg, SHARED_NAMES)
     calls.clear()  # (ISP's sample probing encodes its zero-shot class texts on construction, through the same path)
-    shared = features_and_gradients(model, x, y)
+    with clip_engine.options(text_chunk=chunk):
+        shared = features_and_gradients(model, x, y)
     for a, b, what in zip(shared, unshared, ("features", "summaries", "logits")):
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=what)
@@ -785,14 +795,16 @@ def test_shared_prefix_equals_unshared(tiny, monkeypatch, preset, chunk):
 
 def test_hook_reading_the_class_rows_is_not_shared(tiny, monkeypatch):
     """ISP's self-structural module (its text prompts read the class's own tokens) and image_tokens (they read each
-    image, rows image-major) keep the unshared path, even with shared_prefix=True (the default)."""
+    image, rows image-major) keep the unshared path, even with the engine's shared_prefix on (the default)."""
     calls = spy_shared(monkeypatch)
     x = images(2)
     for cfg in (dict(isp_self=True, isp_cross="none"), dict(isp_self=False, isp_cross="image_tokens")):
         cfg = replace(isp.PRESETS["isp"], depth=DEPTH, sample_probing=False, **cfg)
-        model, reference = built(tiny, cfg, SHARED_NAMES), built(tiny, cfg, SHARED_NAMES, shared_prefix=False)
+        model = built(tiny, cfg, SHARED_NAMES)
+        with torch.no_grad(), clip_engine.options(shared_prefix=False):
+            reference = model(x)
         with torch.no_grad():
-            assert torch.equal(model(x), reference(x))                                 # the very same path
+            assert torch.equal(model(x), reference)                                    # the very same path
     assert calls == []
 
 
@@ -805,7 +817,8 @@ def test_zeroshot_shared_prefix(tiny, monkeypatch):
     with torch.no_grad():
         stock = tiny.encode_text(clip_layers.tokenize([f"a photo of a {n}." for n in SHARED_NAMES]))
     torch.testing.assert_close(model.text_features, stock, atol=1e-5, rtol=1e-5)
-    unshared = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES, shared_prefix=False).text_features
+    with clip_engine.options(shared_prefix=False):
+        unshared = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES).text_features
     torch.testing.assert_close(model.text_features, unshared, atol=1e-5, rtol=1e-5)
 
 
@@ -938,43 +951,51 @@ def test_methods_refuse_what_is_no_vit_clip(method):
         method(torch.nn.Linear(2, 2), CLASSES)
 
 
-def preset_model(clip_model, preset, **kw):
-    """A preset on the 4-layer tiny CLIP (depth 3) or zero-shot CLIP, over class names of different lengths, prompts
-    and zero-initialised modules made non-trivial; the same arguments give the same model. kw: text_chunk, fast."""
+def preset_model(clip_model, preset):
+    """A preset at depth 3 or zero-shot CLIP, over class names of different lengths, prompts and zero-initialised
+    modules made non-trivial; the same arguments give the same model."""
     if preset == "zeroshot":
-        return clip_layers.ZeroShotCLIP(clip_model, NAMES, **kw)
+        return clip_layers.ZeroShotCLIP(clip_model, NAMES)
     if preset in mpl.PRESETS:
-        return make_model(clip_model, replace(mpl.PRESETS[preset], depth=DEPTH), classnames=NAMES, **kw)
+        return make_model(clip_model, replace(mpl.PRESETS[preset], depth=DEPTH), classnames=NAMES)
     torch.manual_seed(0)
-    model = ISP(clip_model, NAMES, replace(isp.PRESETS[preset], depth=DEPTH), **kw)
+    model = ISP(clip_model, NAMES, replace(isp.PRESETS[preset], depth=DEPTH))
     perturb(model)
     return model
 
 
 @pytest.mark.parametrize("preset", ["mpl", "maple", "ivlp", "isp", "zeroshot"])
 def test_official_path_and_class_chunks_give_the_same_logits(tiny, monkeypatch, preset):
-    """fast=False, the official way of running CLIP (its stock blocks, all 77 text positions, one pass), gives the
-    default's logits; and so does one class per text pass (text_chunk=1) against all classes at once (None)."""
+    """The engine's official path (CLIP's stock blocks, all 77 text positions, one pass) gives the default's logits;
+    and so does one class per text pass (text_chunk=1) against all classes at once (None)."""
     x = images(3)
     with torch.no_grad():
         expected = preset_model(tiny, preset)(x)
-        torch.testing.assert_close(preset_model(tiny, preset, fast=False)(x), expected, atol=1e-5, rtol=0)
+        with clip_engine.options(official=True):
+            torch.testing.assert_close(preset_model(tiny, preset)(x), expected, atol=1e-5, rtol=0)
     assert expected.std() > 0.1  # the logits are not trivially equal
     # ... and it is the official path: every block of both towers (class texts built on construction included) is
     # CLIP's stock block, over all 77 text positions
-    seen = record_blocks(monkeypatch, lambda images: preset_model(tiny, preset, fast=False)(images), x)
-    assert seen["fast"] == {False} and seen["text"] and seen["vision"]
+    with clip_engine.options(official=True):
+        seen = record_blocks(monkeypatch, lambda images: preset_model(tiny, preset)(images), x)
+    assert seen["kinds"] == {"stock"} and seen["text"] and seen["vision"]
     assert {t.shape[1] for t, _ in seen["text"]} == {77}
     if preset == "zeroshot":
         return  # its class texts are encoded once, on construction
+    model = preset_model(tiny, preset)
     for shared_prefix in (True, False):
-        one = preset_model(tiny, preset, text_chunk=1, shared_prefix=shared_prefix)
-        whole = preset_model(tiny, preset, text_chunk=None, shared_prefix=shared_prefix)
-        with torch.no_grad():
-            torch.testing.assert_close(one(x), whole(x), atol=1e-5, rtol=0)
-    # (one class alone has no prefix to share; and without sharing each block sees every class of the pass)
-    assert {t.shape[0] for t, _ in record_blocks(monkeypatch, one, x)["text"]} == {1}
-    assert {t.shape[0] for t, _ in record_blocks(monkeypatch, whole, x)["text"]} == {len(NAMES)}
+        with torch.no_grad(), clip_engine.options(shared_prefix=shared_prefix):
+            with clip_engine.options(text_chunk=1):
+                one = model(x)
+            with clip_engine.options(text_chunk=None):
+                torch.testing.assert_close(one, model(x), atol=1e-5, rtol=0)
+    # (one class alone has no prefix to share; and without sharing each block sees every class of the pass; ISP's
+    # self-structural hook reads each class's own rows, so the engine never splits its classes)
+    alike = preset != "isp"
+    with clip_engine.options(text_chunk=1, shared_prefix=False):
+        assert {t.shape[0] for t, _ in record_blocks(monkeypatch, model, x)["text"]} == {1 if alike else len(NAMES)}
+    with clip_engine.options(text_chunk=None, shared_prefix=False):
+        assert {t.shape[0] for t, _ in record_blocks(monkeypatch, model, x)["text"]} == {len(NAMES)}
 
 
 def test_config_fields_have_help(tiny):

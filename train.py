@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoints
+import clip_engine
 import clip_layers
 import data
 import isp
@@ -197,9 +198,10 @@ def recipe(args):
 
 
 def build_model(args, clip_model, classnames, template):
+    clip_engine.settings.text_chunk = args.text_chunk or None  # classes per text pass (exact, memory only)
     if args.method == "zeroshot":
         return clip_layers.ZeroShotCLIP(clip_model, classnames, template)
-    return RECIPES[args.method].model(clip_model, classnames, method_config(args), text_chunk=args.text_chunk or None)
+    return RECIPES[args.method].model(clip_model, classnames, method_config(args))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -231,6 +231,15 @@ def free_mb(device):
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("MemAvailable:"))
 
 
+def official_text_mb(arch, n_classes):
+    """A first guess of the official step's memory before any count is measured: its text side keeps, per class and
+    per layer, about 16 activations of width D at every one of the 77 positions and two h x 77 x 77 attention maps,
+    in fp32 (the order of magnitude; from two measured counts on, a line through them replaces it)."""
+    cfg = clip_layers.RANDOM_CLIPS[arch]
+    D, L, h, T = cfg["transformer_width"], cfg["transformer_layers"], cfg["transformer_heads"], cfg["context_length"]
+    return n_classes * L * T * (16 * D + 2 * h * T) * 4 / 2 ** 20
+
+
 def line_fit(points):
     """Least-squares line y = a + b x through [(x, y), ...]: (a, b); with one point, (y, 0)."""
     if len(points) == 1:
@@ -298,8 +307,12 @@ def main(argv=None):
         for n in classes:
             # The official step at n classes, if its memory (a line through the counts measured so far) fits.
             predicted = line_fit(memory_points) if len(memory_points) >= 2 else None
-            need = predicted[0] + predicted[1] * n if predicted else 0
-            o = fresh(method, n, True) if need < args.memory_margin * free_mb(args.device) else None
+            need = predicted[0] + predicted[1] * n if predicted else official_text_mb(args.arch, n)
+            free = free_mb(args.device)
+            o = fresh(method, n, True) if need < args.memory_margin * free else None
+            if o is None and need >= args.memory_margin * free:
+                print(f"  {method} {n}: the official step would need ~{need:,.0f} MB of {free:,.0f} MB free; not run "
+                      f"(--memory-margin {args.memory_margin})", flush=True)
             if o:
                 official_points.append((n, o["sec"]))
                 memory_points.append((n, o["peak_mb"]))

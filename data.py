@@ -25,6 +25,7 @@ Left out: no dataset downloading, no split generation, no Dassl `repeat=True` sa
 """
 
 import argparse
+import difflib
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,7 @@ class Benchmark:
     test: list[Datum]       # always the full test split of the selected classes
     classnames: list[str]   # index == label, "_" already replaced by " " (what every CoOp trainer tokenises)
     template: str           # CoOp's hand-crafted zero-shot template of the dataset
+    source: str = None      # the file (or folder) that defines the classes, for messages; None when built in memory
 
     @property
     def num_classes(self):
@@ -139,12 +142,16 @@ _ALIASES.update({_normalise(s.coop_name): k for k, s in DATASETS.items()})
 _ALIASES.update({"flowers102": "oxford_flowers"})  # DATASETS.md's heading for OxfordFlowers
 
 
-def resolve_name(name):
-    """Canonical DATASETS key for a --dataset value (canonical key or CoOp name, any case)."""
+def resolve_name(name, also=()):
+    """Canonical DATASETS key for a --dataset value (canonical key or CoOp name, any case). also: other names the
+    caller accepts (the mini world's), listed among the known ones when `name` is unknown."""
     key = _ALIASES.get(_normalise(str(name)))
     if key is None:
-        raise ValueError(f"Unknown dataset {name!r} (--dataset). Known datasets: {', '.join(DATASETS)}. "
-                         f"CoOp's config names (e.g. OxfordPets, DescribableTextures, ImageNetV2) work too.")
+        known = list(DATASETS) + list(also)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ValueError(f"Unknown dataset {name!r} (--dataset). Known datasets: {', '.join(known)}. "
+                         f"CoOp's config names (e.g. OxfordPets, DescribableTextures, ImageNetV2) work too.{hint}")
     return key
 
 
@@ -223,6 +230,8 @@ def _read_json(spec, ddir):
         split = json.loads(raw)
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); expected {fmt}.") from None
+    except RecursionError:  # lists or objects nested thousands deep: no split file looks like that
+        raise ValueError(f"{path} is malformed: its JSON is nested too deeply to read; expected {fmt}.") from None
     splits = {}
     for name in ("train", "val", "test"):
         if not isinstance(split, dict) or not isinstance(split.get(name), list):
@@ -268,14 +277,14 @@ def _check_labels(splits, source):
 
 
 def _check_paths_inside(splits, image_root, source):
-    """Image paths are relative to the image folder and stay inside it (no absolute paths, no '..' out of it)."""
-    root = os.path.realpath(image_root)
+    """What a split file may name: paths below the image folder, relative to it, with no '..' part (CoOp's never
+    have one). This is a check of the split file's text, not of the disk: the folders under the image folder are the
+    user's own layout, so a class folder that is a symbolic link to another disk is followed like any folder."""
     for split, items in splits.items():
         for d in items:
-            full = os.path.realpath(os.path.join(image_root, d.impath))
-            if os.path.isabs(d.impath) or os.path.commonpath([root, full]) != root:
+            if os.path.isabs(d.impath) or ".." in d.impath.replace("\\", "/").split("/"):
                 raise ValueError(f"{source}: the {split} path {d.impath!r} leaves the image folder {image_root}; "
-                                 f"split paths must be relative to it.")
+                                 f"split paths must be relative to it, without '..'.")
 
 
 def _read_fgvc(spec, ddir):
@@ -391,10 +400,54 @@ def read_splits(key, root, spec=None):
     spec = spec or DATASETS[key]
     ddir = os.path.join(root, spec.dir)
     if not os.path.isdir(ddir):
-        extra = "" if os.path.isdir(root) else f" (--root {root} itself does not exist)"
+        extra = "" if os.path.isdir(root) else f" (--root {root} itself is not a folder)" if os.path.exists(root) \
+            else f" (--root {root} itself does not exist)"
         raise FileNotFoundError(f"Dataset folder not found: {ddir}{extra}. --dataset {key} expects "
                                 f"$DATA/{spec.dir} under --root; {_howto(spec)}.")
-    return _READERS[spec.reader](spec, ddir)
+    splits, split_hash = _READERS[spec.reader](spec, ddir)
+    # Every class needs test images: one without any would be scored on nothing (with base-to-new, a new class set
+    # without test images fails after the whole training).
+    untested = sorted({d.label for items in splits.values() for d in items} - {d.label for d in splits["test"]})
+    if untested:
+        names = {d.label: d.classname for items in splits.values() for d in items}
+        test_source = {"json": spec.split_file, "fgvc": "images_variant_test.txt",
+                       "imagenet": os.path.join(spec.image_dir, "val")}.get(spec.reader, spec.image_dir)
+        raise ValueError(f"{os.path.join(ddir, test_source)}: classes {[names[y] for y in untested][:10]} (labels "
+                         f"{untested[:10]}) have no test image; every class needs test images to be scored. Check "
+                         f"that the file / folders are complete.")
+    return splits, split_hash
+
+
+def split_fingerprint(name, root, spec=None):
+    """A short hash of what decides a dataset's split and class names under `root`, for a run's identity: the split
+    file(s) (split_zhou_*.json, which also holds the class names; FGVC's variants.txt and images_variant_*.txt;
+    ImageNet's and its variants' classnames.txt) and, where labels are class-folder indices (ImageNet, -Sketch, -A,
+    -R), the sorted class-folder names. Reads no image, so it is cheap enough to compute before deciding to skip a
+    finished run; a file that is missing raises read_splits' own message."""
+    key = name if spec is not None else resolve_name(name)
+    spec = spec or DATASETS[key]
+    root = os.path.abspath(os.path.expanduser(root))
+    ddir = os.path.join(root, spec.dir)
+    if not os.path.isdir(ddir):
+        read_splits(key, root, spec)  # raises: the dataset folder is not under --root
+    files = [spec.split_file] + ([f"images_variant_{s}.txt" for s in ("train", "val", "test")]
+                                 if spec.reader == "fgvc" else [])
+    chunks = [spec.reader]
+    for fname in files:
+        chunks += [fname, _read_bytes(_require_file(spec, ddir, fname, f"{fname} ({_howto(spec)})"))]
+    image_root = os.path.join(ddir, spec.image_dir)
+    folders = {"imagenet": ["train", "val"], "imagenet_folders": [""]}.get(spec.reader, [])
+    for folder in folders:
+        path = os.path.join(image_root, folder)
+        chunks += [f"folders of {folder!r}", "\n".join(_subdirs(path)) if os.path.isdir(path) else "absent"]
+    return _sha256(*chunks)
+
+
+def benchmark_fingerprint(benchmarks):
+    """split_fingerprint's counterpart for Benchmarks built in memory ({"base": Benchmark, ...}, as tests pass them):
+    their names, class names and items."""
+    return _sha256(*(json.dumps([k, b.name, b.classnames, [[d.impath, d.label] for d in b.train + b.val + b.test]])
+                     for k, b in sorted(benchmarks.items())))
 
 
 # -----------------------------------------------------------------------------
@@ -449,7 +502,7 @@ def _load_cache(path, meta, full):
                 return None
             out[name] = items
         return out
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # e.g. a list, nested deep
         return None
 
 
@@ -525,7 +578,14 @@ def load_benchmark(name, root, shots, seed, subsample="all", cache=True, spec=No
     image_root = os.path.join(ddir, spec.image_dir)
     train, val, test = ([Datum(os.path.join(image_root, d.impath), d.label, d.classname) for d in items]
                         for items in (train, val, test))
-    return Benchmark(key, train, val, test, _classnames(train, val, test), spec.template)
+    source = os.path.join(ddir, spec.split_file)
+    if not test:  # read_splits gives every class test images, so only a subsample of no class gets here
+        raise ValueError(f"--dataset {key}: --subsample {subsample} selects no class of {source} (a dataset of one "
+                         f"class has no new classes); base-to-new needs at least two classes.")
+    # What the run will read, opened now (headers only, not pixels): a file that is no image or a decompression bomb
+    # stops the run here, named, rather than after the training.
+    check_image_headers(dict.fromkeys(d.impath for d in train + val + test), source)
+    return Benchmark(key, train, val, test, _classnames(train, val, test), spec.template, source)
 
 
 def _classnames(*splits):
@@ -584,9 +644,28 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             with Image.open(d.impath) as img:
                 image = self.transform(img.convert("RGB"))
-        except OSError as e:  # PIL's messages ("image file is truncated") do not say which file
+        except (OSError, Image.DecompressionBombError) as e:  # PIL's messages do not say which file
             raise OSError(f"could not read image {d.impath}: {e}. Re-extract or remove it from the split.") from e
         return image, d.label, index
+
+
+def check_image_headers(paths, source):
+    """Open each image and read its header only (format and size; the pixels are not decoded), so that a file PIL
+    cannot read or an image larger than PIL's limit against decompression bombs (Image.MAX_IMAGE_PIXELS, which PIL
+    enforces with a warning, or an error from twice the limit) is named before a run trains, not when it is scored.
+    A file cut short after its header still gets through: finding that needs every image decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for path in paths:
+            try:
+                with open(path, "rb") as f, Image.open(f):
+                    pass
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+                raise ValueError(f"image {path} (listed in {source}) is too large to read safely: {e} Remove it from "
+                                 f"the split or replace it with a smaller copy.") from None
+            except OSError as e:
+                raise OSError(f"could not read image {path} (listed in {source}): {e}. Re-extract it or remove it "
+                              f"from the split.") from None
 
 
 # -----------------------------------------------------------------------------
@@ -596,11 +675,12 @@ def check(root, names=None, out=print):
     """Print one row per dataset (found / missing / error, counts found vs expected); return the rows."""
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--root {root} does not exist (it should be the CoOp $DATA folder that holds "
-                                f"caltech-101/, eurosat/, imagenet/, ...)")
+        what = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise FileNotFoundError(f"--root {root} {what} (it should be the CoOp $DATA folder that holds caltech-101/, "
+                                f"eurosat/, imagenet/, ...)")
     rows, errors = [], []
-    for key in (names or list(DATASETS)):
-        key = resolve_name(key)
+    keys = [resolve_name(key) for key in (names or list(DATASETS))]  # an unknown name stops before the table
+    for key in keys:
         spec = DATASETS[key]
         expected = {"classes": spec.classes, "train": spec.train, "val": spec.val, "test": spec.test}
         found = None
@@ -648,7 +728,7 @@ def main(argv=None):
     if args.check:
         try:
             rows = check(args.root, args.dataset)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # no --root folder, an unknown --dataset
             print(f"error: {e}")
             return 1
         return 1 if any(r["status"] == "error" for r in rows) else 0
@@ -662,4 +742,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+    cli.run(main)

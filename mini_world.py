@@ -58,6 +58,7 @@ about the real benchmarks.
 """
 import argparse
 import colorsys
+import contextlib
 import hashlib
 import json
 import math
@@ -73,6 +74,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+try:
+    import fcntl  # the lock that lets one of several processes draw the world (POSIX)
+except ImportError:
+    fcntl = None
 
 import clip_layers
 import data
@@ -347,9 +353,10 @@ def _manifest(name, seed):
 def _read_manifest(path):
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None  # absent, empty or cut short: a render that did not finish
+            manifest = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None  # absent, empty or cut short (a render that did not finish), or not ours: drawn again
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _ours(out, name):
@@ -369,23 +376,81 @@ def _remove_stale_temporaries(root, name):
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _draw_lock(root, name):
+    """Held while a process draws dataset `name` under `root`, so that of several processes started at once on a new
+    root one draws and the others wait, then find it drawn. The lock is an flock on `<root>/.<name>.lock`: the kernel
+    releases it when its process ends or is killed, so no lock outlives its holder. The holder removes the file before
+    it lets go; a process that was waiting on the removed file finds it gone and locks a new one. Also where `root` is
+    first created and written, so a --root that is a file, or read-only, stops here with a message that names it."""
+    path = os.path.join(root, f".{name}.lock")
+    while True:
+        try:
+            os.makedirs(root, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if os.path.exists(root) and not os.path.isdir(root):
+                raise NotADirectoryError(f"--root {root} is a file, not a folder: the mini world is drawn into a "
+                                         f"folder there on first use; give --root a folder (a new one is created)"
+                                         ) from None
+            raise type(e)(f"--root {root}: cannot draw the mini world's {name} there ({e.strerror or e}); give "
+                          f"--root a folder this process can write, or draw the world once where it can (python "
+                          f"mini_world.py --render --root FOLDER) and point --root at it") from None
+        if fcntl is None:  # no flock on this system: draw unguarded
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is drawing {name} under {root}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): draw unguarded
+            break
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break  # the file is still the lock: ours now
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it while this process waited: lock the next one
+    try:
+        yield
+    finally:
+        try:
+            os.remove(path)  # before the lock is released, never after (see above)
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
 def _render_dataset(root, name, seed):
     out = os.path.join(root, name)
     manifest_path = os.path.join(out, "world_manifest.json")
     manifest = _manifest(name, seed)
     if (_read_manifest(manifest_path) or {}).get("hash") == manifest["hash"]:
         return out, False  # already rendered with this generator version and seed
-    if os.path.isdir(out) and os.listdir(out) and not _ours(out, name):
-        # not ours: refuse rather than mix our files into someone's folder
-        raise FileExistsError(f"{out} exists and holds files render_world() does not write; move it or pick another "
-                              f"--root")
+    with _draw_lock(root, name):
+        if (_read_manifest(manifest_path) or {}).get("hash") == manifest["hash"]:
+            return out, False  # drawn by another process while this one waited for the lock
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(f"{out} is a file, not the folder the mini world draws {name} into; move it or "
+                                     f"pick another --root")
+        if os.path.isdir(out) and os.listdir(out) and not _ours(out, name):
+            # not ours: refuse rather than mix our files into someone's folder
+            raise FileExistsError(f"{out} exists and holds files render_world() does not write; move it or pick "
+                                  f"another --root")
+        try:
+            _draw(root, name, seed, out, manifest)
+        except OSError as e:  # e.g. the disk filled up: say what was being written, and where
+            raise type(e)(f"could not draw the mini world's {name} under --root {root}: {e}") from e
+    return out, True
 
+
+def _draw(root, name, seed, out, manifest):
     # Render into a temporary folder next to the target, then move the finished pieces in and write the manifest last,
     # so a folder is complete exactly when its manifest matches. An interrupted render (a kill at any point) leaves a
     # folder of our files without a matching manifest, which the next call replaces, and a temporary folder named
     # after its process, which the next call removes once that process is gone. Only `images/`, the split file and the
     # manifest are ours; the loader's split_fewshot_ref/ cache next to them is left alone.
-    os.makedirs(root, exist_ok=True)
+    manifest_path = os.path.join(out, "world_manifest.json")
     _remove_stale_temporaries(root, name)
     tmp = tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=root)
     try:
@@ -418,7 +483,6 @@ def _render_dataset(root, name, seed):
         os.replace(os.path.join(tmp, "world_manifest.json"), manifest_path)  # last: the render is complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out, True
 
 
 def render_world(root, seed=0, datasets=tuple(WORLD_DATASETS)):
@@ -815,4 +879,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+    cli.run(main)

@@ -20,12 +20,15 @@ ours.
 """
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 
 import numpy as np
 
+import data
 import mini_world
 import rundir
 import train
@@ -47,6 +50,9 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     same command completes a protocol after a crash, and several copies of it (one per GPU) share the work: a run
     another process holds is left to it and collected at the end."""
     args = train.get_args(argv)
+    for name in list(datasets or []) + list(targets or []):  # a misspelt name fails now, before CLIP is loaded
+        if not mini_world.is_world(name):
+            data.resolve_name(name, also=mini_world.DATASETS)
     if datasets or args.dataset:
         real = not mini_world.is_world(datasets[0] if datasets else args.dataset)
     else:  # the papers' datasets when a CoOp tree is named (--root or $DATA), else the mini world's analogues
@@ -58,6 +64,7 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     results, pending = [], []
 
     def attempt(job, wait=False):
+        waiting = rundir.LockWait()  # says what it waits for; gives up when the holder shows no sign of life
         while True:
             try:
                 return _run_once(*job, clip_model, fingerprint)
@@ -66,23 +73,24 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
                     print(f"{e}: left to that process, collected at the end")
                     pending.append(job)
                     return None
+                waiting.check(e)
                 time.sleep(poll_seconds)
 
     for seed in seeds:
         if protocol == "base2new":
             for d in datasets or (B2N if real else WORLD["b2n"]):
-                run_dir = os.path.join(out, "base2new", method, d, f"shots{args.shots}_seed{seed}")
+                run_dir = run_path(out, "base2new", method, d, args.shots, seed)
                 results.append(attempt((argv + ["--dataset", d, "--seed", str(seed), "--output", run_dir], run_dir,
                                         "base2new", None)))
         else:  # cross_dataset / domain_generalization: train once on the source, all classes, then transfer
             source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
-            src_dir = os.path.join(out, "source", method, source, f"shots{args.shots}_seed{seed}")
+            src_dir = run_path(out, "source", method, source, args.shots, seed)
             src = attempt((argv + ["--dataset", source, "--seed", str(seed), "--subsample", "all", "--output",
                                    src_dir], src_dir, "source", None), wait=True)  # the targets need its prompts
             targets = targets or {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
                                   "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
             for t in targets:
-                run_dir = os.path.join(out, protocol, method, t, f"shots{args.shots}_seed{seed}")
+                run_dir = run_path(out, protocol, method, t, args.shots, seed)
                 load = [] if args.method == "zeroshot" else \
                     ["--eval-only", "--load", os.path.join(src_dir, "checkpoint.pt")]  # the source's prompts
                 job = (argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all", *load, "--output", run_dir],
@@ -91,6 +99,12 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     for job in pending:  # runs other processes were doing: wait for them, then read (or redo) their results
         results[results.index(None)] = attempt(job, wait=True)
     return results
+
+
+def run_path(out, protocol, method, dataset, shots, seed):
+    """The protocols' layout: the directory of one run (method: --method, with "_xd" for --cross-dataset). summarize
+    reads exactly these directories."""
+    return os.path.join(out, protocol, method, dataset, f"shots{shots}_seed{seed}")
 
 
 def _source_record(src, src_dir):
@@ -102,22 +116,27 @@ def _source_record(src, src_dir):
 
 def _run_once(argv, run_dir, protocol, source, clip_model, fingerprint):
     args = train.get_args(argv)
-    expected = train.run_identity(args, clip_model, fingerprint)
     done = os.path.join(run_dir, "results.json")
     if os.path.exists(done):
-        with open(done) as f:
-            old = json.load(f)
-        stale_source = source is not None and (old.get("source") or {}).get("checkpoint_sha256") != \
-            source["checkpoint_sha256"]
-        if old.get("identity") == expected and not stale_source:
-            print(f"{done}: done with these settings, skipped")
-            return old
-        why = "its source run was retrained since" if old.get("identity") == expected else \
-            f"other settings: {rundir.differences(old.get('identity') or {}, expected)}"
-        if not args.overwrite:
-            raise ValueError(f"{done} is a finished run of {why}. Give the flags it was run with, add --overwrite "
-                             f"to re-run the runs whose settings differ, or use another --output")
-        print(f"{done}: {why}; re-running it (--overwrite)")
+        old, problem = read_results(done)
+        if problem is not None:  # cut short, edited, not ours: nothing to compare
+            if not args.overwrite:
+                raise ValueError(f"{done} {problem}: it is not a finished run this protocol can read. Move it away, "
+                                 f"or add --overwrite to run it again")
+            print(f"{done} {problem}; re-running it (--overwrite)")
+        else:
+            expected = train.run_identity(args, clip_model, fingerprint)
+            stale_source = source is not None and (old.get("source") or {}).get("checkpoint_sha256") != \
+                source["checkpoint_sha256"]
+            if old.get("identity") == expected and not stale_source:
+                print(f"{done}: done with these settings, skipped")
+                return old
+            why = "its source run was retrained since" if old.get("identity") == expected else \
+                f"other settings: {rundir.differences(old.get('identity') or {}, expected)}"
+            if not args.overwrite:
+                raise ValueError(f"{done} is a finished run of {why}. Give the flags it was run with, add "
+                                 f"--overwrite to re-run the runs whose settings differ, or use another --output")
+            print(f"{done}: {why}; re-running it (--overwrite)")
     elif os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.eval_only and not args.overwrite:
         argv = argv + ["--resume"]
     extra = dict(protocol=protocol)
@@ -189,8 +208,7 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
             f"(mean +- std over seeds of the mean over datasets; HM of the means)\n\n" + "\n".join(lines))
     print(text)
     os.makedirs(os.path.join(out, "ablation"), exist_ok=True)
-    with open(ablation_table_path(out, method), "w") as f:
-        f.write(text + "\n")
+    rundir.atomic_save((text + "\n").encode(), ablation_table_path(out, method), lambda b, f: f.write(b))
     return text
 
 
@@ -222,38 +240,177 @@ def _mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarize(out_dir, write=True, seeds=None):
-    """Read every results.json under `out_dir` and build the papers' tables: per dataset the 3-seed mean (and std)
-    of B, N and HM = HM(mean B, mean N) (as MaPLe's authors compute it), the average row as HM of the averaged B and N,
-    transfer tables averaged over the targets; the published anchors beside them. A dataset with fewer seeds than the
-    table's seed set is shown as missing, and the average is then not computed."""
-    runs = []
+TABLED = ("base2new", "cross_dataset", "domain_generalization")  # the protocols with a table; "source" has none
+METRICS = {"base2new": ("base", "new"), "cross_dataset": ("all",), "domain_generalization": ("all",)}
+RUN_DIR = re.compile(r"shots(\d+)_seed(\d+)")
+# identity entries that differ between the seeds of one row by design (a transfer run loads its own seed's source)
+PER_SEED = ("seed", "load")
+
+
+class SummaryError(ValueError):
+    """results.json files the summary cannot tabulate, each named with what is wrong with it."""
+
+
+def read_results(path):
+    """(the dict of a results.json, None), or (None, what is wrong with the file) for one that cannot be used."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    if not raw.strip():
+        return None, "is empty"
+    try:
+        results = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        return None, f"is not valid JSON ({type(e).__name__}: {e})"
+    if not isinstance(results, dict):
+        return None, f"holds a {type(results).__name__}, not the dict of results train.py writes"
+    return results, None
+
+
+def _shown(value):
+    return json.dumps(value) if isinstance(value, float) else repr(value)  # NaN, Infinity as JSON writes them
+
+
+def _mismatch(r, protocol, method_dir, dataset_dir, shots, seed):
+    """What is wrong with results `r` read from the run directory <protocol>/<method_dir>/<dataset_dir>/
+    shots<shots>_seed<seed>, or None: fields missing, a run of another directory (copied there?), accuracies that are
+    not percentages."""
+    for key in ("protocol", "method", "dataset", "seed", "shots", "accuracy", "config"):
+        if key not in r:
+            return f"has no {key!r}: it is not a results.json that train.py writes"
+    if not isinstance(r["config"], dict) or not isinstance(r["config"].get("args"), dict):
+        return "has a 'config' without the run's flags ('args'): it is not a results.json that train.py writes"
+    if not isinstance(r["accuracy"], dict):
+        return f"has an 'accuracy' that is a {type(r['accuracy']).__name__}, not a dict of accuracies"
+    xd = "_xd" if r["config"]["args"].get("cross_dataset") else ""
+    said = [("protocol", r["protocol"], protocol), ("method", f"{r['method']}{xd}", method_dir),
+            ("seed", r["seed"], seed), ("shots", r["shots"], shots)]
+    if r["dataset"] != _dataset_key(dataset_dir):
+        said.append(("dataset", r["dataset"], dataset_dir))
+    for what, value, expected in said:
+        if value != expected or type(value) is not type(expected):
+            return f"says {what} {value!r}, but its directory says {expected!r}" if what != "seed" else \
+                f"says seed {value!r}, but its directory says seed {expected}"
+    ident = r.get("identity")
+    if ident is not None:
+        if not isinstance(ident, dict):
+            return f"has an 'identity' that is a {type(ident).__name__}, not the dict train.py writes"
+        expected = dict(method=r["method"], dataset=dataset_dir, seed=seed, shots=shots, cross_dataset=bool(xd))
+        wrong = [f"{k} {ident[k]!r}" for k, v in expected.items() if k in ident and ident[k] != v]
+        if wrong:
+            return f"holds the run of another directory: its identity says {', '.join(wrong)}"
+    for k in METRICS[protocol]:
+        v = r["accuracy"].get(k)
+        if k not in r["accuracy"]:
+            return f"has no {k!r} accuracy (a {protocol} run has {', '.join(map(repr, METRICS[protocol]))})"
+        if type(v) not in (int, float) or not math.isfinite(v) or not 0 <= v <= 100:
+            return f"has the {k!r} accuracy {_shown(v)}, not a percentage in [0, 100]"
+    return None
+
+
+def _dataset_key(name):
+    """The dataset a run directory names, as results.json records it (--dataset EuroSAT runs eurosat)."""
+    try:
+        return name if mini_world.is_world(name) else data.resolve_name(name)
+    except (KeyError, ValueError):
+        return name
+
+
+def _layout_runs(out_dir):
+    """The results.json of the protocols' run directories under out_dir ({path: (protocol, method, dataset, shots,
+    seed)}, run_path's layout), and those found anywhere else (backups, earlier tries), which are not read. The
+    ablation's own runs (<out_dir>/ablation/) have their own table."""
+    runs, elsewhere = {}, []
     for dirpath, dirnames, files in os.walk(out_dir):
-        if "ablation" in dirnames:  # ISP's ablation variants have their own table (ablation.md)
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, out_dir)
+        parts = [] if rel == "." else rel.split(os.sep)
+        if not parts and "ablation" in dirnames:
             dirnames.remove("ablation")
-        if "results.json" in files:
-            with open(os.path.join(dirpath, "results.json")) as f:
-                runs.append(json.load(f))
-    seeds_expected = seeds  # every table must have these seeds (default: the union of the seeds found)
+        if "results.json" not in files:
+            continue
+        path = os.path.join(dirpath, "results.json")
+        match = len(parts) == 4 and RUN_DIR.fullmatch(parts[3])
+        if match and parts[0] in TABLED:
+            runs[path] = (parts[0], parts[1], parts[2], int(match[1]), int(match[2]))
+        elif not (match and parts[0] == "source"):  # a transfer protocol's source run: no table of its own
+            elsewhere.append(path)
+    return runs, elsewhere
+
+
+def _read_protocol_runs(out_dir):
+    """{(protocol, method): {dataset: {seed: accuracy}}} of the run directories under out_dir. Every file that cannot
+    be tabulated as it is (malformed, not the run of its directory, one run in two directories, seeds of one row run
+    with other settings) is collected, and then all of them are refused at once, by path."""
+    runs, elsewhere = _layout_runs(out_dir)
+    if elsewhere:
+        print(f"ignored {len(elsewhere)} results.json outside the protocols' run directories "
+              f"(<protocol>/<method>/<dataset>/shots<K>_seed<S>/ under {out_dir}), not read:")
+        for path in elsewhere:
+            print(f"  {path}")
+    groups, problems, rows = {}, [], {}
+    for path, (protocol, method_dir, dataset_dir, shots, seed) in sorted(runs.items()):
+        r, problem = read_results(path)
+        problem = problem or _mismatch(r, protocol, method_dir, dataset_dir, shots, seed)
+        if problem:
+            problems.append(f"{path} {problem}")
+            continue
+        method = method_dir + (f" ({shots} shots)" if shots != 16 else "")
+        row = rows.setdefault((protocol, method, r["dataset"]), {})
+        if seed in row:
+            problems.append(f"{row[seed][0]} and {path} are the same run ({protocol}, {method}, {r['dataset']}, "
+                            f"seed {seed}) in two directories: move one of them out of {out_dir}")
+            continue
+        row[seed] = (path, r.get("identity"))
+        groups.setdefault((protocol, method), {}).setdefault(r["dataset"], {})[seed] = r["accuracy"]
+    for row in rows.values():  # the seeds of one row: the same settings, seed aside
+        (first, (path0, ident0)), *others = sorted(row.items())
+        for seed, (path, ident) in others:
+            if ident0 is None or ident is None:
+                continue
+            a, b = ({k: v for k, v in i.items() if k not in PER_SEED} for i in (ident0, ident))
+            if a != b:
+                diff = "; ".join(f"{k}: {_shown(a.get(k))} in seed {first}, {_shown(b.get(k))} in seed {seed}"
+                                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                problems.append(f"{path} is a run of other settings ({diff}) than {path0}: re-run one of them "
+                                f"with the other's flags (protocols.py ... --overwrite)")
+    if problems:
+        raise SummaryError(f"{len(problems)} results.json under {out_dir} cannot be tabulated; nothing was written "
+                           f"(the previous summary, if any, is kept):\n  " + "\n  ".join(problems))
+    return groups
+
+
+def summarize(out_dir, write=True, seeds=None):
+    """Read the results.json of the protocols' run directories under `out_dir` (run_path's layout; files anywhere
+    else are listed and ignored, files that cannot be tabulated are refused by path: SummaryError) and build the
+    papers' tables: per dataset the mean (and std) over seeds of B, N and HM = HM(mean B, mean N) (as MaPLe's authors
+    compute it), the average row as HM of the averaged B and N, transfer tables averaged over the targets; the
+    published anchors beside them. `seeds`: the seeds every table must have (a list), or per protocol ({protocol:
+    list}); default: the seeds found. A dataset with fewer seeds than its table is shown as missing, and the average
+    is then not computed. summary.md, summary.csv and the charts are written atomically."""
+    groups = _read_protocol_runs(out_dir)
+    if not groups:
+        raise SummaryError(f"no protocol results under {out_dir}: expected <protocol>/<method>/<dataset>/"
+                           f"shots<K>_seed<S>/results.json there, the --output of protocols.py")
     tables, csv_rows, chart = [], ["protocol,method,dataset,metric,mean,std,seeds,published"], {}
-    groups = {}
-    for r in runs:
-        if r.get("protocol") in ("base2new", "cross_dataset", "domain_generalization"):
-            method = r["method"] + ("_xd" if r["config"]["args"].get("cross_dataset") else "") + \
-                (f" ({r['shots']} shots)" if r.get("shots", 16) != 16 else "")
-            groups.setdefault((r["protocol"], method), {}).setdefault(r["dataset"], {})[r["seed"]] = r["accuracy"]
     for (protocol, method), by_dataset in sorted(groups.items()):
-        seeds = sorted(set(seeds_expected or []) | {s for d in by_dataset.values() for s in d})
+        found = sorted({s for d in by_dataset.values() for s in d})
+        expected = seeds.get(protocol) if isinstance(seeds, dict) else seeds
+        table_seeds = sorted(set(expected or []) | set(found))
         anchors = ANCHORS[protocol].get(method.removesuffix("_xd"), {}) if " shots" not in method else {}
         order = [d for d in B2N + DG_TARGETS if d in by_dataset] + sorted(d for d in by_dataset
                                                                            if d not in B2N + DG_TARGETS)
         metrics = ["base", "new", "hm"] if protocol == "base2new" else ["all"]
-        lines = [f"### {protocol}: {method} (seeds {', '.join(map(str, seeds))})", "",
+        header = ", ".join(map(str, table_seeds)) + ("" if found == table_seeds else
+                                                     f"; found {', '.join(map(str, found))}")
+        lines = [f"### {protocol}: {method} (seeds {header})", "",
                  "| dataset | " + " | ".join(m.upper() if m != "all" else "accuracy" for m in metrics) +
                  " | published | difference |", "|---" * (len(metrics) + 3) + "|"]
         means, complete = {}, True
         for d in order:
-            missing = [s for s in seeds if s not in by_dataset[d]]
+            missing = [s for s in table_seeds if s not in by_dataset[d]]
             pub = anchors.get(d)
             if missing:
                 complete = False
@@ -266,10 +423,11 @@ def summarize(out_dir, write=True, seeds=None):
                     m[k] = 2 * m["base"] * m["new"] / (m["base"] + m["new"]) if m["base"] + m["new"] else 0.0
                     sd = None
                 else:
-                    m[k], sd = _mean_std([by_dataset[d][s][k] for s in seeds])
+                    m[k], sd = _mean_std([by_dataset[d][s][k] for s in table_seeds])
                 cells.append(f"{m[k]:.2f}" + (f" ± {sd:.2f}" if sd is not None else ""))
+                published = "" if pub is None else pub if not isinstance(pub, tuple) else pub[metrics.index(k)]
                 csv_rows.append(f"{protocol},{method},{d},{k},{m[k]:.4f},{'' if sd is None else f'{sd:.4f}'},"
-                                f"{len(seeds)},{'' if pub is None else (pub if not isinstance(pub, tuple) else pub[metrics.index(k)])}")
+                                f"{len(table_seeds)},{published}")
             means[d] = m
             lines.append(f"| {d} | " + " | ".join(cells) + f" | {_fmt_pub(pub)} | {_diff(m[metrics[-1]], pub)} |")
             chart.setdefault(protocol, {}).setdefault(method, {})[d] = m[metrics[-1]]
@@ -287,12 +445,11 @@ def summarize(out_dir, write=True, seeds=None):
         else:
             lines.append("| **average** | " + " | ".join(["incomplete"] * len(metrics)) + " | | |")
         tables.append("\n".join(lines))
-    text = "\n\n".join(tables) if tables else f"no protocol results.json under {out_dir}"
+    text = "\n\n".join(tables)
     print(text)
-    if write and tables:
+    if write:
         for name, content in (("summary.md", text + "\n"), ("summary.csv", "\n".join(csv_rows) + "\n")):
-            with open(os.path.join(out_dir, name), "w") as f:
-                f.write(content)
+            rundir.atomic_save(content.encode(), os.path.join(out_dir, name), lambda b, f: f.write(b))
         for protocol, by_method in chart.items():
             _bar_chart(by_method, os.path.join(out_dir, f"summary_{protocol}.png"),
                        "HM (%)" if protocol == "base2new" else "accuracy (%)", protocol)
@@ -331,7 +488,7 @@ def _bar_chart(chart, path, ylabel, title):
     ax.set_title(title)
     ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    rundir.atomic_save(fig, path, lambda figure, f: figure.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -341,19 +498,31 @@ def main(argv=None):
     p.add_argument("dir", nargs="?", default=None, help="summary: the folder of results.json files to tabulate")
     p.add_argument("--datasets", nargs="+", default=None, help="base2new: the datasets (default: the papers' 11, or "
                    "the mini world without $DATA); transfer: the source (default imagenet)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="default 1 2 3")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 1 2 3; summary: the seeds every "
+                   "table must have (default: the seeds found)")
     p.add_argument("--output", default="output", help="root folder of the protocol's runs and tables")
+    p.add_argument("--steal-lock", action="store_true", help="handed to every run (see train.py): take over a run's "
+                   "lock that names a process on another machine or a pid reused after a reboot. Safe only when no "
+                   "copy of this protocol runs on another machine on this --output")
     args, run_flags = p.parse_known_args(argv)  # everything else goes to each run, as train.py flags
-    if args.protocol == "summary":
-        summarize(args.dir or args.output, seeds=args.seeds)
-    elif args.protocol == "ablation":
-        if train.get_args(run_flags).method not in ABLATION_COLUMNS:
-            p.error("ablation switches a method's modules: give --method isp (2 x 2 x 2) or --method mpl (add/remove)")
-        run_ablation(run_flags, args.datasets, args.seeds, args.output)
-    else:
-        run_protocol(args.protocol, run_flags, args.datasets, args.seeds, args.output)
-        summarize(args.output, seeds=args.seeds)
+    run_flags += ["--steal-lock"] if args.steal_lock else []
+    try:
+        if args.protocol == "summary":
+            summarize(args.dir or args.output, seeds=args.seeds)
+        elif args.protocol == "ablation":
+            if train.get_args(run_flags).method not in ABLATION_COLUMNS:
+                p.error("ablation switches a method's modules: give --method isp (2 x 2 x 2) or --method mpl "
+                        "(add/remove)")
+            run_ablation(run_flags, args.datasets, args.seeds or [1, 2, 3], args.output)
+        else:
+            seeds = args.seeds or [1, 2, 3]
+            run_protocol(args.protocol, run_flags, args.datasets, seeds, args.output)
+            summarize(args.output, seeds={args.protocol: seeds})  # the other protocols' tables: the seeds found
+    except SummaryError as e:
+        print(f"protocols.py summary: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+    cli.run(main)

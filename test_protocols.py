@@ -18,7 +18,7 @@ import train
 # Summary tables
 
 def fake_result(protocol, method, dataset, seed, **acc):
-    return dict(protocol=protocol, method=method, dataset=dataset, seed=seed, accuracy=acc,
+    return dict(protocol=protocol, method=method, dataset=dataset, seed=seed, shots=16, accuracy=acc,
                 config=dict(args=dict(cross_dataset=False)))
 
 
@@ -29,9 +29,10 @@ def test_summary_means_hm_average_and_missing_seed(tmp_path):
              for s, b, n in ((1, 80.0, 50.0), (2, 82.0, 52.0))]
     runs += [fake_result("domain_generalization", "maple", t, 1, all=a)
              for t, a in (("imagenet_v2", 60.0), ("imagenet_sketch", 40.0))]
-    for i, r in enumerate(runs):
-        os.makedirs(tmp_path / str(i))
-        json.dump(r, open(tmp_path / str(i) / "results.json", "w"))
+    for r in runs:  # the protocols' layout (protocols.run_path): summarize reads only those directories
+        run_dir = protocols.run_path(str(tmp_path), r["protocol"], r["method"], r["dataset"], 16, r["seed"])
+        os.makedirs(run_dir)
+        json.dump(r, open(os.path.join(run_dir, "results.json"), "w"))
     text = protocols.summarize(str(tmp_path))
     eurosat = next(l for l in text.splitlines() if l.startswith("| eurosat"))
     hm = 2 * 92 * 62 / (92 + 62)  # HM of the seed means, not the mean of per-seed HMs

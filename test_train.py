@@ -75,9 +75,10 @@ def test_run_writes_results_and_a_small_weights_only_checkpoint(tmp_path, tiny, 
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 3
     assert sum(v.numel() for v in ckpt["params"].values()) == res["trainable_params"]  # no frozen CLIP inside
-    # an existing run is never overwritten silently
-    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
-        run(tmp_path, tiny, colours)
+    # an existing run is never overwritten silently: asked again, its results come back untouched
+    assert run(tmp_path, tiny, colours) == saved
+    with pytest.raises(FileExistsError, match="other settings.*--overwrite"):
+        run(tmp_path, tiny, colours, "--lr", "0.01")
     # --eval-only --load gives back the same accuracy from the checkpoint alone
     res2 = run(tmp_path, tiny, colours, "--eval-only", "--load", str(tmp_path / "run" / "checkpoint.pt"), name="ev")
     assert res2["accuracy"] == res["accuracy"]

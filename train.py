@@ -30,7 +30,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 import time
 from contextlib import nullcontext
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoints
+import cli
 import clip_engine
 import clip_layers
 import data
@@ -119,6 +119,10 @@ def get_args(argv=None):
     p.add_argument("--output", default=None, help="run directory (default output/<dataset>/<method>/shots<K>_seed<S>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    p.add_argument("--steal-lock", action="store_true", help="take over the run directory's lock although the "
+                   "process it names may be alive: a process on another machine, or a pid reused after a reboot. "
+                   "Safe only when you know that process no longer runs this run (a lock held by a running process "
+                   "of this machine is never taken)")
     p.add_argument("--load", default=None, help="initialise the prompts from a checkpoint: ours, or an official "
                    "model.pth.tar-N of MPL (--method mpl), MaPLe (maple) or PromptSRC's IVLP (ivlp)")
     p.add_argument("--eval-only", action="store_true", help="no training; evaluate (the prompts of --load)")
@@ -134,6 +138,8 @@ def get_args(argv=None):
                    "reduces to 9 x 9 pixels)")
     p.add_argument("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
                    "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
+    p.add_argument("--debug", action="store_true", help="on an error, show Python's traceback, not only the one line "
+                   "`error: ...` (cli.py; any command line of this project takes it)")
     # The method's own hyper-parameters become flags: a first look at --method, before --help prints everything.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="mpl", choices=list(RECIPES))
@@ -144,10 +150,14 @@ def get_args(argv=None):
     if args.crop_scale is None:
         args.crop_scale = 0.5 if mini_world.is_world(args.dataset) else 0.08
     # Values that would fail only after training started, or silently do something else: refused here.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     checks = [("--shots", args.shots, args.shots >= 1, "an integer >= 1"),
-              ("--seed", args.seed, args.seed >= 0, "an integer >= 0 (Dassl does not seed for negative seeds)"),
+              ("--seed", args.seed, 0 <= args.seed < 2 ** 32, f"an integer >= 0 and <= {2 ** 32 - 1} (numpy's seeds; "
+                                                              f"Dassl does not seed for negative seeds)"),
               ("--epochs", args.epochs, args.epochs is None or args.epochs >= 0, "an integer >= 0"),
-              ("--lr", args.lr, args.lr is None or (math.isfinite(args.lr) and args.lr > 0), "a finite number > 0"),
+              ("--lr", args.lr, args.lr is None or (math.isfinite(args.lr) and 0 < args.lr <= 1),
+               "a finite number > 0 and <= 1 (the recipes use 0.0025-0.0035; far larger rates drive the prompts to "
+               "inf or NaN)"),
               ("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1, "an integer >= 1"),
               ("--test-batch-size", args.test_batch_size, args.test_batch_size >= 1, "an integer >= 1"),
               ("--momentum", args.momentum, 0 <= args.momentum < 1, "a number in [0, 1)"),
@@ -156,12 +166,17 @@ def get_args(argv=None):
               ("--crop-scale", args.crop_scale, 0 < args.crop_scale <= 1, "a fraction of the image area in (0, 1]"),
               ("--text-chunk", args.text_chunk, args.text_chunk >= 0, "an integer >= 0 (0: all classes at once)"),
               ("--threads", args.threads, args.threads is None or args.threads >= 1, "an integer >= 1"),
-              ("--workers", args.workers, args.workers is None or args.workers >= 0, "an integer >= 0")]
+              ("--workers", args.workers, args.workers is None or 0 <= args.workers <= cpus,
+               f"an integer in [0, {cpus}] (the CPUs this process may use)"),
+              ("--output", repr(args.output), args.output is None or args.output.strip() != "",
+               "a directory path (leave the flag out for the default)")]
     for flag, value, ok, expected in checks:
         if not ok:
             p.error(f"{flag} must be {expected}, got {value}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output, --overwrite starts it again: give one of them")
+    if args.resume and args.eval_only:
+        p.error("--resume continues training, --eval-only trains nothing: give one of them")
     if args.precision in ("bf16", "amp") and not args.device.startswith("cuda"):
         p.error(f"--precision {args.precision} is CUDA autocast; on --device {args.device} use fp32 (or fp16, the "
                 f"official pure-fp16 setting)")
@@ -171,8 +186,16 @@ def get_args(argv=None):
     try:
         method_config(args)  # the config checks its own values, so a bad flag stops here, before anything loads
     except ValueError as e:
-        p.error(str(e))
+        p.error(config_error_with_flags(str(e), RECIPES[args.method].config))
     return args
+
+
+def config_error_with_flags(message, config):
+    """A config's message with its field names written as their flags ("sp_lambda must be" -> "--sp-lambda must
+    be"), leaving quoted values alone."""
+    for f in dataclasses.fields(config):
+        message = re.sub(rf"(?<![\w'-]){f.name}(?![\w'])", "--" + f.name.replace("_", "-"), message)
+    return message
 
 
 def method_config(args):
@@ -299,14 +322,18 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
     path = os.path.join(run_dir, "checkpoint.pt")
     start, saved = 0, None  # saved: the epoch of the last checkpoint of *this* run on disk (all finite)
     if ckpt is not None:  # --resume: the schedule is a function of the epoch, so the epoch is its whole state
-        load_trainable(model, ckpt["params"], "--resume checkpoint")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])  # the batch order and the random crops of the next epochs
-        random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"].get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        try:  # its structure was checked (resumable_checkpoint); values that still do not fit are named here
+            load_trainable(model, ckpt["params"], f"--resume checkpoint {path}")
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])  # the batch order and the random crops of the next epochs
+            random.setstate(ckpt["rng"]["python"])
+            if ckpt["rng"].get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            raise ValueError(f"--resume: {path} cannot be resumed ({type(e).__name__}: {e}); --overwrite starts the "
+                             f"run again, or give another --output") from e
         start = saved = ckpt["epoch"]
     loader = make_loader(items, data.train_transform(model.clip.visual.input_resolution, args.crop_scale),
                          batch_size, True, args.workers)
@@ -350,12 +377,7 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
                 stop("the prompts became non-finite in this step", epoch, step)
             step_times.append(time.time() - t0)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        rundir.atomic_save(dict(
-            params=trainable_state(model), method=args.method, epoch=epoch + 1, identity=identity,
-            config=plain_config(args, model), optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict() if scaler else None,
-            rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
-                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])), path, torch.save)
+        save_checkpoint(path, model, args, identity, epoch + 1, optimizer, scaler)
         if saved is None and args.overwrite:  # the old run is replaced now: its results no longer describe anything
             stale = os.path.join(run_dir, "results.json")
             if os.path.exists(stale):
@@ -364,6 +386,39 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
         print(f"epoch {epoch + 1}/{epochs}  lr {optimizer.param_groups[0]['lr']:.6f}  last loss {loss.item():.4f}")
     # seconds per step, leaving out the first (warm-up of kernels and allocators)
     return sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None
+
+
+def save_checkpoint(path, model, args, identity, epoch, optimizer, scaler=None):
+    """checkpoint.pt, written atomically: the trainable prompts, which run they are (identity, config) and where it
+    stands (epoch, optimizer, loss scaler, RNG states), all that --resume needs."""
+    rundir.atomic_save(dict(
+        params=trainable_state(model), method=args.method, epoch=epoch, identity=identity,
+        config=plain_config(args, model), optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict() if scaler else None,
+        rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])), path, torch.save)
+
+
+def resumable_checkpoint(path, identity):
+    """--resume's checkpoint: a checkpoint of this run (the same identity) that holds what resuming uses."""
+    ckpt = load_checkpoint(path)
+    again = "--overwrite starts the run again, or give another --output"
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"--resume: {path} holds a {type(ckpt).__name__}, not a checkpoint of train.py; {again}")
+    if ckpt.get("identity") != identity:
+        raise ValueError(f"--resume: {path} is a run of other settings ("
+                         f"{rundir.differences(ckpt.get('identity') or {}, identity)}); give that run's flags to "
+                         f"continue it, --overwrite to start a new run in its place, or another --output")
+    rng, epoch = ckpt.get("rng"), ckpt.get("epoch")
+    wrong = [name for name, ok in (
+        ("params", isinstance(ckpt.get("params"), dict)), ("optimizer", isinstance(ckpt.get("optimizer"), dict)),
+        ("epoch", isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0),
+        ("rng", isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+         and isinstance(rng.get("python"), tuple))) if not ok]
+    if wrong:
+        raise ValueError(f"--resume: {path} lacks what resuming needs ({', '.join(wrong)} missing or malformed): it "
+                         f"was not written by train.py, or was changed since; {again}")
+    return ckpt
 
 
 @torch.no_grad()
@@ -384,19 +439,53 @@ def plain_config(args, model):
 
 
 def prepare_run_dir(args):
-    """The run directory, checked writable now. A directory that already holds a run needs --resume (continue it) or
-    --overwrite (start again). --overwrite removes nothing here: the old checkpoint is replaced by the new run's first
-    checkpoint (atomically), the old results.json goes at that moment, so a run that fails before then, or a file
-    that --load reads from this directory, loses nothing."""
+    """The run directory, checked writable now. A directory that holds an unfinished run (a checkpoint, no results)
+    needs --resume (continue it) or --overwrite (start again); one that holds a finished run is looked at once its
+    identity is known (finished_run). --overwrite removes nothing here: the old checkpoint is replaced by the new
+    run's first checkpoint (atomically) and the old results.json goes at that moment, or, for a run that trains
+    nothing, both are replaced when its results are written; so a run that fails before then, or a file that --load
+    reads from this directory, loses nothing."""
     name = args.dataset or "mini_world"
     run_dir = args.output or os.path.join("output", name, args.method + ("_xd" if args.cross_dataset else ""),
                                           f"shots{args.shots}_seed{args.seed}")
-    taken = [f for f in ("checkpoint.pt", "results.json") if os.path.exists(os.path.join(run_dir, f))]
-    if taken and not (args.resume or args.overwrite):
-        raise FileExistsError(f"run directory {run_dir} already holds {', '.join(taken)}; pass --resume to continue "
-                              f"it, --overwrite to replace it, or --output for a new directory")
+    unfinished = os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and \
+        not os.path.exists(os.path.join(run_dir, "results.json"))
+    if unfinished and not (args.resume or args.overwrite):
+        raise FileExistsError(f"run directory {run_dir} holds an unfinished run (checkpoint.pt, no results.json); "
+                              f"pass --resume to continue it, --overwrite to start it again, or --output for a new "
+                              f"directory")
     rundir.check_writable(run_dir)
     return run_dir
+
+
+def finished_run(run_dir, identity, args):
+    """Without --resume or --overwrite, a run directory that holds results.json: its results if they are of this very
+    run (the same identity, and for --load the same file), printed with how to train again; a finished run of other
+    settings is refused. None when there is nothing to look at."""
+    path = os.path.join(run_dir, "results.json")
+    if args.resume or args.overwrite or not os.path.exists(path):
+        return None
+    again = "pass --overwrite to replace it, or --output for a new directory"
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except ValueError as e:
+        raise FileExistsError(f"{path} is not a readable results file ({e}); {again}") from e
+    if not isinstance(old, dict) or not isinstance(old.get("accuracy"), dict):
+        raise FileExistsError(f"{path} is not a results file of train.py (no 'accuracy'); {again}")
+    if old.get("identity") != identity:
+        raise FileExistsError(f"run directory {run_dir} holds a finished run of other settings ("
+                              f"{rundir.differences(old.get('identity') or {}, identity)}); {again}")
+    if args.load and old.get("load_sha256") != (rundir.file_sha256(args.load) if os.path.isfile(args.load) else None):
+        raise FileExistsError(f"run directory {run_dir} holds an evaluation of --load {args.load}, which has changed "
+                              f"since (its SHA-256 is not the one recorded in {path}); pass --overwrite to evaluate "
+                              f"it again, or --output for a new directory")
+    accuracy = "  ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                         for k, v in old["accuracy"].items())
+    print(f"{path}: this run already finished with these settings. {old.get('method')} {old.get('dataset')} seed "
+          f"{old.get('seed')}: {accuracy}")
+    print("Nothing was trained. To train it again, add --overwrite (or give another --output).")
+    return old
 
 
 def load_clip(args, real=None):
@@ -424,12 +513,22 @@ def cpu_threads(args, clip_model):
     return max(1, cores - busy), f"{cores} cores, about {busy} busy with other processes; --threads sets it"
 
 
-def run_identity(args, clip_model, clip_fingerprint=None):
-    """What a run of these flags computes on this CLIP (rundir.identity): the method's config, the precision as
-    resolved, the CLIP's weights fingerprint. protocols.py computes it too, before deciding to skip."""
+def run_identity(args, clip_model, clip_fingerprint=None, benchmarks=None):
+    """What a run of these flags computes on this CLIP and these data (rundir.identity): the method's config, the
+    precision as resolved, the CLIP's weights fingerprint, the dataset's split and class names (data.split_fingerprint
+    of --dataset under --root, the world drawn there first if it is not yet; or of the Benchmarks passed in).
+    protocols.py computes it too, before deciding to skip."""
     cfg = method_config(args)
+    if benchmarks is not None:
+        data_fingerprint = data.benchmark_fingerprint(benchmarks)
+    elif mini_world.is_world(args.dataset):
+        name = args.dataset or "mini_world"
+        mini_world.render_world(args.root, datasets=(name,))  # idempotent: a drawn world is only checked
+        data_fingerprint = data.split_fingerprint(name, args.root, mini_world.DATASETS[name])
+    else:
+        data_fingerprint = data.split_fingerprint(args.dataset, args.root)
     ident = rundir.identity(args, recipe(args), dataclasses.asdict(cfg) if cfg is not None else None,
-                            clip_fingerprint or rundir.weights_fingerprint(clip_model))
+                            clip_fingerprint or rundir.weights_fingerprint(clip_model), data_fingerprint)
     ident["precision"] = resolve_precision(args.precision, args.device)
     return ident
 
@@ -441,8 +540,10 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     args = get_args(argv)
     if args.workers is None:
         args.workers = 4 if args.device.startswith("cuda") else 0
+    if benchmarks is None and not mini_world.is_world(args.dataset):
+        data.resolve_name(args.dataset, also=mini_world.DATASETS)  # an unknown --dataset: said before CLIP loads
     run_dir = prepare_run_dir(args)
-    with rundir.RunLock(run_dir):
+    with rundir.RunLock(run_dir, steal=args.steal_lock):
         return run(args, run_dir, clip_model, benchmarks, extra)
 
 
@@ -465,6 +566,12 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
     if mini_world.is_world(args.dataset) and benchmarks is None:
         print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel image (--crop-scale; "
               f"Dassl's 0.08 on the benchmarks)")
+    ident = run_identity(args, clip_model, clip_fingerprint, benchmarks)
+    done = finished_run(run_dir, ident, args)
+    if done is not None:
+        return done
+    last = os.path.join(run_dir, "checkpoint.pt")
+    ckpt = resumable_checkpoint(last, ident) if args.resume and os.path.exists(last) else None
 
     def benchmark(subsample):  # base/new: the few-shot draw over all classes, then the class subsample (data.py)
         if benchmarks is not None:
@@ -473,40 +580,53 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
             return mini_world.load_benchmark(args.dataset or "mini_world", args.root, args.shots, args.seed, subsample)
         return data.load_benchmark(args.dataset, args.root, args.shots, args.seed, subsample)
 
+    def build_for(b):  # the model of a class set; a class whose prompt does not fit CLIP's context is named
+        try:
+            return build_model(args, clip_model, b.classnames, b.template)
+        except ValueError as e:
+            if "too long for context length" not in str(e):
+                raise
+            name = max((c for c in b.classnames if c in str(e)), key=len, default="?")
+            raise ValueError(f"--dataset {b.name}: the class name {name[:80] + ('...' if len(name) > 80 else '')!r} "
+                             f"is too long: this method's prompt with it exceeds CLIP's context of "
+                             f"{clip_model.positional_embedding.shape[0]} tokens; shorten it in "
+                             f"{b.source or 'the class list'}") from None
+
     train_on = "base" if args.subsample == "base2new" else args.subsample
     bench = benchmark(train_on)
+    # base2new: the new classes are read and their model built once now, so that a fault in them (a missing test
+    # image, a class name too long for CLIP) stops the run before the training, not after it. The model is built again
+    # after training, as before: with --precision fp16 the CLIP it encodes the class names with is then fp16.
+    new = benchmark("new") if args.subsample == "base2new" else None
+    if new is not None:
+        build_for(new)
     torch.manual_seed(args.seed)  # prompt initialisation draws from the torch RNG
-    model = build_model(args, clip_model, bench.classnames, bench.template).to(args.device)
+    model = build_for(bench).to(args.device)
     autocast, scaler, precision = precision_setup(args.precision, args.device, model)
-    ident = run_identity(args, clip_model, clip_fingerprint)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method} on {bench.name} ({train_on} classes): {len(bench.classnames)} classes, {len(bench.train)} "
           f"training images, {n_trainable:,} trainable parameters, precision {precision}, run directory {run_dir}")
 
+    load_sha256 = None
     if args.load:
         load_prompts(model, args.load, args.method)
+        load_sha256 = rundir.file_sha256(args.load)  # what was evaluated: a finished run is reused only for this file
     elif args.eval_only and n_trainable > 0:
         raise ValueError(f"--eval-only with --method {args.method} needs --load PATH: the prompts to evaluate "
                          f"(e.g. {os.path.join(run_dir, 'checkpoint.pt')} of a finished run)")
     sec_per_step = None
-    if not args.eval_only and recipe(args)[1] > 0 and n_trainable > 0:
+    trains = not args.eval_only and recipe(args)[1] > 0 and n_trainable > 0
+    if trains:
         if not bench.train:
             raise ValueError(f"--dataset {bench.name} has no training images (a test-only set): evaluate prompts "
                              f"trained elsewhere with --eval-only --load CHECKPOINT, or use --method zeroshot")
-        last = os.path.join(run_dir, "checkpoint.pt")
-        ckpt = load_checkpoint(last) if args.resume and os.path.exists(last) else None
-        if ckpt is not None and ckpt.get("identity") != ident:
-            raise ValueError(f"--resume: {last} is a run of other settings ("
-                             f"{rundir.differences(ckpt.get('identity') or {}, ident)}); give that run's flags to "
-                             f"continue it, --overwrite to start a new run in its place, or another --output")
         sec_per_step = train(model, bench.train, args, run_dir, autocast, scaler, ident, ckpt)
         if sec_per_step is None and ckpt is not None:  # a finished run resumed: nothing trained, keep the old timing
             sec_per_step = _previous_results(run_dir).get("sec_per_step")
 
     acc = {train_on: evaluate(model, bench.test, args, autocast)}
     if args.subsample == "base2new":  # the same prompts; the model rebuilt with the new class names
-        new = benchmark("new")
-        new_model = build_model(args, clip_model, new.classnames, new.template).to(args.device)
+        new_model = build_for(new).to(args.device)
         load_trainable(new_model, trainable_state(model), "the prompts trained on the base classes")
         precision_setup(precision, args.device, new_model)
         acc["new"] = evaluate(new_model, new.test, args, autocast)
@@ -517,9 +637,31 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
     results = dict(method=args.method, dataset=bench.name, seed=args.seed, shots=args.shots,
                    subsample=args.subsample, accuracy=acc, config=plain_config(args, model), identity=ident,
                    trainable_params=n_trainable, sec_per_step=sec_per_step, wall_seconds=time.time() - t_start,
-                   precision=precision, device=args.device, git_commit=git_commit(), **(extra or {}))
+                   precision=precision, device=args.device, git_commit=git_commit(), load_sha256=load_sha256,
+                   **(extra or {}))
+    if not trains:
+        untrained_checkpoint(last, model, args, ident, n_trainable)
     rundir.save_json(results, os.path.join(run_dir, "results.json"))
     return results
+
+
+def untrained_checkpoint(path, model, args, identity, n_trainable):
+    """The checkpoint beside the results of a run that trained nothing (--epochs 0, --eval-only, zero-shot), written
+    right before them, so the two never disagree: a checkpoint left there by an earlier run (--overwrite) is replaced
+    by the prompts evaluated now (removed, for a method without prompts), and an --epochs 0 run writes its initial
+    prompts as its checkpoint, as a trained run writes its last epoch (a transfer source of 0 epochs is loadable)."""
+    if n_trainable == 0:
+        if os.path.exists(path):
+            os.remove(path)
+            print(f"removed {path}: it held the prompts of the run replaced (--overwrite); --method {args.method} has "
+                  f"none")
+        return
+    if args.eval_only and not os.path.exists(path):
+        return  # an evaluation of prompts trained elsewhere: they stay in the file it loaded
+    lr = recipe(args)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    save_checkpoint(path, model, args, identity, 0, optimizer)
 
 
 def _previous_results(run_dir):
@@ -531,4 +673,4 @@ def _previous_results(run_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -1,0 +1,50 @@
+"""
+How the command-line entry points end (train.py, protocols.py, data.py, mini_world.py, bench.py):
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+An error about the user's input or machine is printed as one line, `error: <message>`, and the process exits with
+status 1. Such an error is an OSError (a file, a folder, a disk, a permission) or an exception that a `raise` statement
+of this project's own files raised on purpose, with a message written for the user (a flag, a dataset, a checkpoint, a
+held lock, a run of other settings). Anything else (an exception from inside a library, an AttributeError, a failed
+assert) is a bug and keeps its full traceback. `--debug` anywhere on the command line shows the traceback of every
+error; it is taken out before the script reads its own flags.
+"""
+import dis
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(main, argv=None):
+    """sys.exit(main(argv)), errors for the user as one line. main returns an exit status, or anything else for 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        status = main(argv)
+    except Exception as e:
+        if debug or not is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def is_user_error(e):
+    """True for an OSError, or an exception raised by a `raise` statement in one of this project's files (not an
+    assert); False for anything raised inside a library or by the interpreter (a bug)."""
+    if isinstance(e, OSError):
+        return True
+    if isinstance(e, (AssertionError, NotImplementedError)) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:  # the frame where it was raised
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    if os.path.dirname(os.path.abspath(code.co_filename)) != HERE:
+        return False
+    # the instruction that raised: a `raise` statement, not an operation or call that failed on that line
+    return any(i.offset == tb.tb_lasti and i.opname == "RAISE_VARARGS" for i in dis.get_instructions(code))

@@ -235,6 +235,14 @@ def colour_benchmark(root, n_train=8, n_test=6, size=32, seed=0):
     return data.Benchmark("colours", splits["train"], [], splits["test"], list(COLOURS), "a photo of a {}.")
 
 
+def run_maple(tmp_path, tiny, colours, *flags, name="run"):
+    """train.main of a quick MaPLe run (2 epochs, depth 2) on a colour benchmark, into tmp_path / name."""
+    import train  # (imported here: conftest is loaded before the test files choose what they import)
+    argv = ["--method", "maple", "--subsample", "all", "--output", str(tmp_path / name), "--epochs", "2",
+            "--depth", "2", *flags]
+    return train.main(argv, clip_model=tiny, benchmarks={"all": colours})
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The shared prefix (test_clip_layers.py, test_methods.py)
 

@@ -16,7 +16,7 @@ import isp
 import protocols
 import rundir
 import train
-from conftest import colour_benchmark
+from conftest import colour_benchmark, run_maple as run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,12 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
     return colour_benchmark(str(tmp_path_factory.mktemp("flags")), n_train=4, n_test=3)
-
-
-def run(tmp_path, tiny, colours, *flags, name="run"):
-    argv = ["--method", "maple", "--subsample", "all", "--output", str(tmp_path / name), "--epochs", "2",
-            "--depth", "2", *flags]
-    return train.main(argv, clip_model=tiny, benchmarks={"all": colours})
 
 
 def saved(path):

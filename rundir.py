@@ -7,7 +7,9 @@ train.py and protocols.py use it; nothing here knows about CLIP or prompts.
     identity(...)                 the settings that decide a run's result, as a plain dict (stored in checkpoint and
                                   results.json, compared on --resume and before a protocol skips a finished run)
     differences(then, now)        "seed: 1 then, 5 now; ..." for an error message
-    with RunLock(run_dir): ...    one process at a time; a lock left by a dead process is taken over
+    with RunLock(run_dir): ...    one process at a time (an flock); a lock left by a dead process is taken over by
+                                  exactly one process; steal=True (--steal-lock) takes one whose holder cannot be
+                                  checked; LockWait: a wait for a held run that says so and gives up on a silent one
     atomic_save(obj, path, save)  write to a temporary file beside `path`, fsync, rename over `path`
     check_writable(folder)        before any training, not after the first epoch
 """
@@ -209,8 +211,20 @@ def _holder(raw):
     return holder if ok else None
 
 
-def _holder_alive(holder):
-    """True: the lock's holder is running; False: it is gone; None: this machine cannot tell (another host)."""
+def _started_after(pid, when, slack=2.0):
+    """Did process `pid` start after `when` (seconds since the epoch)? None where Linux's /proc cannot tell."""
+    ticks = _stat(pid)[1]
+    try:
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return ticks is not None and boot + ticks / os.sysconf("SC_CLK_TCK") > when + slack
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _holder_alive(holder, written=None):
+    """True: the lock's holder is running; False: it is gone; None: this machine cannot tell (another host).
+    `written`: when the lock file was last written (its holder was alive then)."""
     if holder["host"] != socket.gethostname():
         return None
     boot = _boot_id()
@@ -221,6 +235,8 @@ def _holder_alive(holder):
     started = holder.get("started")
     if started is not None and _stat(holder["pid"])[1] not in (None, started):
         return False  # the pid belongs to another process now
+    if started is None and written is not None and _started_after(holder["pid"], written):
+        return False  # a lock without a start time (written by hand or an older version): the pid's process is newer
     return True
 
 
@@ -326,7 +342,7 @@ class RunLock:
                 print(f"{self.path} names no holder ({raw[:60]!r}): it is not a lock this project wrote, and no "
                       f"process holds it; taken over")
         else:
-            alive = _holder_alive(holder)
+            alive = _holder_alive(holder, os.fstat(fd).st_mtime)
             who = _describe(holder)
             if alive is not False and not self.steal:
                 if alive is None:

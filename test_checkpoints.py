@@ -26,6 +26,8 @@ CLASSES = ["dog", "cat", "sea lion"]
 TINY = {"mpl": replace(mpl.PRESETS["mpl"], **mpl.CROSS_DATASET),
         "maple": replace(mpl.PRESETS["maple"], **mpl.CROSS_DATASET)}
 IVLP = replace(isp.PRESETS["ivlp"], depth=3)
+# The hostile pickles below are protocol 4 (torch.save writes 2); PyTorch warns that it may not read every opcode.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
 
 
 def images_for(clip_model, n=3, seed=1):

@@ -18,6 +18,7 @@ import zlib
 import pytest
 import torch
 
+import checkpoints
 import data
 import mini_world
 import train
@@ -318,5 +319,5 @@ def test_building_the_new_classes_before_training_changes_no_result(tmp_path, ti
     args.workers = 0
     new = mini_world.load_benchmark("mini_world", str(root), 2, 1, "new")
     model = train.build_model(args, tiny, new.classnames, new.template)
-    train.load_trainable(model, trained, "the base run's prompts")
+    checkpoints.load_trainable(model, trained, "the base run's prompts")
     assert train.evaluate(model, new.test, args, train.nullcontext) == b2n["accuracy"]["new"]

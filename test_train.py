@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import clip_layers
+import checkpoints
 import data
 import rundir
 import train
@@ -135,7 +136,7 @@ def test_base_to_new_rebuilds_with_new_classnames(tmp_path, tiny, colours):
     # the new accuracy is that of the base-trained prompts on the new classes, checked by hand
     args = train.get_args(["--method", "maple", "--depth", "2"])
     model = train.build_model(args, tiny, new.classnames, new.template)
-    train.load_prompts(model, str(tmp_path / "b2n" / "checkpoint.pt"), "maple")
+    checkpoints.load_prompts(model, str(tmp_path / "b2n" / "checkpoint.pt"), "maple")
     assert train.evaluate(model, new.test, argparse_ns(args), train.nullcontext) == n
 
 

@@ -268,19 +268,6 @@ def loss_fn(logits, labels, weights=None):
     return ce.mean() if weights is None else (weights.float() * ce).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: only the trainable tensors and plain values, written atomically, read by checkpoints.read (PyTorch's
-# weights_only unpickler, with stand-ins for what Dassl pickles; see checkpoints.py for what is trusted)
-
-trainable_state, load_trainable, load_prompts = \
-    checkpoints.trainable_state, checkpoints.load_trainable, checkpoints.load_prompts
-
-
-def load_checkpoint(path):
-    """A checkpoint of this project (--resume): tensors and plain values only."""
-    return checkpoints.read(path)
-
-
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -323,7 +310,7 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
     start, saved = 0, None  # saved: the epoch of the last checkpoint of *this* run on disk (all finite)
     if ckpt is not None:  # --resume: the schedule is a function of the epoch, so the epoch is its whole state
         try:  # its structure was checked (resumable_checkpoint); values that still do not fit are named here
-            load_trainable(model, ckpt["params"], f"--resume checkpoint {path}")
+            checkpoints.load_trainable(model, ckpt["params"], f"--resume checkpoint {path}")
             optimizer.load_state_dict(ckpt["optimizer"])
             if scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
@@ -388,11 +375,13 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
     return sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None
 
 
+# Checkpoints hold only the trainable tensors and plain values, written atomically; checkpoints.read reads them back
+# (PyTorch's weights_only unpickler: see checkpoints.py for what is trusted).
 def save_checkpoint(path, model, args, identity, epoch, optimizer, scaler=None):
     """checkpoint.pt, written atomically: the trainable prompts, which run they are (identity, config) and where it
     stands (epoch, optimizer, loss scaler, RNG states), all that --resume needs."""
     rundir.atomic_save(dict(
-        params=trainable_state(model), method=args.method, epoch=epoch, identity=identity,
+        params=checkpoints.trainable_state(model), method=args.method, epoch=epoch, identity=identity,
         config=plain_config(args, model), optimizer=optimizer.state_dict(),
         scaler=scaler.state_dict() if scaler else None,
         rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
@@ -401,7 +390,7 @@ def save_checkpoint(path, model, args, identity, epoch, optimizer, scaler=None):
 
 def resumable_checkpoint(path, identity):
     """--resume's checkpoint: a checkpoint of this run (the same identity) that holds what resuming uses."""
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoints.read(path)
     again = "--overwrite starts the run again, or give another --output"
     if not isinstance(ckpt, dict):
         raise ValueError(f"--resume: {path} holds a {type(ckpt).__name__}, not a checkpoint of train.py; {again}")
@@ -609,7 +598,7 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
 
     load_sha256 = None
     if args.load:
-        load_prompts(model, args.load, args.method)
+        checkpoints.load_prompts(model, args.load, args.method)
         load_sha256 = rundir.file_sha256(args.load)  # what was evaluated: a finished run is reused only for this file
     elif args.eval_only and n_trainable > 0:
         raise ValueError(f"--eval-only with --method {args.method} needs --load PATH: the prompts to evaluate "
@@ -627,7 +616,8 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
     acc = {train_on: evaluate(model, bench.test, args, autocast)}
     if args.subsample == "base2new":  # the same prompts; the model rebuilt with the new class names
         new_model = build_for(new).to(args.device)
-        load_trainable(new_model, trainable_state(model), "the prompts trained on the base classes")
+        checkpoints.load_trainable(new_model, checkpoints.trainable_state(model),
+                                   "the prompts trained on the base classes")
         precision_setup(precision, args.device, new_model)
         acc["new"] = evaluate(new_model, new.test, args, autocast)
         b, n = acc["base"], acc["new"]

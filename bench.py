@@ -101,8 +101,7 @@ def step(model, images, labels, classes=None):
         with torch.no_grad():
             return model(images)
     logits = model(images, classes)
-    probing = hasattr(model, "sample_weights") and classes is None
-    weights = model.sample_weights(images, labels, logits=logits.detach()) if probing else None
+    weights = model.loss_weights(images, labels, logits.detach()) if classes is None else None
     train.loss_fn(logits, labels, weights).backward()
     return logits
 
@@ -202,7 +201,7 @@ def measure(method, n_classes, official, steps, device, text_chunk, precision, a
     if getattr(getattr(model, "cfg", None), "sample_probing", False):
         with torch.no_grad(), autocast():
             logits = model(images, classes)
-        probe = run(lambda: model.sample_weights(images, labels, logits=logits))
+        probe = run(lambda: model.loss_weights(images, labels, logits))
         probe()
         res["probe_sec"] = timed(probe, steps, cuda)
     return res

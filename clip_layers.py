@@ -155,7 +155,7 @@ def n_layers(clip_model):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Logits, and zero-shot CLIP: no prompts at all, one hand-written template per dataset (CoOp's zsclip.py)
+# Logits; what every method shares; zero-shot CLIP: no prompts at all, one hand-written template per dataset (CoOp)
 
 def cosine_logits(image_features, text_features, logit_scale):
     """CLIP's classifier: scaled cosine similarity, (N, E) x (C, E) -> (N, C). logit_scale.exp() = 100 for CLIP.
@@ -166,13 +166,48 @@ def cosine_logits(image_features, text_features, logit_scale):
         return logit_scale.float().exp() * image_features @ text_features.t()
 
 
-class ZeroShotCLIP(nn.Module):
-    """The zero-shot baseline: text features of `template.format(classname)`, computed once; nothing trains. The same
-    interface as the prompt methods: `encode_classes()` once per class set, `forward(images, classes=None)` -> logits."""
+class PromptMethod(nn.Module):
+    """What every method shares: a frozen CLIP, `self.clip` (freeze), and prompts, its only trainable tensors.
 
-    def __init__(self, clip_model, classnames, template="a photo of a {}."):
+        classes = model.encode_classes()            the class side, computed once per class set
+        logits = model(images, classes=None)        (N, C), fp32 (cosine_logits)
+        model.loss_weights(images, labels, logits)  (N,) detached per-sample loss weights, or None: a plain mean
+        model.prompt_state_dict()                   {name: tensor}, the prompts only (not CLIP's weights)
+        model.load_prompt_state_dict(sd)            strict names and shapes; also into a model of other classes
+    """
+
+    def __init__(self, clip_model):
         super().__init__()
         self.clip = freeze(clip_model)
+
+    def train(self, mode=True):
+        """Training mode for the prompts only: the frozen CLIP stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def loss_weights(self, images, labels, logits=None):
+        return None
+
+    def prompt_state_dict(self):
+        return {k: p.detach().clone() for k, p in self.named_parameters() if p.requires_grad}
+
+    def load_prompt_state_dict(self, state_dict):
+        own = {k: p for k, p in self.named_parameters() if p.requires_grad}
+        wrong = sorted(k for k in own.keys() | state_dict.keys()
+                       if k not in own or k not in state_dict or own[k].shape != state_dict[k].shape)
+        if wrong:
+            raise ValueError(f"prompts missing, unexpected or of another shape for this {type(self).__name__}: {wrong}")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(state_dict[k])
+
+
+class ZeroShotCLIP(PromptMethod):
+    """The zero-shot baseline: text features of `template.format(classname)`, computed once; nothing trains."""
+
+    def __init__(self, clip_model, classnames, template="a photo of a {}."):
+        super().__init__(clip_model)
         ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
         with torch.no_grad():
             features = encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device))          # (C, 512)
@@ -189,48 +224,34 @@ class ZeroShotCLIP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading: the real `clip.load`, with errors that say what to do
 
-def _cached_weights_path(name):
-    """Where `clip.load(name)` looks for (and would download) the weights of a named model."""
-    url = clip.clip._MODELS[name]
-    return os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)), url.split("/")[-2]
-
-
 def load_clip(name_or_path="ViT-B/16", device="cpu"):
-    """Load an OpenAI CLIP (a model name such as "ViT-B/16", or the path of a local .pt file) as a frozen fp32 model.
-
-    OpenAI's checkpoints are fp16. We keep the frozen weights in fp32 and decide the compute precision in exactly one
-    place (train.py: autocast on GPU, or `--precision fp16` for the official pure-fp16 setting).
-    """
+    """An OpenAI CLIP (a model name such as "ViT-B/16", or the path of a local .pt file) as a frozen fp32 model."""
     if name_or_path in clip.available_models():
-        path, sha256 = _cached_weights_path(name_or_path)
+        url = clip.clip._MODELS[name_or_path]  # where clip.load looks for (and downloads) it, and its SHA-256
+        path, sha256 = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)), url.split("/")[-2]
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"CLIP weights for '{name_or_path}' are not on this machine: expected {path}. Download them where you "
-                f"have internet (python -c \"import clip; clip.load('{name_or_path}')\" writes that file), copy the "
-                f"file there, or pass its location with --clip /path/to/{os.path.basename(path)}.")
+            raise FileNotFoundError(f"CLIP weights for '{name_or_path}' are not on this machine: expected {path} "
+                                    f"(clip.load('{name_or_path}') writes it where there is internet), or pass "
+                                    f"--clip /path/to/{os.path.basename(path)}.")
         with open(path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != sha256:
-                raise RuntimeError(f"CLIP weights file {path} is corrupt (SHA256 does not match OpenAI's); it is most "
-                                   f"likely a truncated download. Delete it and download it again.")
+                raise RuntimeError(f"CLIP weights file {path} is corrupt (SHA256 does not match OpenAI's): delete "
+                                   f"it and download it again.")
     elif not os.path.isfile(name_or_path):
-        raise FileNotFoundError(
-            f"--clip {name_or_path!r} is neither a CLIP model name ({', '.join(clip.available_models())}) nor an "
-            f"existing file. For ViT-B/16 put ViT-B-16.pt in ~/.cache/clip/ or pass --clip /path/to/ViT-B-16.pt.")
+        raise FileNotFoundError(f"--clip {name_or_path!r} is neither a CLIP model name "
+                                f"({', '.join(clip.available_models())}) nor an existing file.")
     try:
         with warnings.catch_warnings():  # torch.jit.load warns that it is deprecated
             warnings.simplefilter("ignore")
             model, _ = clip.load(name_or_path, device="cpu", jit=False)
-    except Exception as jit_error:
-        # OpenAI's files are TorchScript archives, which clip.load reads. For a plain state dict (a re-saved or
-        # converted checkpoint) clip.load retries torch.load on a file handle the failed TorchScript read has already
-        # consumed, and fails; so we read such a file ourselves, safely (weights_only), and build the model the same way.
+    except Exception:
+        # A plain state dict (not OpenAI's TorchScript archive): clip.load fails on it, so read it safely here.
         try:
             state_dict = torch.load(name_or_path, map_location="cpu", weights_only=True)
             model = clip.model.build_model(dict(state_dict))
         except Exception as e:  # a truncated or foreign file fails deep inside torch.load / build_model
             raise RuntimeError(f"could not read CLIP weights from {name_or_path!r}: the file is corrupt or not an "
-                               f"OpenAI CLIP checkpoint ({type(jit_error).__name__}: {jit_error}; then "
-                               f"{type(e).__name__}: {e})") from e
+                               f"OpenAI CLIP checkpoint ({type(e).__name__}: {e})") from e
     if not hasattr(model.visual, "conv1"):
         raise ValueError(f"{name_or_path}: only the ViT CLIP backbones are supported, not the ResNet ones")
     return freeze(model.float().to(device))
@@ -238,12 +259,10 @@ def load_clip(name_or_path="ViT-B/16", device="cpu"):
 
 # Architectures of random CLIPs, for tests and bench.py: same class, same code path as the real weights.
 RANDOM_CLIPS = {
-    # ViT-B/16 (149.6 M parameters): text 12 x 512, vision 12 x 768 on 224 x 224 images with 16 x 16 patches
     "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
                      context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
                      transformer_layers=12),
-    # tiny: ViT-B/16's 12 layers in both towers at width 64, so every preset runs at its published depth; 32 x 32
-    # images with 8 x 8 patches (16 patches + CLS) keep the tests quick (the mini world's CLIP has 64 patches)
+    # tiny: ViT-B/16's 12 layers at width 64 (every preset at its published depth), 32 x 32 images, 8 x 8 patches
     "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=12, vision_width=64, vision_patch_size=8,
                  context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
                  transformer_layers=12),
@@ -251,23 +270,16 @@ RANDOM_CLIPS = {
 
 
 def random_clip(arch="tiny", seed=0, device="cpu"):
-    """A randomly initialised CLIP, frozen fp32, built through `clip.model.build_model(state_dict)` exactly as real
-    weights are (so heads = width // 64 and the fp16 round trip of OpenAI's checkpoints both happen)."""
+    """A random CLIP, frozen fp32, built by `clip.model.build_model` as real weights are (heads = width // 64)."""
     torch.manual_seed(seed)
     state_dict = CLIP(**RANDOM_CLIPS[arch]).state_dict()
     return freeze(clip.model.build_model(state_dict).float().to(device))
 
 
 def freeze(model):
-    """The contract every method in this project relies on, applied to any CLIP it is handed (e.g. straight from
-    `clip.load`): a ViT CLIP, in eval mode, no gradients for any CLIP parameter, fp32 weights. Returns the same model,
-    changed in place. The prompt modules live outside CLIP and are the only thing that trains.
-
-    fp32: `clip.load(..., device="cuda")` returns OpenAI's fp16 weights. We turn them into fp32 (and say so) because
-    the compute precision is the caller's decision, made in one place: `torch.autocast` around the forward (train.py's
-    --precision bf16 / amp), or `to_official_fp16(method_model)` for the official pure-fp16 setting. Frozen fp32
-    weights cost 0.6 GB for ViT-B/16 and never see an optimizer.
-    """
+    """The contract every method relies on, applied in place to any CLIP it is handed (e.g. from `clip.load`): a ViT
+    CLIP, in eval mode, no gradients for any CLIP parameter, fp32 weights (OpenAI's fp16 ones converted, with a
+    warning: the compute precision is the caller's, torch.autocast or to_official_fp16)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("this CLIP is a TorchScript module (clip.load(..., jit=True)); its blocks cannot be called one "
                         "by one. Load it with clip.load(name, jit=False) or clip_layers.load_clip(name).")
@@ -287,9 +299,8 @@ def freeze(model):
 
 def to_official_fp16(model):
     """The official pure-fp16 setting (PREC "fp16" of CoOp / MaPLe / MPL), for parity runs: CLIP's weights as OpenAI
-    ships them (`clip.model.convert_weights`: linear, convolution, attention and projection weights in fp16; LayerNorms
-    and embeddings in fp32, CLIP's LayerNorm computing in fp32) and the method's own parameters in fp16, trained with
-    plain SGD. `model.clip` is the frozen CLIP inside a method's module."""
+    ships them (`clip.model.convert_weights`: LayerNorms and embeddings stay fp32) and the method's own parameters
+    (all but `model.clip`) in fp16, trained with plain SGD."""
     clip_ids = {id(p) for p in model.clip.parameters()}
     clip.model.convert_weights(model.clip)
     for p in model.parameters():

@@ -2,7 +2,8 @@
 Tests of the methods on the CPU with the tiny random CLIP (conftest.py): mpl.py (MPL and its MaPLe preset, against a
 plain re-implementation of the official forward; token counts per layer; parameter counts) and
 isp.py (ISP and its IVLP preset, the structural modules, sample probing, parameter counts); what both do with the CLIP
-they are handed; the engine's official path and class chunks under the methods; the config flags' help.
+they are handed; the methods' interface (fp32 logits, the prompts' own state dict, the loss weights); the engine's
+official path and class chunks under the methods; the config flags' help.
 
     python -m pytest -q test_methods.py
 
@@ -13,6 +14,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import typing
 import warnings
 from dataclasses import replace
 
@@ -27,7 +29,7 @@ import mpl
 import train
 from clip_layers import clip
 from conftest import n_trainable, sgd_steps, spy_shared, trainable
-from isp import ISP, ISPConfig, sample_probing_weights
+from isp import ISP, ISPConfig
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +294,7 @@ def test_maple_context_initialisation_rule(tiny, n_ctx, ctx_init):
     with torch.no_grad():
         assert torch.equal(pl.ctx, ctx)                                           # same start, same RNG draw
         embedding = tiny.token_embedding(clip.tokenize(texts))
-    assert torch.equal(pl.token_prefix, embedding[:, :1]) and torch.equal(pl.token_suffix, embedding[:, 1 + n_ctx:])
+    assert torch.equal(pl.token_sos, embedding[:, :1]) and torch.equal(pl.token_suffix, embedding[:, 1 + n_ctx:])
     assert torch.equal(pl.eot, clip.tokenize(texts).argmax(-1))
 
 
@@ -427,7 +429,7 @@ def test_short_training_lowers_the_loss(tiny):
 
 # Names of different token lengths, so the EOT cut leaves padding after the shorter ones (the mask matters).
 NAMES = ["cat", "golden retriever", "sea lion", "red eyed tree frog", "ox"]
-DEPTH = 3  # the tiny CLIP has 4 layers: layer 3 runs without prompts, as layers 9..11 of ViT-B/16 do
+DEPTH = 3  # of the tiny CLIP's 12 layers, 3..11 run without prompts, as layers 9..11 of ViT-B/16 do
 
 
 def make(clip_model, names=NAMES, **kw):
@@ -488,7 +490,7 @@ def test_ivlp_equals_plain_reimplementation(tiny):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cross", ["none", "image_tokens", "class_summaries", "linear"])
+@pytest.mark.parametrize("cross", ["none", "class_summaries", "linear"])
 def test_zero_init_isp_equals_ivlp(tiny, cross):
     # IVLP's text through the same (unshared) path as ISP's, whose self-structural module reads the class's own
     # tokens, so that the two must agree bit for bit
@@ -498,12 +500,7 @@ def test_zero_init_isp_equals_ivlp(tiny, cross):
     model.load_state_dict({k: v for k, v in trainable(ivlp).items()}, strict=False)   # same prompt values
     x = images(3)
     with torch.no_grad(), clip_engine.options(shared_prefix=False):
-        a, b = model(x), ivlp(x)
-    # image_tokens: per-image text, the same rows in an N * C batch (other matmul shapes), so equal to rounding only
-    if cross == "image_tokens":
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    else:
-        assert torch.equal(a, b)
+        assert torch.equal(model(x), ivlp(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -597,7 +594,7 @@ def test_chunked_encode_classes(tiny):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# class_summaries keeps the text branch image-independent; image_tokens does not
+# class_summaries keeps the text branch image-independent
 
 def text_features_seen(model, x, monkeypatch):
     out = []
@@ -625,45 +622,19 @@ def test_class_summaries_text_independent_of_images(tiny, monkeypatch):
     assert (c[0] - a[0]).abs().max() > 1e-4
 
 
-def test_image_tokens_text_depends_on_images(tiny, monkeypatch):
-    model = make(tiny, isp_cross="image_tokens")
-    perturb(model)
-    x = images(2, seed=3)
-    C = len(NAMES)
-    seen = text_features_seen(model, x, monkeypatch)[-1]            # the per-image pass: (N * C, E), image-major
-    assert seen.shape[0] == 2 * C
-    assert (seen[:C] - seen[C:]).abs().max() > 1e-4                  # g_{c|x0} != g_{c|x1}
-    same = text_features_seen(model, x[[0, 0]], monkeypatch)[-1]
-    torch.testing.assert_close(same[:C], same[C:])
-    torch.testing.assert_close(same[:C], seen[:C], atol=1e-5, rtol=1e-5)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Sample probing
 
-def test_probing_weights_hand_computed():
+def test_probing_weights_hand_computed(tiny, monkeypatch):
     p = torch.tensor([0.9, 0.5, 0.2, 0.0])                           # d = 0.1, 0.5, 0.8, 1.0
-    torch.testing.assert_close(sample_probing_weights(p, "linear"), torch.tensor([1.1, 1.5, 1.8, 2.0]))
-    torch.testing.assert_close(sample_probing_weights(p, "linear", lam=0.5), torch.tensor([1.05, 1.25, 1.4, 1.5]))
-    # focal, gamma 2, eps 0: d^2 = .01, .25, .64, 1; mean .475
-    torch.testing.assert_close(sample_probing_weights(p, "focal", gamma=2.0, eps=0.0),
-                               torch.tensor([0.01, 0.25, 0.64, 1.0]) / 0.475)
-    w = sample_probing_weights(p, "focal")                           # default eps: still mean 1, ordered
-    assert abs(w.mean().item() - 1) < 1e-6 and torch.all(w[1:] > w[:-1])
-    torch.testing.assert_close(sample_probing_weights(torch.ones(3), "focal"), torch.ones(3))  # all easy: no 0/0
-    # batch-softmax, T = 1: 4 e^d / (e^.1 + e^.5 + e^.8 + e^1) = 4 * [1.105171, 1.648721, 2.225541, 2.718282] / 7.697715
-    torch.testing.assert_close(sample_probing_weights(p, "batch-softmax"),
-                               torch.tensor([0.574285, 0.856731, 1.156465, 1.412519]), atol=1e-6, rtol=1e-5)
-    # dynamic: p_model = .9, .5, .8, .3 -> sqrt(p_clip p_model) = .9, .5, .4, 0 -> d = .1, .5, .6, 1
-    torch.testing.assert_close(sample_probing_weights(p, "dynamic", p_model=torch.tensor([0.9, 0.5, 0.8, 0.3])),
-                               torch.tensor([1.1, 1.5, 1.6, 2.0]))
-    with pytest.raises(ValueError):
-        sample_probing_weights(p, "dynamic")
+    for lam, expected in ((1.0, [1.1, 1.5, 1.8, 2.0]), (0.5, [1.05, 1.25, 1.4, 1.5])):
+        probe = isp.SampleProbe(tiny, NAMES, "a photo of a {}.", lam)
+        monkeypatch.setattr(probe, "p_clip", lambda clip_model, images, labels: p)
+        torch.testing.assert_close(probe(tiny, None, None), torch.tensor(expected))   # w = 1 + lambda d
 
 
-@pytest.mark.parametrize("mode", ["linear", "focal", "batch-softmax", "dynamic"])
-def test_sample_weights_use_frozen_clip(tiny, mode):
-    model = make(tiny, sample_probing=True, sp_mode=mode, sp_lambda=0.7)
+def test_loss_weights_use_frozen_clip(tiny):
+    model = make(tiny, sample_probing=True, sp_lambda=0.7)
     perturb(model)  # the prompts must not leak into p_clip
     x, y = images(6), torch.tensor([0, 1, 2, 3, 4, 0])
     logits = model(x)
@@ -672,15 +643,10 @@ def test_sample_weights_use_frozen_clip(tiny, mode):
         f = tiny.encode_image(x)
         t, f = t / t.norm(dim=-1, keepdim=True), f / f.norm(dim=-1, keepdim=True)
         p_clip = (tiny.logit_scale.exp() * f @ t.t()).softmax(-1)[torch.arange(6), y]
-        p_model = logits.softmax(-1)[torch.arange(6), y]
-    expected = sample_probing_weights(p_clip, mode, lam=0.7, p_model=p_model)
-    w = model.sample_weights(x, y, logits)
-    assert not w.requires_grad and w.shape == (6,)
-    torch.testing.assert_close(w, expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(make(tiny).sample_weights(x, y), torch.ones(6))   # probing off
-    if mode == "dynamic":
-        with pytest.raises(ValueError):
-            model.sample_weights(x, y)
+    w = model.loss_weights(x, y, logits)
+    assert not w.requires_grad and w.shape == (6,) and w.dtype == torch.float32
+    torch.testing.assert_close(w, 1 + 0.7 * (1 - p_clip), atol=1e-5, rtol=1e-5)
+    assert make(tiny).loss_weights(x, y, logits) is None               # probing off: a plain mean
 
 
 def test_training_with_probing_lowers_weighted_loss(tiny):
@@ -690,7 +656,7 @@ def test_training_with_probing_lowers_weighted_loss(tiny):
     g = torch.Generator().manual_seed(5)
     y = torch.arange(16) % 4
     x = 3 * torch.randn(4, 3, 32, 32, generator=g)[y] + torch.randn(16, 3, 32, 32, generator=g)  # class signal + noise
-    w = model.sample_weights(x, y)
+    w = model.loss_weights(x, y)
     assert torch.all((w >= 1) & (w <= 2)) and w.std() > 0
 
     def loss_fn():
@@ -701,23 +667,7 @@ def test_training_with_probing_lowers_weighted_loss(tiny):
     with torch.no_grad():
         last = loss_fn()
     assert last < 0.5 * first
-    assert torch.equal(model.sample_weights(x, y), w)                # the frozen CLIP did not move
-
-
-def test_sample_weights_from_given_p_clip(tiny, monkeypatch):
-    """p_clip given by the caller (e.g. once per image from a fixed view): the same weights as computed here from the
-    same probabilities, and no pass of the image encoder."""
-    model = make(tiny, sample_probing=True, sp_lambda=0.7)
-    x, y = images(4), torch.tensor([0, 1, 2, 3])
-    p_clip = model.frozen_p_clip(x, y)
-    expected = model.sample_weights(x, y)
-    torch.testing.assert_close(expected, sample_probing_weights(p_clip, "linear", lam=0.7))
-
-    def no_pass(*args, **kw):
-        raise AssertionError("the image encoder ran although p_clip was given")
-
-    monkeypatch.setattr(clip_layers, "encode_image", no_pass)
-    assert torch.equal(model.sample_weights(x, y, p_clip=p_clip), expected)
+    assert torch.equal(model.loss_weights(x, y), w)                  # the frozen CLIP did not move
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -794,12 +744,12 @@ def test_shared_prefix_equals_unshared(tiny, monkeypatch, preset, chunk):
 
 
 def test_hook_reading_the_class_rows_is_not_shared(tiny, monkeypatch):
-    """ISP's self-structural module (its text prompts read the class's own tokens) and image_tokens (they read each
-    image, rows image-major) keep the unshared path, even with the engine's shared_prefix on (the default)."""
+    """ISP's self-structural module (its text prompts read the class's own tokens) keeps the unshared path, even with
+    the engine's shared_prefix on (the default)."""
     calls = spy_shared(monkeypatch)
     x = images(2)
-    for cfg in (dict(isp_self=True, isp_cross="none"), dict(isp_self=False, isp_cross="image_tokens")):
-        cfg = replace(isp.PRESETS["isp"], depth=DEPTH, sample_probing=False, **cfg)
+    for cross in ("none", "class_summaries"):
+        cfg = replace(isp.PRESETS["isp"], depth=DEPTH, sample_probing=False, isp_cross=cross)
         model = built(tiny, cfg, SHARED_NAMES)
         with torch.no_grad(), clip_engine.options(shared_prefix=False):
             reference = model(x)
@@ -832,7 +782,7 @@ def closed_form(Dt, Dv, n, J, isp_self, cross, r_self=1 / 8, r_cross=1 / 8):
         for d in (Dt, Dv):
             d_s = max(1, round(d * r_self))
             total += J * (2 * d + 4 * d * d_s)                        # LN, W_q, W_k, W_u (d -> d_s), W_o (d_s -> d)
-    if cross in ("image_tokens", "class_summaries"):
+    if cross == "class_summaries":
         d_c = max(1, round(Dt * r_cross))
         text_reads_vision = 2 * Dt + 2 * Dv + Dt * d_c + 2 * Dv * d_c + d_c * Dt
         vision_reads_text = 2 * Dv + 2 * Dt + Dv * d_c + 2 * Dt * d_c + d_c * Dv
@@ -868,7 +818,7 @@ def test_trainable_set(tiny):
         for l in range(J):
             if isp_self:
                 names |= {f"self_{m}.{l}.{p}" for m in ("text", "vision") for p in ssp}
-            if cross in ("image_tokens", "class_summaries"):
+            if cross == "class_summaries":
                 names |= {f"cross_{m}.{l}.{p}" for m in ("text", "vision") for p in csp}
             if cross == "linear":
                 names |= {f"coupling.{l}.weight", f"coupling.{l}.bias"}
@@ -937,7 +887,7 @@ def test_methods_freeze_an_fp16_clip_as_clip_load_returns_it_on_cuda(method):
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
     if method == "isp":  # the frozen zero-shot text behind sample probing was computed after the conversion
-        torch.testing.assert_close(model.sample_weights(x, y), reference.sample_weights(x, y))
+        torch.testing.assert_close(model.loss_weights(x, y), reference.loss_weights(x, y))
 
 
 @pytest.mark.parametrize("method", [mpl.MPL, ISP, clip_layers.ZeroShotCLIP])
@@ -951,16 +901,18 @@ def test_methods_refuse_what_is_no_vit_clip(method):
         method(torch.nn.Linear(2, 2), CLASSES)
 
 
-def preset_model(clip_model, preset):
+def preset_model(clip_model, preset, names=NAMES, seed=0):
     """A preset at depth 3 or zero-shot CLIP, over class names of different lengths, prompts and zero-initialised
-    modules made non-trivial; the same arguments give the same model."""
+    modules made non-trivial; the same arguments give the same model. "isp_linear", "isp_none": ISP's preset with
+    that cross module."""
     if preset == "zeroshot":
-        return clip_layers.ZeroShotCLIP(clip_model, NAMES)
+        return clip_layers.ZeroShotCLIP(clip_model, names)
     if preset in mpl.PRESETS:
-        return make_model(clip_model, replace(mpl.PRESETS[preset], depth=DEPTH), classnames=NAMES)
-    torch.manual_seed(0)
-    model = ISP(clip_model, NAMES, replace(isp.PRESETS[preset], depth=DEPTH))
-    perturb(model)
+        return make_model(clip_model, replace(mpl.PRESETS[preset], depth=DEPTH), seed, classnames=names)
+    preset, _, cross = preset.partition("_")
+    torch.manual_seed(seed)
+    model = ISP(clip_model, names, replace(isp.PRESETS[preset], depth=DEPTH, **({"isp_cross": cross} if cross else {})))
+    perturb(model, seed=2 + seed)
     return model
 
 
@@ -998,18 +950,99 @@ def test_official_path_and_class_chunks_give_the_same_logits(tiny, monkeypatch, 
         assert {t.shape[0] for t, _ in record_blocks(monkeypatch, model, x)["text"]} == {len(NAMES)}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The methods' interface (clip_layers.PromptMethod): fp32 logits, the prompts' own state dict, the loss weights
+
+INTERFACE = ["mpl", "maple", "ivlp", "isp", "isp_linear", "isp_none", "zeroshot"]
+
+
+@pytest.mark.parametrize("preset", INTERFACE)
+def test_logits_are_fp32_under_bf16_autocast(tiny, preset):
+    """Logits are always computed in fp32, under autocast too; so are ISP's loss weights."""
+    model, x = preset_model(tiny, preset), images(2)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            weights = model.loss_weights(x, torch.tensor([0, 1]), logits)
+    assert logits.dtype == torch.float32 and logits.shape == (2, len(NAMES))
+    assert 0 < (logits - reference).abs().max() < 2  # bf16 features: the same logits to bf16's precision
+    assert weights is None or weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("preset", INTERFACE)
+def test_prompt_state_dict_holds_exactly_the_trainable_tensors(tiny, preset):
+    model = preset_model(tiny, preset)
+    sd = model.prompt_state_dict()
+    assert sd.keys() == trainable(model).keys() and (sd == {}) == (preset == "zeroshot")
+    assert not any(k.startswith("clip.") for k in sd)
+    assert all(torch.equal(sd[k], p) and not sd[k].requires_grad for k, p in trainable(model).items())
+    with torch.no_grad():  # copies: the model training on does not change them
+        for p in trainable(model).values():
+            p.add_(1)
+    assert not any(torch.equal(sd[k], p) for k, p in trainable(model).items())
+
+
+@pytest.mark.parametrize("preset", ["mpl", "maple", "ivlp", "isp_linear", "isp_none", "zeroshot"])
+def test_prompts_load_into_a_model_of_other_class_names(tiny, preset):
+    """Save the prompts only, build the method for other class names, load them: the classes both sets share get the
+    same logits. (ISP's class_summaries reads the whole class set: the next test.)"""
+    trained, x = preset_model(tiny, preset), images(3)
+    fresh = preset_model(tiny, preset, names=["zebra", NAMES[3], "aardvark", NAMES[0]], seed=9)
+    with torch.no_grad():
+        expected = trained(x)[:, [0, 3]]
+        assert preset == "zeroshot" or (fresh(x)[:, [3, 1]] - expected).abs().max() > 1e-3
+        fresh.load_prompt_state_dict(trained.prompt_state_dict())
+        torch.testing.assert_close(fresh(x)[:, [3, 1]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_isp_prompts_load_into_a_model_of_the_classes_reordered(tiny):
+    """ISP's default cross module reads every class of the set: the same set in another order, the same logits."""
+    trained, x, order = preset_model(tiny, "isp"), images(3), [3, 0, 4, 1, 2]
+    fresh = preset_model(tiny, "isp", names=[NAMES[i] for i in order], seed=9)
+    fresh.load_prompt_state_dict(trained.prompt_state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), trained(x)[:, order], atol=1e-5, rtol=1e-5)
+
+
+def test_load_prompt_state_dict_is_strict(tiny):
+    """Missing, unexpected (a CLIP weight included: CLIP stays frozen) or reshaped tensors, or another
+    config's: refused, and nothing is loaded."""
+    model = preset_model(tiny, "isp")
+    sd, first = model.prompt_state_dict(), "text_prompts"
+    for wrong in ({k: v for k, v in sd.items() if k != first}, {**sd, "clip.logit_scale": torch.zeros(())},
+                  {**sd, first: sd[first][:, :-1]}, preset_model(tiny, "ivlp").prompt_state_dict(),
+                  preset_model(tiny, "mpl").prompt_state_dict()):
+        with pytest.raises(ValueError, match="missing, unexpected or of another shape for this ISP"):
+            model.load_prompt_state_dict({k: v + 1 for k, v in wrong.items()})
+    assert all(torch.equal(sd[k], v) for k, v in model.prompt_state_dict().items())
+    assert tiny.logit_scale.item() != 1  # (the CLIP weight offered, 1, was not loaded)
+
+
+def test_loss_weights_none_without_sample_probing(tiny):
+    x, y = images(2), torch.tensor([0, 1])
+    for model in (preset_model(tiny, "mpl"), preset_model(tiny, "ivlp"), make(tiny), preset_model(tiny, "zeroshot")):
+        assert model.loss_weights(x, y, model(x)) is None
+    model = preset_model(tiny, "isp").train()
+    assert not model.clip.training and model.training  # train() leaves the frozen CLIP in eval mode
+    w = model.loss_weights(x, y, model(x))
+    assert w.shape == (2,) and not w.requires_grad
+
+
 def test_config_fields_have_help(tiny):
-    for config in (ISPConfig(), mpl.MPLConfig()):  # each field's flag takes its help from the comment on its line
+    for config in (ISPConfig(), mpl.MPLConfig()):  # each field's flag takes its help from its Annotated[type, help]
         parser = argparse.ArgumentParser()
         train.config_flags(parser, config)
         helps = {a.dest[4:]: a.help for a in parser._actions if a.dest.startswith("cfg_")}
         assert set(helps) == {f.name for f in dataclasses.fields(config)}
         assert all(len(h.split(" (preset:")[0]) > 15 for h in helps.values()), helps
-    with pytest.raises(ValueError, match="isp_cross must be one of none, image_tokens, class_summaries, linear"):
+        hints = typing.get_type_hints(type(config), include_extras=True)
+        assert helps == {k: f"{hints[k].__metadata__[0]} (preset: {getattr(config, k)!r})" for k in helps}
+    with pytest.raises(ValueError, match="isp_cross must be one of none, class_summaries, linear"):
         ISPConfig(isp_cross="c2")
     assert dataclasses.fields(ISPConfig)[0].name == "n_ctx"
     names = {f.name for f in dataclasses.fields(ISPConfig)}
-    assert {"n_ctx", "depth", "ctx_init", "isp_self", "isp_cross", "sample_probing", "sp_lambda", "sp_mode"} <= names
+    assert {"n_ctx", "depth", "ctx_init", "isp_self", "isp_cross", "sample_probing", "sp_lambda"} <= names
     with pytest.raises(ValueError, match=r"depth must be in 1\.\.12"):
         ISP(tiny, NAMES, ISPConfig(depth=13))     # deeper than the CLIP: refused, never rescaled
     assert math.isclose(ISPConfig().sp_lambda, 1.0)

@@ -1,7 +1,7 @@
 """
-Tests of train.py on the CPU with the tiny random CLIP (conftest.py): the learning-rate schedule, the training loop,
-checkpoints and resuming, base-to-new, the official fp16 setting, NaN handling, evaluation only, the main job in the
-mini world end to end, and the README's two commands.
+Tests of train.py on the CPU with the tiny random CLIP (conftest.py): the learning-rate schedule, the training loop
+and its loss weights, checkpoints and resuming, base-to-new, the official fp16 setting, NaN handling, evaluation only,
+the main job in the mini world end to end, and the README's two commands.
 
     python -m pytest -q test_train.py
 
@@ -11,6 +11,7 @@ evaluation) or against a count, so each one can fail.
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -207,8 +208,8 @@ def test_nan_loss_stops_with_step_paths_and_lr_and_keeps_checkpoint(tmp_path, ti
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The main job in the mini world, reduced: draw the world, load the shipped world CLIP, train on base, test base and new;
-# the README's commands
+# The main job in the mini world, reduced: draw the world, load the shipped world CLIP, train on base, test base and
+# new; the README's commands
 
 def test_main_job_in_the_mini_world_end_to_end(tmp_path, capsys):
     res = train.main(["--method", "mpl", "--shots", "2", "--epochs", "2", "--root", str(tmp_path / "DATA"),
@@ -250,19 +251,40 @@ def test_load_reads_an_official_maple_dassl_file(tmp_path, tiny, colours):
     assert again["accuracy"] == first["accuracy"]
 
 
-@pytest.mark.parametrize("view", ["crop", "fixed"])
-def test_sample_probing_view(tmp_path, tiny, colours, monkeypatch, view):
-    """ISP's p_clip: of each step's crop (one frozen pass per step, the default), or of every training image's centre
-    view computed once before training (--sp-view fixed: no pass during the steps)."""
+def test_loop_takes_the_methods_loss_weights_and_prints_the_epochs_mean_loss(tmp_path, tiny, colours,
+                                                                             monkeypatch, capsys):
+    """The loop asks the model for its loss weights at every step, on the crops it trains on (ISP's sample probing:
+    p_clip of each step's crop), passes them to the loss unchanged, and prints the mean loss of each epoch."""
     import isp
-    seen, real = [], isp.ISP.frozen_p_clip
+    forwarded, asked, given, losses = [], [], [], []
+    real_forward, real_weights, real_loss = isp.ISP.forward, isp.ISP.loss_weights, train.loss_fn
 
-    def counting(self, images, labels):
-        seen.append(images.shape[0])
-        return real(self, images, labels)
+    def forward(self, images, *a, **kw):
+        forwarded.append(images)
+        return real_forward(self, images, *a, **kw)
 
-    monkeypatch.setattr(isp.ISP, "frozen_p_clip", counting)
-    train.main(["--method", "isp", "--subsample", "all", "--output", str(tmp_path / view), "--epochs", "2",
-                "--depth", "2", "--batch-size", "4", "--sp-view", view], clip_model=tiny, benchmarks={"all": colours})
-    steps = 2 * (len(colours.train) // 4)
-    assert seen == ([4] * steps if view == "crop" else [len(colours.train)])
+    def loss_weights(self, images, labels, logits):
+        asked.append(images)
+        given.append(real_weights(self, images, labels, logits))
+        return given[-1]
+
+    def loss_fn(logits, labels, weights=None):
+        assert weights is given[-1]
+        losses.append(real_loss(logits, labels, weights))
+        return losses[-1]
+
+    monkeypatch.setattr(isp.ISP, "forward", forward)
+    monkeypatch.setattr(isp.ISP, "loss_weights", loss_weights)
+    monkeypatch.setattr(train, "loss_fn", loss_fn)
+    train.main(["--method", "isp", "--subsample", "all", "--output", str(tmp_path / "isp"), "--epochs", "2",
+                "--depth", "2", "--batch-size", "4"], clip_model=tiny, benchmarks={"all": colours})
+    steps = len(colours.train) // 4
+    assert [x.shape[0] for x in asked] == [4] * 2 * steps and all(w.shape == (4,) for w in given)
+    training = [x for x in forwarded if x.shape[0] == 4][:2 * steps]  # the test batches are larger
+    assert all(torch.equal(x, y) for x, y in zip(asked, training))
+    assert not all(torch.equal(w, torch.ones(4)) for w in given)  # sample probing is on in ISP's preset
+    out = capsys.readouterr().out
+    for epoch in range(2):
+        mean = sum(l.item() for l in losses[epoch * steps:(epoch + 1) * steps]) / steps
+        printed = re.search(rf"epoch {epoch + 1}/2  lr {train.get_lr(epoch, 0.0025, 2):.6f}  loss (\S+)\n", out)
+        assert abs(float(printed.group(1)) - mean) <= 6e-5  # printed to 4 decimals

@@ -1,7 +1,7 @@
 """
 Train and evaluate prompt learning on a frozen CLIP: one run (one method, dataset and seed), in one plain loop.
 
-    python train.py --method mpl --shots 16                                     # the built-in mini world, CPU, ~10 s
+    python train.py --method mpl --shots 16                                     # the built-in mini world, on the CPU
     python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16  # the paper's base-to-new, one seed
     python train.py --method isp --help                                         # every flag, the method's included
 
@@ -23,7 +23,6 @@ parameters, kilobytes) and results.json.
 """
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import random
 import re
 import subprocess
 import time
+import typing
 from contextlib import nullcontext
 
 import numpy as np
@@ -81,17 +81,17 @@ WARMUP_LR = 1e-5  # Dassl's ConstantWarmupScheduler: 1 epoch at a constant 1e-5
 
 def config_flags(parser, config):
     """One flag per field of a method's config dataclass, e.g. --n-ctx, --isp-self/--no-isp-self. Its help is the
-    comment on the field's line in mpl.py / isp.py, so the config stays the one place where a setting is explained."""
-    source = inspect.getsource(type(config))
+    field's annotation in mpl.py / isp.py, `Annotated[type, "help [source]"]`, so the config stays the one place where
+    a setting is explained."""
+    hints = typing.get_type_hints(type(config), include_extras=True)
     group = parser.add_argument_group(f"{type(config).__name__} (defaults: the preset)")
     for f in dataclasses.fields(config):
-        comment = re.search(rf"^\s+{f.name}:[^#]*#\s*(.*)$", source, re.M)
-        kw = dict(default=None, dest=f"cfg_{f.name}", help=f"{comment.group(1) if comment else ''} "
-                                                           f"(preset: {getattr(config, f.name)!r})")
-        if f.type is bool:
+        kind, text = typing.get_args(hints[f.name])                      # Annotated[int, "help"] -> int, "help"
+        kw = dict(default=None, dest=f"cfg_{f.name}", help=f"{text} (preset: {getattr(config, f.name)!r})")
+        if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw.update(type=f.type, metavar=f.name.upper())
+            kw.update(type=kind, metavar=f.name.upper())
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
@@ -247,9 +247,11 @@ def resolve_precision(precision, device):
 
 
 def precision_setup(precision, device, model):
-    """Precision is decided here and nowhere else. Returns (autocast context factory, GradScaler or None).
-    The prompts are fp32 master weights in every mode but `fp16`, which puts the whole model (frozen CLIP and prompts)
-    in fp16 and trains with plain SGD and no loss scaling, as the official MaPLe/MPL code does."""
+    """Precision is decided here and nowhere else. Returns (autocast, scaler, precision): a function that opens the
+    autocast context (a no-op in fp32 and fp16), a GradScaler that scales the loss under amp only (a pass-through
+    otherwise), and the precision with auto resolved. The prompts are fp32 master weights in every mode but fp16,
+    which puts the whole model (frozen CLIP and prompts) in fp16 and trains with plain SGD and no loss scaling, as
+    the official MaPLe/MPL code does."""
     cuda = device.startswith("cuda")
     precision = resolve_precision(precision, device)
     if precision in ("bf16", "amp") and not cuda:
@@ -258,7 +260,7 @@ def precision_setup(precision, device, model):
         clip_layers.to_official_fp16(model)
     dtype = {"bf16": torch.bfloat16, "amp": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
-    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "amp")
     return autocast, scaler, precision
 
 
@@ -307,72 +309,81 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     path = os.path.join(run_dir, "checkpoint.pt")
-    start, saved = 0, None  # saved: the epoch of the last checkpoint of *this* run on disk (all finite)
-    if ckpt is not None:  # --resume: the schedule is a function of the epoch, so the epoch is its whole state
-        try:  # its structure was checked (resumable_checkpoint); values that still do not fit are named here
-            checkpoints.load_trainable(model, ckpt["params"], f"--resume checkpoint {path}")
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["rng"]["torch"])  # the batch order and the random crops of the next epochs
-            random.setstate(ckpt["rng"]["python"])
-            if ckpt["rng"].get("cuda") and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
-            raise ValueError(f"--resume: {path} cannot be resumed ({type(e).__name__}: {e}); --overwrite starts the "
-                             f"run again, or give another --output") from e
-        start = saved = ckpt["epoch"]
+    start = restore(ckpt, model, optimizer, scaler, path) if ckpt is not None else 0  # --resume: at its epoch
     loader = make_loader(items, data.train_transform(model.clip.visual.input_resolution, args.crop_scale),
                          batch_size, True, args.workers)
-
-    probing = getattr(model.cfg, "sample_probing", False)  # ISP's p_clip: of each step's crop, or of a fixed view once
-    fixed_p = fixed_view_p_clip(model, items, args) if probing and model.cfg.sp_view == "fixed" else None
-
-    def stop(what, epoch, step, detail=""):  # nothing non-finite is ever saved: the checkpoint on disk is finite
-        kept = (f"The last checkpoint of this run, {path} (epoch {saved}), is finite and kept; --resume restarts "
-                f"from it." if saved else "No checkpoint of this run was written.")
-        raise FloatingPointError(f"{what} at epoch {epoch + 1}, step {step + 1} of {len(loader)}, LR "
-                                 f"{optimizer.param_groups[0]['lr']:.6g}{detail}. {kept}")
-
     step_times = []
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(epoch, lr, epochs)
         model.train()
+        loss_sum = torch.zeros((), device=args.device)  # read once per epoch, not once per step
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs} lr {optimizer.param_groups[0]['lr']:.6f}", disable=None)
         for step, (images, labels, index) in enumerate(bar):
             t0 = time.time()
             images, labels = images.to(args.device), labels.to(args.device)  # clip_layers casts to CLIP's dtype
+            optimizer.zero_grad(set_to_none=True)
             with autocast():
                 logits = model(images)
-                weights = model.sample_weights(images, labels, logits=logits.detach(),
-                                               p_clip=None if fixed_p is None else fixed_p[index].to(args.device)) \
-                    if hasattr(model, "sample_weights") else None
+                weights = model.loss_weights(images, labels, logits)  # None, or (N,): ISP's sample probing
             loss = loss_fn(logits, labels, weights)
-            if not torch.isfinite(loss):  # stop before the step: the prompts stay finite
-                stop(f"loss is {loss.item()}", epoch, step,
-                     f"; images of this batch: {[items[i].impath for i in index.tolist()]}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            if not all(torch.isfinite(p).all() for p in params):  # a finite loss can still give an infinite step
-                stop("the prompts became non-finite in this step", epoch, step)
+            where = (epoch, step, len(loader), optimizer, path)
+            check_finite("loss", [loss], where, [items[i].impath for i in index.tolist()])  # before the step
+            scaler.scale(loss).backward()  # --precision amp scales the loss (fp16 gradients); else a pass-through
+            scaler.step(optimizer)
+            scaler.update()
+            check_finite("prompts", params, where)  # a finite loss can still give an infinite step
+            loss_sum += loss.detach()
             step_times.append(time.time() - t0)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
         save_checkpoint(path, model, args, identity, epoch + 1, optimizer, scaler)
-        if saved is None and args.overwrite:  # the old run is replaced now: its results no longer describe anything
-            stale = os.path.join(run_dir, "results.json")
-            if os.path.exists(stale):
-                os.remove(stale)
-        saved = epoch + 1
-        print(f"epoch {epoch + 1}/{epochs}  lr {optimizer.param_groups[0]['lr']:.6f}  last loss {loss.item():.4f}")
+        remove_replaced_results(run_dir, args)
+        print(f"epoch {epoch + 1}/{epochs}  lr {optimizer.param_groups[0]['lr']:.6f}  "
+              f"loss {loss_sum.item() / len(loader):.4f}")
     # seconds per step, leaving out the first (warm-up of kernels and allocators)
     return sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None
+
+
+def restore(ckpt, model, optimizer, scaler, path):
+    """--resume: the prompts, the optimizer's momentum, the loss scaler and the RNG states (the batch order and the
+    random crops of the epochs to come) of a checkpoint. The schedule is a function of the epoch, so the epoch is its
+    whole state; returned, it is where the loop continues. The checkpoint's structure was checked
+    (resumable_checkpoint); values that still do not fit are named here."""
+    try:
+        checkpoints.load_trainable(model, ckpt["params"], f"--resume checkpoint {path}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"].get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        raise ValueError(f"--resume: {path} cannot be resumed ({type(e).__name__}: {e}); --overwrite starts the run "
+                         f"again, or give another --output") from e
+    return ckpt["epoch"]
+
+
+def check_finite(name, tensors, where, batch=None):
+    """Nothing non-finite is ever saved: the loss is checked before the step, the prompts after it, and a value that
+    is inf or NaN stops the run (FloatingPointError) before the epoch's checkpoint. `where`: (epoch, step, steps,
+    optimizer, checkpoint path); the epoch's checkpoint on disk, if any, is that of the epoch before."""
+    if all(torch.isfinite(t).all() for t in tensors):
+        return
+    epoch, step, steps, optimizer, path = where
+    what = f"loss is {tensors[0].item()}" if name == "loss" else f"the {name} became non-finite in this step"
+    detail = f"; images of this batch: {batch}" if batch is not None else ""
+    kept = (f"The last checkpoint of this run, {path} (epoch {epoch}), is finite and kept; --resume restarts from it."
+            if epoch else "No checkpoint of this run was written.")
+    raise FloatingPointError(f"{what} at epoch {epoch + 1}, step {step + 1} of {steps}, LR "
+                             f"{optimizer.param_groups[0]['lr']:.6g}{detail}. {kept}")
+
+
+def remove_replaced_results(run_dir, args):
+    """--overwrite: once the new run's first checkpoint has replaced the old one, the old run's results.json no
+    longer describes anything and goes (prepare_run_dir: nothing is removed before)."""
+    stale = os.path.join(run_dir, "results.json")
+    if args.overwrite and os.path.exists(stale):
+        os.remove(stale)
 
 
 # Checkpoints hold only the trainable tensors and plain values, written atomically; checkpoints.read reads them back
@@ -383,7 +394,7 @@ def save_checkpoint(path, model, args, identity, epoch, optimizer, scaler=None):
     rundir.atomic_save(dict(
         params=checkpoints.trainable_state(model), method=args.method, epoch=epoch, identity=identity,
         config=plain_config(args, model), optimizer=optimizer.state_dict(),
-        scaler=scaler.state_dict() if scaler else None,
+        scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])), path, torch.save)
 
@@ -408,16 +419,6 @@ def resumable_checkpoint(path, identity):
         raise ValueError(f"--resume: {path} lacks what resuming needs ({', '.join(wrong)} missing or malformed): it "
                          f"was not written by train.py, or was changed since; {again}")
     return ckpt
-
-
-@torch.no_grad()
-def fixed_view_p_clip(model, items, args):
-    """ISP's sp_view "fixed": p_clip(y | x) of every training image once, on its centre view (the test transform), so
-    that a step pays no extra pass of the frozen encoder. (N_train,), indexed like `items`."""
-    loader = make_loader(items, data.test_transform(model.clip.visual.input_resolution), args.test_batch_size, False,
-                         args.workers)
-    return torch.cat([model.frozen_p_clip(images.to(args.device), labels.to(args.device)).float().cpu()
-                      for images, labels, _ in loader])
 
 
 def plain_config(args, model):
@@ -487,12 +488,11 @@ def load_clip(args, real=None):
 
 
 def cpu_threads(args, clip_model):
-    """Threads for torch on the CPU, and why. A CLIP narrower than 256 (the mini world's: 96 / 64) runs small
-    matrices, whose per-op cost is largely thread synchronisation. The main job on an idle 2-core machine: 34.3 s with
-    one thread, 28.3 s with two. With another process busy on one core, two threads were 2.2x slower than one (23.3 s
-    against 10.5 s, measured on the earlier 4-layer world CLIP): each thread waits for the other at every op. So one
-    thread for a small CLIP, which also lets two protocol processes share two cores; a large CLIP gets the cores that
-    other processes leave free (by the 1-minute load average)."""
+    """Threads for torch on the CPU, and why. A CLIP narrower than 256 (the mini world's) runs small matrices, whose
+    per-op cost is largely thread synchronisation: a second thread gains little on an idle machine and, with another
+    process busy on a core, makes every op wait for it. So one thread for a small CLIP, which also lets two protocol
+    processes share two cores; a large CLIP gets the cores that other processes leave free (by the 1-minute load
+    average)."""
     if args.threads:
         return args.threads, "--threads"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -585,7 +585,7 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
     bench = benchmark(train_on)
     # base2new: the new classes are read and their model built once now, so that a fault in them (a missing test
     # image, a class name too long for CLIP) stops the run before the training, not after it. The model is built again
-    # after training, as before: with --precision fp16 the CLIP it encodes the class names with is then fp16.
+    # after training, so that under --precision fp16 it encodes the class names with the then fp16 CLIP.
     new = benchmark("new") if args.subsample == "base2new" else None
     if new is not None:
         build_for(new)

@@ -138,21 +138,19 @@ def match(expected, given, source, hint):
 # Ours: {"params": {name: tensor}, ...} written by train.py
 
 def trainable_state(model):
-    """The prompts of a method: its trainable parameters, detached copies."""
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    """The prompts of a method (clip_layers.PromptMethod.prompt_state_dict): its trainable tensors, copied."""
+    return model.prompt_state_dict()
 
 
 def load_trainable(model, params, source):
-    """Load prompt parameters into a model (possibly built for other class names). Every trainable parameter must be
-    given, with its shape; nothing else may be."""
-    own = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    """Load prompts read from a file into a method (possibly built for other class names): every trainable tensor must
+    be given, with its shape and finite values (`match`, which names the file); nothing else may be."""
     if not isinstance(params, dict):
         raise ValueError(f"{source}: 'params' is a {type(params).__name__}, not a dict of tensors")
-    match({k: v.shape for k, v in own.items()}, params, source,
+    shapes = {k: p.shape for k, p in model.named_parameters() if p.requires_grad}
+    match(shapes, params, source,
           f"Was it saved from the same method and config ({type(model).__name__})?")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(params[k])
+    model.load_prompt_state_dict(params)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ pipeline (few-shot sampling, base-to-new, cross-dataset and domain-shift evaluat
 weights or any download, on a laptop CPU. It is what `python train.py --method mpl --shots 16` runs.
 
     python mini_world.py --render --root data    # draw the three datasets (train.py does it on first use)
-    python mini_world.py --pretrain              # re-train the world's CLIP into assets/ (~30 min on 2 CPU cores)
+    python mini_world.py --pretrain              # re-train the world's CLIP into assets/ (time: docs/results.md)
     python mini_world.py --report --root data    # its zero-shot accuracy, template sensitivity and temperature
 
 A class is a combination of attribute words, e.g. "red striped circle". Images of one class vary in position, size,
@@ -42,16 +42,15 @@ This design was fixed, and the CLIP pre-trained, before any prompt method ran on
   This is what gives text prompts something to act on, as the context words do in real CLIP.
 - Temperature: learned from CLIP's 1/0.07 and clamped at CLIP's 100. It learns with a 10x learning rate because this
   pre-training has 850 steps where CLIP's had about 400,000 (see pretrain_world_clip), and the known positives let it
-  grow (a batch's duplicate captions no longer cap it). Measured: it ends at 26.5, still rising when the schedule
-  ended; 850 steps do not make features sharp enough for CLIP's 100 (README: "The mini world").
+  grow (a batch's duplicate captions no longer cap it). Where it ends, and why not at CLIP's 100: docs/results.md.
 - Pre-training: symmetric InfoNCE over 850 batches of 256 from 32,768 images of the whole world, new classes included
   (like real CLIP it has seen every concept; only prompt learning is restricted to the base classes), AdamW, warmup
-  and cosine decay: about 30 minutes on 2 CPU cores. 85 % of the images are photos, 70 % of those through a neutral
-  camera, so each benchmark's own light (WORLD_CAMERAS) is a domain gap that few-shot adaptation can close.
+  and cosine decay. 85 % of the images are photos, 70 % of those through a neutral camera, so each benchmark's own
+  light (WORLD_CAMERAS) is a domain gap that few-shot adaptation can close.
 - Weights: 5.1 M parameters (of which the 49408 x 64 token table is 3.2 M), shipped in assets/ as a 10.4 MB fp16
   state dict, loaded with CLIP's own build_model.
 
-Measured on the shipped weights (`python mini_world.py --report`): see README.md, "The mini world".
+Measured on the shipped weights (`python mini_world.py --report`), with the pre-training's time: docs/results.md.
 
 Deliberately left out: realism. This is a toy to check that code runs and that prompts learn; its numbers say nothing
 about the real benchmarks.
@@ -221,11 +220,8 @@ def _downsample(mask, k):
 
 # A camera is how a dataset's pictures were taken: colour gains (the light's colour), contrast, a grey offset (haze)
 # and sensor noise. Each benchmark has its own, as real ones do (satellite views, studio shots, texture close-ups),
-# while 70% of the pre-training photos come through a neutral camera and the rest through random ones. Without
-# this gap there was nothing to adapt to: in an earlier 4-layer version of this world with every image neutral, the
-# CLIP's zero-shot classifier (87% on mini_world base) beat a 40-shot linear probe on its own image features (85%),
-# and deep visual prompts trained on 16 shots only got back to where they started. With it, zero-shot dropped to ~73%
-# and the same prompts reached ~81%: the kind of headroom prompt learning has on real benchmarks.
+# while 70% of the pre-training photos come through a neutral camera and the rest through random ones. This gap is
+# what few-shot prompts can adapt to, as on real benchmarks (why it is needed: docs/results.md).
 WORLD_CAMERAS = {
     "lamp": dict(gain=(1.0, 0.82, 0.55), contrast=0.8, offset=(0.06, 0.04, 0.0), noise=0.04),  # warm indoor light
     "haze": dict(gain=(0.92, 0.96, 1.0), contrast=0.55, offset=(0.3, 0.3, 0.3), noise=0.03),  # bright, washed out
@@ -251,7 +247,7 @@ def render_image(rng, colour, pattern, shape, *, style="photo", camera=None, siz
     S, k = size, SUPERSAMPLE
     sketch = style == "sketch"
     # Only the masks (shape, outline, pattern) are drawn at k x the resolution; colours are smooth, so they are
-    # composited at the output resolution from the masks' coverage. This keeps one image at about 1 ms.
+    # composited at the output resolution from the masks' coverage, which is k^2 times cheaper.
     c = (np.arange(S, dtype=np.float32) + 0.5)
     x1, y1 = np.meshgrid(c, c)  # output pixel centres
     ck = (np.arange(S * k, dtype=np.float32) + 0.5) / k
@@ -643,8 +639,8 @@ class WorldClipConfig:
     transformer_layers: int = 12
     # pre-training
     seed: int = 0
-    pool_size: int = 32768          # pre-training images, rendered once (~25 s); captions are re-drawn at every use
-    steps: int = 850                # ~28 min on 2 CPU cores (2 s a step)
+    pool_size: int = 32768          # pre-training images, rendered once; captions are re-drawn at every use
+    steps: int = 850                # CLIP's had about 400,000; this many fit a CPU (time: docs/results.md)
     batch_size: int = 256
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -853,7 +849,7 @@ def is_world(name):
 
 
 def load_benchmark(name, root, shots, seed, subsample="all"):
-    """data.load_benchmark for a world dataset: drawn under `root` first if it is not there yet (seconds, idempotent)."""
+    """data.load_benchmark for a world dataset, drawn under `root` first if it is not there yet (idempotent)."""
     render_world(root, datasets=(name,))
     return data.load_benchmark(name, root, shots, seed, subsample, spec=DATASETS[name])
 

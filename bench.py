@@ -46,7 +46,7 @@ import time
 
 import torch
 
-import clip_engine
+from engine import clip_engine
 import clip_layers
 import train
 
@@ -351,5 +351,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+    from engine import cli  # one line `error: ...` for the user's errors, a traceback for bugs
     cli.run(main)

@@ -12,14 +12,13 @@ The blocks are CLIP's stock `ResidualAttentionBlock`s with their stock parameter
 (Vaswani et al. 2017) in CLIP's pre-LayerNorm form; the code follows OpenAI CLIP's clip/model.py.
 
 Exact speed-ups of these loops (text rows that every class shares encoded once, classes in chunks, the last vision
-block on the CLS row only) live in clip_engine.py, with their proofs. When that file sits beside this one, encode_text
-and encode_image run through it; without it they run the plain loops below. Both give the same numbers.
+block on the CLS row only) live in engine/clip_engine.py, with their proofs. When that folder sits beside this file,
+encode_text and encode_image run through it; without it they run the plain loops below. Both give the same numbers.
 
 Shapes in comments are for ViT-B/16: text width 512, context 77; vision width 768, 14 x 14 = 196 patches + 1 CLS = 197
 tokens. Letters: N images, C classes (text sequences), L sequence length, D width, h heads. No width is hard-coded.
 """
 import hashlib
-import importlib.util
 import os
 import warnings
 
@@ -87,7 +86,7 @@ def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
          is added, as CoOp / MaPLe / MPL do); eot: (C,) EOT positions (eot_index);
     hook(layer, x) -> x at the input of every block, x (C, L, 512); deep prompts replace rows there;
     hook_rows: k if the hook writes only rows 0..k-1, the same way for every class (a fact about the method that lets
-         clip_engine.py encode the rows all classes share once); None if it may write anywhere;
+         the engine encode the rows all classes share once); None if it may write anywhere;
     eot_rows: also return each class's EOT row at the input of every layer, (C, layers, 512): the token CLIP reads out
          at the end, as a per-layer summary of the class's text (ISP's cross module reads it).
     """
@@ -230,9 +229,8 @@ def load_clip(name_or_path="ViT-B/16", device="cpu"):
         url = clip.clip._MODELS[name_or_path]  # where clip.load looks for (and downloads) it, and its SHA-256
         path, sha256 = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)), url.split("/")[-2]
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP weights for '{name_or_path}' are not on this machine: expected {path} "
-                                    f"(clip.load('{name_or_path}') writes it where there is internet), or pass "
-                                    f"--clip /path/to/{os.path.basename(path)}.")
+            raise FileNotFoundError(f"CLIP weights '{name_or_path}' not on this machine: expected {path} (clip.load "
+                                    f"writes it, with internet), or pass --clip /path/to/{os.path.basename(path)}.")
         with open(path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != sha256:
                 raise RuntimeError(f"CLIP weights file {path} is corrupt (SHA256 does not match OpenAI's): delete "
@@ -258,15 +256,12 @@ def load_clip(name_or_path="ViT-B/16", device="cpu"):
 
 
 # Architectures of random CLIPs, for tests and bench.py: same class, same code path as the real weights.
-RANDOM_CLIPS = {
-    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-                     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                     transformer_layers=12),
-    # tiny: ViT-B/16's 12 layers at width 64 (every preset at its published depth), 32 x 32 images, 8 x 8 patches
-    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=12, vision_width=64, vision_patch_size=8,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                 transformer_layers=12),
-}
+RANDOM_CLIPS = {"ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                                 vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+                                 transformer_heads=8, transformer_layers=12)}
+# tiny: ViT-B/16's 12 layers at width 64 (every preset at its published depth), 32 x 32 images, 8 x 8 patches
+RANDOM_CLIPS["tiny"] = dict(RANDOM_CLIPS["ViT-B/16"], embed_dim=64, image_resolution=32, vision_width=64,
+                            vision_patch_size=8, transformer_width=64, transformer_heads=1)
 
 
 def random_clip(arch="tiny", seed=0, device="cpu"):
@@ -315,6 +310,10 @@ def widths(clip_model):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The exact speed-ups: used when clip_engine.py is beside this file (a copy of this file alone runs the plain loops)
-
-_engine = importlib.import_module("clip_engine") if importlib.util.find_spec("clip_engine") else None
+# The exact speed-ups: used when engine/clip_engine.py is beside this file (this file alone runs the plain loops)
+try:
+    from engine import clip_engine as _engine
+except ModuleNotFoundError as e:
+    if e.name not in ("engine", "engine.clip_engine"):
+        raise
+    _engine = None

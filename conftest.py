@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_engine
+from engine import clip_engine
 import clip_layers
 import data
 

@@ -742,5 +742,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+    from engine import cli  # one line `error: ...` for the user's errors, a traceback for bugs
     cli.run(main)

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clip_engine
+from engine import clip_engine
 import clip_layers
 import isp
 import mpl

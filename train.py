@@ -18,7 +18,7 @@ accuracy. `--subsample base2new` (the default) trains on the base classes, then 
 test set and, rebuilt with the new class names, on the new test set, and reports HM = 2BN / (B + N).
 
 What this file is not: no multi-GPU, no config files, no trainer registry; whole protocols (every dataset x seed) and
-their tables are protocols.py. A run writes into its own directory: checkpoint.pt (only the trainable prompt
+their tables are tools/protocols.py. A run writes into its own directory: checkpoint.pt (only the trainable prompt
 parameters, kilobytes) and results.json.
 """
 import argparse
@@ -38,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoints
-import cli
-import clip_engine
+from engine import checkpoints
+from engine import cli
+from engine import clip_engine
 import clip_layers
 import data
 import isp
-import mini_world
+from world import mini_world
 import mpl
-import rundir
+from engine import rundir
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Methods and their training recipes. A prompt method is a model class and one of its file's presets, so the baselines
@@ -99,7 +99,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="mpl", choices=list(RECIPES), help="which method (default mpl)")
     p.add_argument("--dataset", default=None, help="a CoOp dataset (eurosat, imagenet, ...; see data.py); "
-                   "default: the built-in mini world (mini_world.py), which needs no download")
+                   "default: the built-in mini world (world/mini_world.py), which needs no download")
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="$DATA, the CoOp dataset tree")
     p.add_argument("--shots", type=int, default=16, help="training images per class (Dassl few-shot draw)")
     p.add_argument("--seed", type=int, default=1, help="the papers use seeds 1, 2, 3")
@@ -387,7 +387,7 @@ def remove_replaced_results(run_dir, args):
 
 
 # Checkpoints hold only the trainable tensors and plain values, written atomically; checkpoints.read reads them back
-# (PyTorch's weights_only unpickler: see checkpoints.py for what is trusted).
+# (PyTorch's weights_only unpickler: see engine/checkpoints.py for what is trusted).
 def save_checkpoint(path, model, args, identity, epoch, optimizer, scaler=None):
     """checkpoint.pt, written atomically: the trainable prompts, which run they are (identity, config) and where it
     stands (epoch, optimizer, loss scaler, RNG states), all that --resume needs."""
@@ -506,7 +506,7 @@ def run_identity(args, clip_model, clip_fingerprint=None, benchmarks=None):
     """What a run of these flags computes on this CLIP and these data (rundir.identity): the method's config, the
     precision as resolved, the CLIP's weights fingerprint, the dataset's split and class names (data.split_fingerprint
     of --dataset under --root, the world drawn there first if it is not yet; or of the Benchmarks passed in).
-    protocols.py computes it too, before deciding to skip."""
+    tools/protocols.py computes it too, before deciding to skip."""
     cfg = method_config(args)
     if benchmarks is not None:
         data_fingerprint = data.benchmark_fingerprint(benchmarks)
@@ -550,7 +550,7 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
         torch.set_num_threads(threads)
         print(f"CPU threads: {threads} ({why})")
     if args.dataset is None and benchmarks is None:
-        print("no --dataset given: running in the built-in mini world (mini_world.py). For the real benchmark: "
+        print("no --dataset given: running in the built-in mini world (world/mini_world.py). For the real benchmark: "
               "python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16")
     if mini_world.is_world(args.dataset) and benchmarks is None:
         print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel image (--crop-scale; "

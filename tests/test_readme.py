@@ -8,11 +8,11 @@ import torch
 
 import clip_layers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project folder
 
 
 def readme_snippet():
-    readme = open(os.path.join(HERE, "README.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme.split("\n## Copying a method\n", 1)[1].split("\n## ", 1)[0]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import clip_layers
-import checkpoints
+from engine import checkpoints
 import data
-import rundir
+from engine import rundir
 import train
 from conftest import colour_benchmark, sgd_steps, trainable
 
@@ -225,7 +225,7 @@ def test_main_job_in_the_mini_world_end_to_end(tmp_path, capsys):
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project folder
     readme = open(os.path.join(here, "README.md")).read().split("```bash\n", 1)[1].split("```")[0].splitlines()
     assert readme == ["pip install -r requirements.txt && python train.py --method mpl --shots 16",
                       "pip install -r requirements.txt && python -m pytest -q"]

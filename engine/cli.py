@@ -15,7 +15,7 @@ import dis
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 
 
 def run(main, argv=None):
@@ -44,7 +44,7 @@ def is_user_error(e):
     while tb.tb_next is not None:  # the frame where it was raised
         tb = tb.tb_next
     code = tb.tb_frame.f_code
-    if os.path.dirname(os.path.abspath(code.co_filename)) != HERE:
+    if os.path.commonpath([os.path.abspath(code.co_filename), ROOT]) != ROOT or "site-packages" in code.co_filename:
         return False
     # the instruction that raised: a `raise` statement, not an operation or call that failed on that line
     return any(i.offset == tb.tb_lasti and i.opname == "RAISE_VARARGS" for i in dis.get_instructions(code))

@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import checkpoints
+from engine import checkpoints
 import isp
 import mpl
 from isp import ISP, ISPConfig

@@ -18,12 +18,12 @@ import zlib
 import pytest
 import torch
 
-import checkpoints
+from engine import checkpoints
 import data
-import mini_world
+from world import mini_world
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project folder
 SMALL = {"mini_world": (3, 1, 2), "mini_world_xd": (2, 1, 2), "mini_world_shift": (0, 0, 5)}  # train, val, test
 
 
@@ -68,7 +68,7 @@ def png_header(width, height):
 CHILD = textwrap.dedent("""
     import json, os, sys, time
     sys.path.insert(0, {here!r})
-    import mini_world
+    from world import mini_world
     from PIL import Image
     root, go, ready = sys.argv[1], sys.argv[2], sys.argv[3]
     mini_world.WORLD_DATASETS["mini_world_shift"]["split_sizes"] = (0, 0, 5)
@@ -87,7 +87,7 @@ CHILD = textwrap.dedent("""
 def test_processes_started_at_once_on_a_new_root_draw_the_world_once(tmp_path):
     root, go = tmp_path / "DATA", tmp_path / "go"
     n = 2
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD.format(here=HERE), str(root), str(go),
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD.format(here=ROOT), str(root), str(go),
                                str(tmp_path / f"ready{i}")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(n)]
     deadline = time.time() + 120
@@ -172,7 +172,7 @@ def test_unknown_dataset_is_named_before_the_clip_loads(tmp_path):
 
 
 def test_protocol_of_an_unknown_dataset_is_named_before_the_clip_loads(tmp_path, monkeypatch):
-    import protocols
+    from tools import protocols
     monkeypatch.setattr(train, "load_clip", lambda *a, **k: pytest.fail("CLIP loaded before the dataset was checked"))
     with pytest.raises(ValueError, match=r"Unknown dataset 'eurosatt'.*Did you mean eurosat\?"):
         protocols.run_protocol("base2new", ["--method", "mpl"], ["eurosatt"], out=str(tmp_path))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import data
-import protocols
-import rundir
+from tools import protocols
+from engine import rundir
 import train
 from conftest import colour_benchmark, run_maple as run
 

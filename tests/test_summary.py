@@ -15,8 +15,8 @@ import sys
 import pytest
 
 import data
-import mini_world
-import protocols
+from world import mini_world
+from tools import protocols
 import train
 
 ACC = {1: (90.0, 60.0), 2: (92.0, 64.0), 3: (94.0, 62.0)}  # seed: (base, new)
@@ -181,11 +181,11 @@ def test_summary_tables_are_written_atomically(tmp_path):
     before = open(os.path.join(out, "summary.md")).read()
     for s in (2, 3):
         put(run_path(out, s), result(s, *ACC[s]))
-    script = ("import resource, signal, sys; import protocols; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    script = ("import resource, signal, sys; from tools import protocols; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, resource.RLIM_INFINITY)); "
               f"protocols.summarize({out!r})")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(protocols.__file__)))
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(protocols.__file__))))
     assert open(os.path.join(out, "summary.md")).read() == before
     assert done.returncode != 0 and "summary.md" in done.stderr
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]

@@ -10,7 +10,7 @@ import os
 import pytest
 
 import isp
-import protocols
+from tools import protocols
 import train
 
 

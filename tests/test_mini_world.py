@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import clip_layers
-import mini_world
+from world import mini_world
 
 # -----------------------------------------------------------------------------
 # Fixtures

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-import clip_engine
+from engine import clip_engine
 import clip_layers
 from conftest import spy_shared
 

@@ -2,12 +2,13 @@
 Whole protocols of the papers, the many runs behind each table, and the tables themselves: every run is one call of
 train.py's `main` with that run's flags, so a protocol is a list of runs plus a reader of their results.json files.
 
-    python protocols.py base2new --method mpl --root $DATA --clip ViT-B/16 --output runs
-    python protocols.py cross_dataset --method mpl --cross-dataset --root $DATA --clip ViT-B/16 --output runs
-    python protocols.py domain_generalization --method mpl --cross-dataset --root $DATA --clip ViT-B/16 --output runs
-    python protocols.py ablation --method isp --output runs       # ISP's 2 x 2 x 2 switches, base-to-new
-    python protocols.py ablation --method mpl --output runs       # MPL's n_add x n_rm grid, base-to-new
-    python protocols.py summary runs                              # runs/summary.md, summary.csv, summary_*.png
+    python -m tools.protocols base2new --method mpl --root $DATA --clip ViT-B/16 --output runs
+    python -m tools.protocols cross_dataset --method mpl --cross-dataset --root $DATA --clip ViT-B/16 --output runs
+    python -m tools.protocols domain_generalization --method mpl --cross-dataset --root $DATA --clip ViT-B/16 \\
+        --output runs
+    python -m tools.protocols ablation --method isp --output runs       # ISP's 2 x 2 x 2 switches, base-to-new
+    python -m tools.protocols ablation --method mpl --output runs       # MPL's n_add x n_rm grid, base-to-new
+    python -m tools.protocols summary runs                              # runs/summary.md, summary.csv, summary_*.png
 
 Every flag besides --datasets, --seeds and --output is handed to each run (see `python train.py --help`). Each run has
 its own directory under --output; a finished one (results.json present) is skipped and an interrupted one resumes, so
@@ -29,8 +30,8 @@ import time
 import numpy as np
 
 import data
-import mini_world
-import rundir
+from world import mini_world
+from engine import rundir
 import train
 
 B2N = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
@@ -375,7 +376,7 @@ def _read_protocol_runs(out_dir):
                 diff = "; ".join(f"{k}: {_shown(a.get(k))} in seed {first}, {_shown(b.get(k))} in seed {seed}"
                                  for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
                 problems.append(f"{path} is a run of other settings ({diff}) than {path0}: re-run one of them "
-                                f"with the other's flags (protocols.py ... --overwrite)")
+                                f"with the other's flags (python -m tools.protocols ... --overwrite)")
     if problems:
         raise SummaryError(f"{len(problems)} results.json under {out_dir} cannot be tabulated; nothing was written "
                            f"(the previous summary, if any, is kept):\n  " + "\n  ".join(problems))
@@ -493,7 +494,8 @@ def _bar_chart(chart, path, ylabel, title):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.protocols", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("protocol", choices=["base2new", "cross_dataset", "domain_generalization", "ablation", "summary"])
     p.add_argument("dir", nargs="?", default=None, help="summary: the folder of results.json files to tabulate")
     p.add_argument("--datasets", nargs="+", default=None, help="base2new: the datasets (default: the papers' 11, or "
@@ -519,10 +521,10 @@ def main(argv=None):
             run_protocol(args.protocol, run_flags, args.datasets, seeds, args.output)
             summarize(args.output, seeds={args.protocol: seeds})  # the other protocols' tables: the seeds found
     except SummaryError as e:
-        print(f"protocols.py summary: {e}", file=sys.stderr)
+        print(f"tools/protocols.py summary: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+    from engine import cli  # one line `error: ...` for the user's errors, a traceback for bugs
     cli.run(main)

@@ -3,9 +3,9 @@ The mini world: a procedurally drawn benchmark and a small CLIP pre-trained on i
 pipeline (few-shot sampling, base-to-new, cross-dataset and domain-shift evaluation) runs offline, without CLIP's
 weights or any download, on a laptop CPU. It is what `python train.py --method mpl --shots 16` runs.
 
-    python mini_world.py --render --root data    # draw the three datasets (train.py does it on first use)
-    python mini_world.py --pretrain              # re-train the world's CLIP into assets/ (time: docs/results.md)
-    python mini_world.py --report --root data    # its zero-shot accuracy, template sensitivity and temperature
+    python -m world.mini_world --render --root data    # draw the three datasets (train.py does it on first use)
+    python -m world.mini_world --pretrain              # re-train the world's CLIP into assets/ (time: docs/results.md)
+    python -m world.mini_world --report --root data    # its zero-shot accuracy, template sensitivity and temperature
 
 A class is a combination of attribute words, e.g. "red striped circle". Images of one class vary in position, size,
 rotation, shade, pattern scale and angle, background and noise, so telling classes apart is a real (small) recognition
@@ -50,7 +50,7 @@ This design was fixed, and the CLIP pre-trained, before any prompt method ran on
 - Weights: 5.1 M parameters (of which the 49408 x 64 token table is 3.2 M), shipped in assets/ as a 10.4 MB fp16
   state dict, loaded with CLIP's own build_model.
 
-Measured on the shipped weights (`python mini_world.py --report`), with the pre-training's time: docs/results.md.
+Measured on the shipped weights (`python -m world.mini_world --report`), with the pre-training's time: docs/results.md.
 
 Deliberately left out: realism. This is a toy to check that code runs and that prompts learn; its numbers say nothing
 about the real benchmarks.
@@ -81,7 +81,7 @@ except ImportError:
 
 import clip_layers
 import data
-import rundir
+from engine import rundir
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary. Every word here is a plain English word that OpenAI's BPE tokenizer knows.
@@ -390,8 +390,8 @@ def _draw_lock(root, name):
                                          f"folder there on first use; give --root a folder (a new one is created)"
                                          ) from None
             raise type(e)(f"--root {root}: cannot draw the mini world's {name} there ({e.strerror or e}); give "
-                          f"--root a folder this process can write, or draw the world once where it can (python "
-                          f"mini_world.py --render --root FOLDER) and point --root at it") from None
+                          f"--root a folder this process can write, or draw the world once where it can ("
+                          f"python -m world.mini_world --render --root FOLDER) and point --root at it") from None
         if fcntl is None:  # no flock on this system: draw unguarded
             break
         try:
@@ -622,7 +622,8 @@ def pretrain_sample(seed, i):
 # -----------------------------------------------------------------------------
 # The world's CLIP: OpenAI's architecture at toy width and full depth, pre-trained on the world's captions
 
-WORLD_CLIP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mini_world_clip.pt")
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD_CLIP_PATH = os.path.join(PROJECT, "assets", "mini_world_clip.pt")
 
 
 @dataclass
@@ -855,7 +856,8 @@ def load_benchmark(name, root, shots, seed, subsample="all"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m world.mini_world", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="where the world's datasets are drawn")
     p.add_argument("--render", action="store_true", help="draw the three datasets under --root")
     p.add_argument("--pretrain", action="store_true", help="pre-train the world CLIP and write it to --weights, "
@@ -875,5 +877,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+    from engine import cli  # one line `error: ...` for the user's errors, a traceback for bugs
     cli.run(main)

@@ -15,7 +15,9 @@ import time
 
 import pytest
 
-import rundir
+from engine import rundir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project folder
 
 # torch, train and protocols are imported by the tests that use them: the racing processes of the first tests start
 # by importing this file, and should not spend seconds importing torch first.
@@ -200,13 +202,13 @@ def test_a_holder_that_cannot_be_checked_is_reported_with_steal_lock_and_taken_w
     assert "taking over the lock" in capsys.readouterr().out
 
 
-HOLD = "import sys, time, rundir; lock = rundir.RunLock(sys.argv[1]).__enter__(); print('held', flush=True); " \
+HOLD = "import sys, time; from engine import rundir; lock = rundir.RunLock(sys.argv[1]).__enter__(); print('held', flush=True); " \
        "time.sleep(60)"
 
 
 def test_steal_lock_never_takes_a_lock_that_a_running_process_holds(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
+                              cwd=ROOT)
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(rundir.Locked, match=f"in use by process {holder.pid}.*holder is gone; this one is running"):
@@ -243,7 +245,7 @@ def test_train_steal_lock_runs_in_a_directory_locked_by_another_host(tmp_path, t
 
 
 def test_protocols_hands_steal_lock_to_its_runs(monkeypatch, capsys):
-    import protocols
+    from tools import protocols
     seen = {}
     monkeypatch.setattr(protocols, "run_protocol", lambda protocol, flags, *a, **k: seen.setdefault("flags", flags))
     monkeypatch.setattr(protocols, "summarize", lambda *a, **k: None)
@@ -259,9 +261,9 @@ def test_protocols_hands_steal_lock_to_its_runs(monkeypatch, capsys):
 
 def test_a_wait_for_a_running_holder_lasts_as_long_as_it_beats(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rundir, "LOCK_SILENCE_SECONDS", 0.8)
-    beating = "import rundir; rundir.HEARTBEAT_SECONDS = 0.1; " + HOLD.replace("time.sleep(60)", "time.sleep(2.5)")
+    beating = "from engine import rundir; rundir.HEARTBEAT_SECONDS = 0.1; " + HOLD.replace("time.sleep(60)", "time.sleep(2.5)")
     holder = subprocess.Popen([sys.executable, "-c", beating, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
+                              cwd=ROOT)
     try:
         assert holder.stdout.readline() == "held\n"
         waiting, start = rundir.LockWait(), time.time()
@@ -281,7 +283,7 @@ def test_a_wait_for_a_running_holder_lasts_as_long_as_it_beats(tmp_path, monkeyp
 
 def test_protocol_gives_up_on_a_silent_holder_naming_the_lock_and_steal_lock(tmp_path, tiny, tree_copy, sleeper,
                                                                              monkeypatch, capsys):
-    import protocols
+    from tools import protocols
     root, _ = tree_copy
     out = str(tmp_path / "out")
     flags = ["--method", "maple", "--depth", "2", "--epochs", "1", "--root", root, "--shots", "2"]
@@ -304,13 +306,13 @@ def test_protocol_gives_up_on_a_silent_holder_naming_the_lock_and_steal_lock(tmp
 # ----------------------------------------------------------------------------------------------------------------------
 # What a killed write leaves, and the mode of what a write makes
 
-KILLED_WRITE = "import sys, time, rundir; rundir.atomic_save(None, sys.argv[1], lambda o, f: (f.write(b'half'), " \
+KILLED_WRITE = "import sys, time; from engine import rundir; rundir.atomic_save(None, sys.argv[1], lambda o, f: (f.write(b'half'), " \
                "f.flush(), print('writing', flush=True), time.sleep(60)))"
 
 
 def test_temporaries_of_a_killed_write_go_when_the_run_directory_is_next_locked(tmp_path, sleeper):
     writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, str(tmp_path / "checkpoint.pt")],
-                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert writer.stdout.readline() == "writing\n"
     writer.kill()  # kill -9 in the middle of the write
     writer.wait()

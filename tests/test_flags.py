@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 
-import cli
+from engine import cli
 import isp
-import protocols
-import rundir
+from tools import protocols
+from engine import rundir
 import train
 from conftest import colour_benchmark, run_maple as run
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project folder
 
 
 @pytest.fixture(scope="module")
@@ -203,14 +203,14 @@ def test_cli_keeps_the_traceback_of_a_bug():
             cli.run(main, [])
 
 
-ENTRY_POINTS = ("train.py", "protocols.py", "data.py", "mini_world.py", "bench.py")
+ENTRY_POINTS = ("train.py", "tools/protocols.py", "data.py", "world/mini_world.py", "bench.py")
 
 
 def test_entry_points_print_one_line_errors(tmp_path, capsys):
     """Each command line's user errors through cli.run: a missing CLIP file, a missing dataset, a --root that is a
     file; and every entry point's `__main__` is cli.run(main)."""
     import data
-    import mini_world
+    from world import mini_world
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     no_clip = str(tmp_path / "no_such_clip.pt")
@@ -222,13 +222,13 @@ def test_entry_points_print_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, (main.__module__, err)
     for name in ENTRY_POINTS:
-        with open(os.path.join(HERE, name)) as f:
+        with open(os.path.join(ROOT, name)) as f:
             assert f.read().rstrip().endswith("cli.run(main)"), name
 
 
 def test_train_py_prints_a_user_error_as_one_line(tmp_path):
     """train.py as a user runs it, in its own process: one line on stderr, exit status 1."""
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--clip", str(tmp_path / "no_such_clip.pt"),
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--clip", str(tmp_path / "no_such_clip.pt"),
                         "--output", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert "no_such_clip.pt" in p.stderr

@@ -250,13 +250,15 @@ def line_fit(points):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["zeroshot", "mpl", "maple", "ivlp", "isp"])
+    from engine import cli
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["zeroshot", "mpl", "maple", "ivlp", "isp"], help="methods to time")
     p.add_argument("--classes", nargs="+", type=int, default=None, help="default 10 100 (CPU), 10 100 1000 (GPU)")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=2, help="timed training steps per method and class count")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on CUDA")
-    p.add_argument("--text-chunk", type=int, default=128)
+    p.add_argument("--text-chunk", type=int, default=128, help="classes per text pass, as train.py's --text-chunk")
     p.add_argument("--arch", default="ViT-B/16", choices=list(clip_layers.RANDOM_CLIPS), help="tiny: a quick check")
     p.add_argument("--unshared", action="store_true",
                    help="also time ours with shared_prefix=False (every class runs all its text rows: the path before "

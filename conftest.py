@@ -24,6 +24,15 @@ import data
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def cpu_defaults(monkeypatch):
+    """The tests mean the CPU, also where a GPU is visible: --device defaults to cpu (and so --workers to 0) in every
+    train.get_args, so train.main and the protocols never move the shared tiny CLIP to CUDA, and a fault planted in a
+    dataset's __getitem__ runs in this process. Tests for CUDA give --device cuda and skip without a GPU."""
+    import train  # (imported here: conftest is loaded before the test files choose what they import)
+    monkeypatch.setattr(train, "default_device", lambda: "cpu")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The tiny random CLIP (12 layers of width 64 in both towers, 32 x 32 images), built once for the whole session
 
@@ -41,11 +50,12 @@ def tiny(_tiny_clip):
     model, snapshot = _tiny_clip
     yield model
     state = model.state_dict()
-    changed = [k for k, v in snapshot.items() if state[k].dtype != v.dtype or not torch.equal(state[k], v)]
+    changed = [k for k, v in snapshot.items()  # compared on the CPU: a test that moved it to a GPU fails, not teardown
+               if state[k].device != v.device or state[k].dtype != v.dtype or not torch.equal(state[k].cpu(), v)]
     unfrozen = any(p.requires_grad for p in model.parameters())
     training = any(m.training for m in model.modules())
     if changed or unfrozen or training:  # put it back, so that only the test that changed it fails
-        model.float().load_state_dict(snapshot)
+        model.cpu().float().load_state_dict(snapshot)
         clip_layers.freeze(model)
     assert not changed, f"this test changed the shared tiny CLIP: {changed[:5]}"
     assert not unfrozen, "this test unfroze the shared tiny CLIP"

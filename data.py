@@ -679,16 +679,19 @@ def check(root, names=None, out=print):
         raise FileNotFoundError(f"--root {root} {what} (it should be the CoOp $DATA folder that holds caltech-101/, "
                                 f"eurosat/, imagenet/, ...)")
     rows, errors = [], []
-    keys = [resolve_name(key) for key in (names or list(DATASETS))]  # an unknown name stops before the table
+    from world import mini_world  # the world's datasets are read as CoOp's (imported here: it imports this file)
+    specs = dict(DATASETS, **mini_world.DATASETS)
+    keys = [key if key in mini_world.DATASETS else resolve_name(key, also=mini_world.DATASETS)
+            for key in (names or list(DATASETS))]  # an unknown name stops before the table
     for key in keys:
-        spec = DATASETS[key]
+        spec = specs[key]
         expected = {"classes": spec.classes, "train": spec.train, "val": spec.val, "test": spec.test}
         found = None
         if not os.path.isdir(os.path.join(root, spec.dir)):
             status = "missing"
         else:
             try:
-                splits, _ = read_splits(key, root)
+                splits, _ = read_splits(key, root, spec)
                 labels = {d.label for items in splits.values() for d in items}
                 found = {"classes": len(labels), **{k: len(v) for k, v in splits.items()}}
                 status = "ok" if found == expected else "counts differ"
@@ -714,17 +717,21 @@ def check(root, names=None, out=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="CoOp dataset tree checks / few-shot split preview.")
-    parser.add_argument("--root", default=os.environ.get("DATA"), help="the CoOp $DATA folder (default: $DATA)")
+    from engine import cli
+    parser = argparse.ArgumentParser(description="CoOp dataset tree checks / few-shot split preview.",
+                                     formatter_class=cli.HelpFormatter)
+    parser.add_argument("--root", default=os.environ.get("DATA", "data"), help="the datasets' folder: the CoOp tree "
+                        "($DATA), where the mini world is also drawn (<root>/mini_world*); default: $DATA if set, "
+                        "else data")
     parser.add_argument("--check", action="store_true", help="table of every dataset: found against expected class "
                         "and image counts; split files are validated (exit 1 on an error)")
-    parser.add_argument("--dataset", nargs="*", help="restrict to these datasets (default: all for --check)")
-    parser.add_argument("--shots", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--subsample", default="all", choices=SUBSAMPLE_MODES)
+    parser.add_argument("--dataset", nargs="*", help="restrict to these datasets, the mini world's included "
+                        "(mini_world, mini_world_xd, mini_world_shift); default: CoOp's for --check")
+    parser.add_argument("--shots", type=int, default=16, help="preview: training images per class (few-shot draw)")
+    parser.add_argument("--seed", type=int, default=1, help="preview: the seed of the few-shot draw")
+    parser.add_argument("--subsample", default="all", choices=SUBSAMPLE_MODES,
+                        help="preview: all classes, the base half or the new half")
     args = parser.parse_args(argv)
-    if args.root is None:
-        parser.error("--root is required (or set $DATA)")
     if args.check:
         try:
             rows = check(args.root, args.dataset)
@@ -734,8 +741,10 @@ def main(argv=None):
         return 1 if any(r["status"] == "error" for r in rows) else 0
     if not args.dataset:
         parser.error("give --check, or --dataset NAME to preview its few-shot split")
+    from world import mini_world
     for name in args.dataset:
-        b = load_benchmark(name, args.root, args.shots, args.seed, args.subsample)
+        world = mini_world.load_benchmark if name in mini_world.DATASETS else load_benchmark
+        b = world(name, args.root, args.shots, args.seed, args.subsample)
         print(f"{b.name}: {b.num_classes} classes, train {len(b.train)}, val {len(b.val)}, test {len(b.test)}; "
               f"template {b.template!r}; first classes: {', '.join(b.classnames[:5])}")
     return 0

@@ -261,8 +261,9 @@ class ISP(clip_layers.PromptMethod):
         self.register_buffer("eot", clip_layers.eot_index(ids), persistent=False)  # (C,) EOT positions
 
         # Deep prompts P_t^l, P_v^l, l = 0..J-1 [BASELINE-SRC IVLP: independent per layer, branch].
-        self.text_prompts = nn.Parameter(torch.randn(J, n, Dt, device=dev) * cfg.prompt_std)    # (J, n, 512)
-        self.vision_prompts = nn.Parameter(torch.randn(J, n, Dv, device=dev) * cfg.prompt_std)  # (J, n, 768)
+        # Drawn on the CPU, then moved: a seed gives the same prompts on every device.
+        self.text_prompts = nn.Parameter((torch.randn(J, n, Dt) * cfg.prompt_std).to(dev))    # (J, n, 512)
+        self.vision_prompts = nn.Parameter((torch.randn(J, n, Dv) * cfg.prompt_std).to(dev))  # (J, n, 768)
         if use_init:
             with torch.no_grad():
                 self.text_prompts[0] = embeds[0, 1:1 + n]                           # "a photo of a"

@@ -134,7 +134,7 @@ class ModularPromptLearner(nn.Module):
             # MaPLe's rule otherwise (no ctx_init, or n_ctx > 4): ctx from N(0, 0.02^2), drawn here,
             # before proj (MaPLe's order, so the same RNG state gives its values), and n_ctx "X"
             # placeholders before the class name.
-            random_ctx = nn.init.normal_(torch.empty(n_ctx, text_width, device=device), std=0.02)
+            random_ctx = nn.init.normal_(torch.empty(n_ctx, text_width), std=0.02).to(device)
             words = " ".join(["X"] * n_ctx)
         ids = clip_layers.tokenize([f"{words} {name}." for name in names]).to(device)     # (C, 77)
         with torch.no_grad():
@@ -144,16 +144,16 @@ class ModularPromptLearner(nn.Module):
         ctx_vectors = ctx_vectors[1:1 + n_ctx] if random_ctx is None else random_ctx.to(dtype)
 
         # Created in the official order (proj, ctx, compound prompts, projections), so the same
-        # torch RNG state on entry gives the official initial values.
-        self.proj = nn.Linear(text_width, vision_width, dtype=dtype, device=device)
+        # torch RNG state on entry gives the official initial values. Drawn on the CPU and then
+        # moved, as the official code does, so a seed gives the same values on every device.
+        self.proj = nn.Linear(text_width, vision_width, dtype=dtype).to(device)
         self.ctx = nn.Parameter(ctx_vectors.clone())                                  # (n_ctx, 512)
         self.compound_prompts_text = nn.ParameterList(
-            [nn.Parameter(torch.empty(n_ctx, text_width, dtype=dtype, device=device)) for _ in range(depth - 1)])
-        for prompt in self.compound_prompts_text:
-            nn.init.normal_(prompt, std=0.02)
+            [nn.Parameter(nn.init.normal_(torch.empty(n_ctx, text_width, dtype=dtype), std=0.02).to(device))
+             for _ in range(depth - 1)])
         # Quirk kept from the official code: all n_add * (depth-1) projections start as copies of
         # one Linear, with identical weights; only training tells them apart.
-        coupling = nn.Linear(text_width, vision_width, dtype=dtype, device=device)
+        coupling = nn.Linear(text_width, vision_width, dtype=dtype).to(device)
         self.txt2img_proj = nn.ModuleList(
             [nn.ModuleList([copy.deepcopy(coupling) for _ in range(depth - 1)]) for _ in range(n_add)])
 

@@ -19,7 +19,8 @@ test set and, rebuilt with the new class names, on the new test set, and reports
 
 What this file is not: no multi-GPU, no config files, no trainer registry; whole protocols (every dataset x seed) and
 their tables are tools/protocols.py. A run writes into its own directory: checkpoint.pt (only the trainable prompt
-parameters, kilobytes) and results.json.
+parameters, kilobytes), train.log (what it printed) and results.json (the accuracies, per class too, and the history:
+per epoch the mean loss, LR and seconds).
 """
 import argparse
 import dataclasses
@@ -29,9 +30,10 @@ import os
 import random
 import re
 import subprocess
+import sys
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -95,12 +97,17 @@ def config_flags(parser, config):
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="mpl", choices=list(RECIPES), help="which method (default mpl)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--method", default="mpl", choices=list(RECIPES), help="which method")
     p.add_argument("--dataset", default=None, help="a CoOp dataset (eurosat, imagenet, ...; see data.py); "
                    "default: the built-in mini world (world/mini_world.py), which needs no download")
-    p.add_argument("--root", default=os.environ.get("DATA", "data"), help="$DATA, the CoOp dataset tree")
+    p.add_argument("--root", default=os.environ.get("DATA", "data"), help="the datasets' folder: the CoOp tree "
+                   "($DATA), where the mini world is also drawn (<root>/mini_world*); default: $DATA if set, else data")
     p.add_argument("--shots", type=int, default=16, help="training images per class (Dassl few-shot draw)")
     p.add_argument("--seed", type=int, default=1, help="the papers use seeds 1, 2, 3")
     p.add_argument("--subsample", default="base2new", choices=["base2new", "all", "base", "new"],
@@ -109,14 +116,15 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="default: the method's recipe")
     p.add_argument("--lr", type=float, default=None, help="base learning rate; default: the method's recipe")
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's recipe (4)")
-    p.add_argument("--test-batch-size", type=int, default=100)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--test-batch-size", type=int, default=100, help="images per evaluation batch")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     p.add_argument("--cross-dataset", action="store_true",
                    help="the cross-dataset / domain-generalisation recipe (depth 3; MPL/MaPLe: lr 0.0026, 2 epochs)")
     p.add_argument("--clip", default=None, help="CLIP model name (ViT-B/16) or path to a local .pt; default ViT-B/16 "
                    "with --dataset, else the mini world's CLIP")
-    p.add_argument("--output", default=None, help="run directory (default output/<dataset>/<method>/shots<K>_seed<S>)")
+    p.add_argument("--output", default=None, help="this one run's directory (default: output/<dataset>/<method>/"
+                   "shots<K>_seed<S>); tools/protocols.py's --output is the root folder above its runs' directories")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
     p.add_argument("--steal-lock", action="store_true", help="take over the run directory's lock although the "
@@ -126,10 +134,13 @@ def get_args(argv=None):
     p.add_argument("--load", default=None, help="initialise the prompts from a checkpoint: ours, or an official "
                    "model.pth.tar-N of MPL (--method mpl), MaPLe (maple) or PromptSRC's IVLP (ivlp)")
     p.add_argument("--eval-only", action="store_true", help="no training; evaluate (the prompts of --load)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "amp", "fp16"],
-                   help="auto: fp32 on CPU, bf16 autocast on CUDA. amp: fp16 autocast + GradScaler. fp16: the whole "
-                        "model in fp16 with plain SGD, as the official code runs (for parity checks)")
+                   help="auto: fp32 on CPU, bf16 autocast on CUDA. fp32: TF32 off. bf16: bf16 autocast (CUDA or CPU). "
+                        "amp: fp16 autocast + GradScaler (CUDA). fp16: the whole model in fp16 with plain SGD, as the "
+                        "official code runs (for parity checks)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels "
+                   "(torch.use_deterministic_algorithms, cuDNN benchmark off): bitwise repeatable on one GPU, slower")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 for the "
                    "mini world's small CLIP, else the cores not busy with other processes)")
@@ -177,9 +188,9 @@ def get_args(argv=None):
         p.error("--resume continues the run in --output, --overwrite starts it again: give one of them")
     if args.resume and args.eval_only:
         p.error("--resume continues training, --eval-only trains nothing: give one of them")
-    if args.precision in ("bf16", "amp") and not args.device.startswith("cuda"):
-        p.error(f"--precision {args.precision} is CUDA autocast; on --device {args.device} use fp32 (or fp16, the "
-                f"official pure-fp16 setting)")
+    if args.precision == "amp" and not args.device.startswith("cuda"):
+        p.error(f"--precision amp is CUDA autocast with a loss scaler; on --device {args.device} use fp32 or bf16 "
+                f"(or fp16, the official pure-fp16 setting)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is visible to torch here (torch {torch.__version__}); "
                 f"use --device cpu")
@@ -251,15 +262,20 @@ def precision_setup(precision, device, model):
     autocast context (a no-op in fp32 and fp16), a GradScaler that scales the loss under amp only (a pass-through
     otherwise), and the precision with auto resolved. The prompts are fp32 master weights in every mode but fp16,
     which puts the whole model (frozen CLIP and prompts) in fp16 and trains with plain SGD and no loss scaling, as
-    the official MaPLe/MPL code does."""
+    the official MaPLe/MPL code does. bf16 autocasts on the CPU too; amp is CUDA's. fp32 turns TF32 off (cuDNN's
+    convolutions use it by default), so fp32 is fp32 on a GPU too."""
     cuda = device.startswith("cuda")
     precision = resolve_precision(precision, device)
-    if precision in ("bf16", "amp") and not cuda:
-        raise ValueError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 (--device is {device})")
+    if precision == "amp" and not cuda:
+        raise ValueError(f"--precision amp needs a CUDA device; on the CPU use fp32 or bf16 (--device is {device})")
     if precision == "fp16":
         clip_layers.to_official_fp16(model)
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     dtype = {"bf16": torch.bfloat16, "amp": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
+    kind = "cuda" if cuda else "cpu"
+    autocast = (lambda: torch.autocast(kind, dtype=dtype)) if dtype else nullcontext
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "amp")
     return autocast, scaler, precision
 
@@ -281,39 +297,52 @@ def git_commit():
 # ----------------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
-def make_loader(items, transform, batch_size, train, workers):
+def make_loader(items, transform, batch_size, train, workers, device="cpu"):
     return torch.utils.data.DataLoader(data.ImageDataset(items, transform), batch_size=batch_size, shuffle=train,
                                        drop_last=train and len(items) >= batch_size, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=device.startswith("cuda"), persistent_workers=workers > 0)
 
 
 @torch.no_grad()
-def evaluate(model, items, args, autocast):
-    """Top-1 micro accuracy (%) over `items`. The class side is encoded once, not once per batch."""
+def evaluate(model, items, args, autocast, per_class=None):
+    """Top-1 micro accuracy (%) over `items`. The class side is encoded once, not once per batch. A dict passed as
+    `per_class` receives each label's accuracy (%) over its own test images."""
     model.eval()
     res = model.clip.visual.input_resolution
-    loader = make_loader(items, data.test_transform(res), args.test_batch_size, False, args.workers)
-    correct = 0
+    loader = make_loader(items, data.test_transform(res), args.test_batch_size, False, args.workers, args.device)
+    correct, hits = 0, {}
     with autocast():
         classes = model.encode_classes()
         for images, labels, _ in tqdm(loader, desc="test", leave=False, disable=None):
             logits = model(images.to(args.device), classes)
-            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+            right = logits.argmax(-1).cpu() == labels
+            correct += right.sum().item()
+            for label, ok in zip(labels.tolist(), right.tolist()):
+                hits.setdefault(label, []).append(ok)
+    if per_class is not None:
+        per_class.update({label: 100.0 * sum(oks) / len(oks) for label, oks in sorted(hits.items())})
     return 100.0 * correct / len(items)
 
 
 def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
     """The loop: per epoch set the LR, then zero_grad -> forward -> loss -> backward -> step for each batch. Returns
-    seconds per step (None if there was nothing left to train)."""
+    (seconds per step or None if there was nothing left to train, history: per epoch trained here its number, mean
+    loss, LR and seconds; under amp also the steps GradScaler skipped and its scale at the epoch's end). Host syncs per
+    step: one (the finiteness of the loss and all prompts, in one reduction); amp adds GradScaler's own and one read
+    of its scale."""
+    if getattr(args, "deterministic", False):
+        set_deterministic()
     lr, epochs, batch_size = recipe(args)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     path = os.path.join(run_dir, "checkpoint.pt")
     start = restore(ckpt, model, optimizer, scaler, path) if ckpt is not None else 0  # --resume: at its epoch
     loader = make_loader(items, data.train_transform(model.clip.visual.input_resolution, args.crop_scale),
-                         batch_size, True, args.workers)
-    step_times = []
+                         batch_size, True, args.workers, args.device)
+    step_times, history = [], []
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     for epoch in range(start, epochs):
+        t_epoch, skipped = time.time(), 0
         for group in optimizer.param_groups:
             group["lr"] = get_lr(epoch, lr, epochs)
         model.train()
@@ -321,26 +350,35 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs} lr {optimizer.param_groups[0]['lr']:.6f}", disable=None)
         for step, (images, labels, index) in enumerate(bar):
             t0 = time.time()
-            images, labels = images.to(args.device), labels.to(args.device)  # clip_layers casts to CLIP's dtype
+            images = images.to(args.device, non_blocking=True)  # clip_layers casts to CLIP's dtype
+            labels = labels.to(args.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 logits = model(images)
                 weights = model.loss_weights(images, labels, logits)  # None, or (N,): ISP's sample probing
             loss = loss_fn(logits, labels, weights)
-            where = (epoch, step, len(loader), optimizer, path)
-            check_finite("loss", [loss], where, [items[i].impath for i in index.tolist()])  # before the step
             scaler.scale(loss).backward()  # --precision amp scales the loss (fp16 gradients); else a pass-through
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # amp: skipped when a gradient is inf or NaN, and the scale halves
             scaler.update()
-            check_finite("prompts", params, where)  # a finite loss can still give an infinite step
+            if scale is not None:  # amp: a step skipped halves the scale
+                new_scale = scaler.get_scale()
+                skipped, scale = skipped + (new_scale < scale), new_scale
+            if not all_finite([loss, *params]):  # a finite loss can still give an infinite step
+                where = (epoch, step, len(loader), optimizer, path)
+                check_finite("loss", [loss], where, [items[i].impath for i in index.tolist()])
+                check_finite("prompts", params, where)
             loss_sum += loss.detach()
             step_times.append(time.time() - t0)
         save_checkpoint(path, model, args, identity, epoch + 1, optimizer, scaler)
         remove_replaced_results(run_dir, args)
-        print(f"epoch {epoch + 1}/{epochs}  lr {optimizer.param_groups[0]['lr']:.6f}  "
-              f"loss {loss_sum.item() / len(loader):.4f}")
+        history.append(dict(epoch=epoch + 1, loss=loss_sum.item() / len(loader), lr=optimizer.param_groups[0]["lr"],
+                            seconds=time.time() - t_epoch))
+        if scale is not None:
+            history[-1].update(skipped_steps=skipped, scale=scale)
+        print(f"epoch {epoch + 1}/{epochs}  lr {history[-1]['lr']:.6f}  loss {history[-1]['loss']:.4f}"
+              + (f"  amp: {skipped} steps skipped, scale {scale:g}" if scale is not None else ""))
     # seconds per step, leaving out the first (warm-up of kernels and allocators)
-    return sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None
+    return (sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None), history
 
 
 def restore(ckpt, model, optimizer, scaler, path):
@@ -363,9 +401,24 @@ def restore(ckpt, model, optimizer, scaler, path):
     return ckpt["epoch"]
 
 
+def all_finite(tensors):
+    """Whether every value of every tensor is finite: one reduction on the device, so one host sync for all."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def set_deterministic():
+    """--deterministic: deterministic kernels only (an op without one raises), cuDNN's autotuner off. On one GPU and
+    software stack a run then repeats bitwise; across GPUs or versions it does not."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def check_finite(name, tensors, where, batch=None):
-    """Nothing non-finite is ever saved: the loss is checked before the step, the prompts after it, and a value that
-    is inf or NaN stops the run (FloatingPointError) before the epoch's checkpoint. `where`: (epoch, step, steps,
+    """Nothing non-finite is ever saved: after each step the loss and the prompts are checked (all_finite), and a
+    value that is inf or NaN stops the run (FloatingPointError) before the epoch's checkpoint, naming the loss if it
+    was the loss. `where`: (epoch, step, steps,
     optimizer, checkpoint path); the epoch's checkpoint on disk, if any, is that of the epoch before."""
     if all(torch.isfinite(t).all() for t in tensors):
         return
@@ -532,8 +585,55 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     if benchmarks is None and not mini_world.is_world(args.dataset):
         data.resolve_name(args.dataset, also=mini_world.DATASETS)  # an unknown --dataset: said before CLIP loads
     run_dir = prepare_run_dir(args)
-    with rundir.RunLock(run_dir, steal=args.steal_lock):
+    with rundir.RunLock(run_dir, steal=args.steal_lock), log_to(os.path.join(run_dir, "train.log"), argv):
         return run(args, run_dir, clip_model, benchmarks, extra)
+
+
+class _Tee:
+    """A stream that writes to the terminal's stream and to the log. The log is a copy: a failed write to it (a full
+    disk) ends the copy, never the run."""
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def to_log(self, text):
+        try:
+            if self.log is not None:
+                self.log.write(text)
+                self.log.flush()
+        except (OSError, ValueError):
+            self.log = None
+
+    def write(self, text):
+        self.to_log(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def log_to(path, argv=None):
+    """What the run prints, also appended to its run directory's train.log (a resumed run adds to it), under a line
+    with the time and the command; an error that stops the run is written there too."""
+    log = open(path, "a")
+    tee = _Tee(sys.stdout, log)
+    command = " ".join(sys.argv[:1] + list(sys.argv[1:] if argv is None else argv))
+    tee.to_log(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
+    stdout, sys.stdout = sys.stdout, tee
+    try:
+        yield
+    except BaseException as e:
+        tee.to_log(f"error: {type(e).__name__}: {e}\n")
+        raise
+    finally:
+        sys.stdout = stdout
+        try:
+            log.close()
+        except OSError:
+            pass
 
 
 def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
@@ -603,32 +703,44 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
     elif args.eval_only and n_trainable > 0:
         raise ValueError(f"--eval-only with --method {args.method} needs --load PATH: the prompts to evaluate "
                          f"(e.g. {os.path.join(run_dir, 'checkpoint.pt')} of a finished run)")
-    sec_per_step = None
+    sec_per_step, history = None, []
     trains = not args.eval_only and recipe(args)[1] > 0 and n_trainable > 0
     if trains:
         if not bench.train:
             raise ValueError(f"--dataset {bench.name} has no training images (a test-only set): evaluate prompts "
                              f"trained elsewhere with --eval-only --load CHECKPOINT, or use --method zeroshot")
-        sec_per_step = train(model, bench.train, args, run_dir, autocast, scaler, ident, ckpt)
+        sec_per_step, history = train(model, bench.train, args, run_dir, autocast, scaler, ident, ckpt)
         if sec_per_step is None and ckpt is not None:  # a finished run resumed: nothing trained, keep the old timing
             sec_per_step = _previous_results(run_dir).get("sec_per_step")
+            history = _previous_results(run_dir).get("history", [])
 
-    acc = {train_on: evaluate(model, bench.test, args, autocast)}
+    per_class = {train_on: {}, "new": {}}
+    acc = {train_on: evaluate(model, bench.test, args, autocast, per_class[train_on])}
     if args.subsample == "base2new":  # the same prompts; the model rebuilt with the new class names
         new_model = build_for(new).to(args.device)
         checkpoints.load_trainable(new_model, checkpoints.trainable_state(model),
                                    "the prompts trained on the base classes")
         precision_setup(precision, args.device, new_model)
-        acc["new"] = evaluate(new_model, new.test, args, autocast)
+        acc["new"] = evaluate(new_model, new.test, args, autocast, per_class["new"])
         b, n = acc["base"], acc["new"]
         acc["hm"] = 2 * b * n / (b + n) if b + n > 0 else 0.0  # harmonic mean, HM = 2BN / (B + N)
     print(f"{args.method} {bench.name} seed {args.seed}: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    names = {train_on: bench.classnames, "new": new.classnames if new is not None else []}
+    per_class = {split: {names[split][label]: v for label, v in per_class[split].items()} for split in acc
+                 if split in per_class}
 
     results = dict(method=args.method, dataset=bench.name, seed=args.seed, shots=args.shots,
                    subsample=args.subsample, accuracy=acc, config=plain_config(args, model), identity=ident,
                    trainable_params=n_trainable, sec_per_step=sec_per_step, wall_seconds=time.time() - t_start,
                    precision=precision, device=args.device, git_commit=git_commit(), load_sha256=load_sha256,
-                   **(extra or {}))
+                   history=history, per_class_accuracy=per_class, **(extra or {}))
+    if args.method != "zeroshot" and benchmarks is None and mini_world.is_world(args.dataset):  # cheap in the world
+        zs = {k: evaluate(clip_layers.ZeroShotCLIP(clip_model, b.classnames, b.template).to(args.device), b.test,
+                          args, autocast) for k, b in ((train_on, bench), ("new", new)) if b is not None}
+        if "new" in zs:
+            zs["hm"] = 2 * zs["base"] * zs["new"] / (zs["base"] + zs["new"]) if zs["base"] + zs["new"] > 0 else 0.0
+        print("zero-shot CLIP (same split): " + "  ".join(f"{k} {v:.2f}" for k, v in zs.items()))
+        results["zeroshot"] = zs
     if not trains:
         untrained_checkpoint(last, model, args, ident, n_trainable)
     rundir.save_json(results, os.path.join(run_dir, "results.json"))

@@ -11,6 +11,7 @@ held lock, a run of other settings). Anything else (an exception from inside a l
 assert) is a bug and keeps its full traceback. `--debug` anywhere on the command line shows the traceback of every
 error; it is taken out before the script reads its own flags.
 """
+import argparse
 import dis
 import os
 import sys
@@ -48,3 +49,19 @@ def is_user_error(e):
         return False
     # the instruction that raised: a `raise` statement, not an operation or call that failed on that line
     return any(i.offset == tb.tb_lasti and i.opname == "RAISE_VARARGS" for i in dis.get_instructions(code))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default after its help, as argparse.ArgumentDefaultsHelpFormatter writes it, unless the
+    help already says it (the word "default"); a list default is written as on the command line, no default as
+    "none", and a switch (a flag that takes no value) is off unless given. The description keeps its layout."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or "%(default)" in text or action.nargs == 0 or action.default == argparse.SUPPRESS:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text  # a required positional argument
+        value = action.default
+        shown = "none" if value is None else " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        return f"{text} (default: {str(shown).replace('%', '%%')})"

@@ -60,12 +60,13 @@ def differences(then, now):
 def weights_fingerprint(module):
     """A short hash of a model's weights (names, shapes and a strided sample of each tensor's values, in fp32): two
     different CLIPs, or the same CLIP after a different download, get different fingerprints. Computed before any
-    precision change, so fp32 and fp16 copies of one file agree."""
+    precision change, so fp32 and fp16 copies of one file agree. The sample is taken where the weights are (a GPU) and
+    only its at most 256 values per tensor come to the host."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().float().flatten().cpu()
+        t = t.detach().flatten()
         h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t[::max(1, t.numel() // 256)][:256].half().numpy().tobytes())
+        h.update(t[::max(1, t.numel() // 256)][:256].float().cpu().half().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

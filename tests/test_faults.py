@@ -37,7 +37,7 @@ def files(folder):
     (["--test-batch-size", "0"], "--test-batch-size must be"), (["--crop-scale", "2"], "--crop-scale must be"),
     (["--seed", "-1"], "--seed must be an integer >= 0"), (["--epochs", "-2"], "--epochs must be an integer >= 0"),
     (["--weight-decay", "inf"], "--weight-decay must be"), (["--resume", "--overwrite"], "give one of them"),
-    (["--n-rm", "9"], "MPL removes at most what it adds"), (["--precision", "bf16", "--device", "cpu"], "is CUDA autocast")])
+    (["--n-rm", "9"], "MPL removes at most what it adds"), (["--precision", "amp", "--device", "cpu"], "is CUDA autocast")])
 def test_bad_flags_are_refused_at_parse_time(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.get_args(["--method", "maple", *flags])
@@ -83,7 +83,7 @@ def test_overwrite_replaces_the_old_run_at_its_first_checkpoint(tmp_path, tiny, 
         run(tmp_path, tiny, colours, "--overwrite", "--lr", "0.01")
     monkeypatch.setattr(train, "evaluate", real)
     # the old results no longer describe the checkpoint beside them, so they are gone; the new checkpoint is there
-    assert files(tmp_path / "run") == ["checkpoint.pt"] and (tmp_path / "run" / "checkpoint.pt").read_bytes() != old
+    assert files(tmp_path / "run") == ["checkpoint.pt", "train.log"] and (tmp_path / "run" / "checkpoint.pt").read_bytes() != old
 
 
 def test_resume_with_other_data_is_refused_naming_the_settings(tmp_path, tiny, colours, monkeypatch):
@@ -155,7 +155,7 @@ def test_full_disk_names_the_file_and_leaves_no_debris(tmp_path, tiny, colours, 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match=r"could not write .*checkpoint\.pt: the disk is full\. The previous file"):
         run(tmp_path, tiny, colours, "--overwrite")
-    assert files(tmp_path / "run") == ["checkpoint.pt", "results.json"]  # no temporary file, no lock left
+    assert files(tmp_path / "run") == ["checkpoint.pt", "results.json", "train.log"]  # no temporary file, no lock left
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == old
 
 

@@ -135,7 +135,7 @@ def test_overwrite_by_zero_shot_leaves_no_checkpoint(tmp_path, tiny, colours):
     run(tmp_path, tiny, colours)
     train.main(["--method", "zeroshot", "--subsample", "all", "--output", str(tmp_path / "run"), "--overwrite"],
                clip_model=tiny, benchmarks={"all": colours})
-    assert sorted(os.listdir(tmp_path / "run")) == ["results.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["results.json", "train.log"]
 
 
 def test_zero_epoch_transfer_source_is_what_its_targets_evaluate(tmp_path, tiny, tree_copy):

@@ -241,7 +241,7 @@ def test_train_steal_lock_runs_in_a_directory_locked_by_another_host(tmp_path, t
         train.main(argv, clip_model=tiny, benchmarks={"all": colours})
     result = train.main(argv + ["--steal-lock"], clip_model=tiny, benchmarks={"all": colours})
     assert result["method"] == "maple"
-    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "results.json"]  # the lock went with it
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "results.json", "train.log"]  # the lock went
 
 
 def test_protocols_hands_steal_lock_to_its_runs(monkeypatch, capsys):

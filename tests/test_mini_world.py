@@ -1,4 +1,4 @@
-"""Tests of mini_world.py: drawing the world, its datasets in CoOp's layout, the shipped tiny CLIP."""
+"""Tests of world/: drawing the world, its datasets in CoOp's layout, the shipped tiny CLIP, pre-training."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import clip_layers
-from world import mini_world
+from world import mini_world, pretrain
 
 # -----------------------------------------------------------------------------
 # Fixtures
@@ -127,8 +127,9 @@ def test_captions_cover_every_attribute_word():
     rng = np.random.default_rng(0)
     words = set()
     for i in range(3000):
-        colour, pattern, shape = list(mini_world.WORLD_COLOURS)[i % 8], mini_world.WORLD_PATTERNS[i % 4], mini_world.WORLD_SHAPES[i % 6]
-        caption, pins = mini_world.make_caption(rng, colour, pattern, shape, style=("photo", "sketch")[i % 2])
+        colour = list(mini_world.WORLD_COLOURS)[i % 8]
+        pattern, shape = mini_world.WORLD_PATTERNS[i % 4], mini_world.WORLD_SHAPES[i % 6]
+        caption, pins = pretrain.make_caption(rng, colour, pattern, shape, style=("photo", "sketch")[i % 2])
         words |= set(caption.strip(".").split())
         for key, value in pins.items():  # what a caption pins is true of its image and said in it
             assert value == dict(colour=colour, pattern=pattern, shape=shape, style=("photo", "sketch")[i % 2])[key]
@@ -141,13 +142,13 @@ def test_caption_frames_pin_style_and_light():
     """A sketch is never called a photo, a photo never a sketch; light words only for a camera that has them."""
     rng = np.random.default_rng(1)
     lamp, haze = mini_world.WORLD_CAMERAS["lamp"], mini_world.WORLD_CAMERAS["haze"]
-    assert mini_world.light_words(lamp) == ["warm"] and mini_world.light_words(haze) == ["hazy"]
-    assert mini_world.light_words(None) == []
+    assert pretrain.light_words(lamp) == ["warm"] and pretrain.light_words(haze) == ["hazy"]
+    assert pretrain.light_words(None) == []
     seen = set()
     for i in range(2000):
         style = ("photo", "sketch")[i % 2]
         lights = ("warm",) if i % 4 == 0 else ()
-        caption, pins = mini_world.make_caption(rng, "red", "striped", "circle", style=style, lights=lights)
+        caption, pins = pretrain.make_caption(rng, "red", "striped", "circle", style=style, lights=lights)
         assert ("photo" in caption) <= (style == "photo") and ("sketch" in caption) <= (style == "sketch")
         assert pins.get("style", style) == style and pins.get("light", "warm") == "warm"
         assert ("warm" in caption) == ("light" in pins) <= bool(lights)
@@ -158,22 +159,22 @@ def test_caption_frames_pin_style_and_light():
 def test_caption_matches_and_contrastive_loss():
     attrs = [("red", "plain", "circle", "photo", ("warm",)), ("red", "dotted", "circle", "sketch", ()),
              ("blue", "plain", "square", "photo", ())]
-    codes, lights = mini_world._codes(attrs)
+    codes, lights = pretrain._codes(attrs)
     pins = [dict(colour="red"), dict(colour="red", style="photo"), dict(shape="square", style="photo", light="warm")]
-    m = mini_world.caption_matches(codes, lights, pins)
+    m = pretrain.caption_matches(codes, lights, pins)
     assert m.tolist() == [[True, True, False], [True, False, False], [False, False, False]]
     logits = torch.randn(3, 3)
     # one positive per row and column (the diagonal): CLIP's symmetric InfoNCE exactly
     target = torch.arange(3)
     ce = torch.nn.functional.cross_entropy
     clip_loss = (ce(logits, target) + ce(logits.t(), target)) / 2
-    assert torch.allclose(mini_world.contrastive_loss(logits, torch.eye(3, dtype=torch.bool)), clip_loss)
+    assert torch.allclose(pretrain.contrastive_loss(logits, torch.eye(3, dtype=torch.bool)), clip_loss)
     # two images that one caption describes: its target is half on each
     both = torch.tensor([[True, False], [True, True]])
     l2 = torch.tensor([[2.0, 0.0], [1.0, 3.0]])
     expected_i2t = (-l2[0].log_softmax(0)[0] - (l2[1].log_softmax(0)).mean()) / 2
     expected_t2i = (-(l2[:, 0].log_softmax(0)).mean() - l2[:, 1].log_softmax(0)[1]) / 2
-    assert torch.allclose(mini_world.contrastive_loss(l2, both), (expected_i2t + expected_t2i) / 2)
+    assert torch.allclose(pretrain.contrastive_loss(l2, both), (expected_i2t + expected_t2i) / 2)
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +210,8 @@ def test_clip_layers_text_encoder_matches_stock_on_the_world_clip(model):
 def test_zero_shot_accuracy_is_well_above_chance_and_reads_the_frame(tmp_path, monkeypatch, model):
     # 10 test images per class (the pixels of the full render's first 10 train images: zero-shot never trains)
     for name in mini_world.WORLD_DATASETS:
-        monkeypatch.setitem(mini_world.WORLD_DATASETS, name, dict(mini_world.WORLD_DATASETS[name], split_sizes=(0, 0, 10)))
+        monkeypatch.setitem(mini_world.WORLD_DATASETS, name,
+                            dict(mini_world.WORLD_DATASETS[name], split_sizes=(0, 0, 10)))
     mini_world.render_world(tmp_path)
     base = mini_world.zero_shot_accuracy(model, tmp_path, "mini_world", classes="base")
     new = mini_world.zero_shot_accuracy(model, tmp_path, "mini_world", classes="new")
@@ -226,39 +228,109 @@ def test_zero_shot_accuracy_is_well_above_chance_and_reads_the_frame(tmp_path, m
     assert sketch["a photo of a {}."] > sketch["{}"] + 5 and sketch["a sketch of a {}."] > sketch["{}"] + 5
 
 
-@pytest.mark.parametrize("kill_at", [1, 2, 3])
+@pytest.mark.parametrize("kill_at", ["drawing", "moving the cache", "renaming into place"])
 def test_render_recovers_from_a_kill_at_any_point(tmp_path, small_world, monkeypatch, kill_at):
-    """A kill after the n-th of the three moves into place (images, split file, manifest) leaves a folder that the
-    next call completes by itself, identical to an uninterrupted render; no temporary folder is left behind."""
+    """A kill while drawing over an older draw, after moving the loader's cache out of it, or right after the final
+    rename leaves a folder that the next call completes by itself, identical to an uninterrupted draw; no temporary
+    folder is left behind."""
     clean = mini_world.render_world(tmp_path / "clean", datasets=("mini_world",))["mini_world"]
-    real, calls = os.replace, {"n": 0}
+    mini_world.render_world(tmp_path / "cut", seed=1, datasets=("mini_world",))  # an older draw, to be replaced
+    (tmp_path / "cut" / "mini_world" / "split_fewshot").mkdir()  # with the loader's cache in it
+    real_replace, real_render = os.replace, mini_world.render_image
+    calls = {"replace": 0, "render": 0}
 
-    def replace_then_die(src, dst):
-        real(src, dst)
-        calls["n"] += 1
-        if calls["n"] == kill_at:
+    def replace(src, dst):
+        real_replace(src, dst)
+        calls["replace"] += 1
+        if (kill_at, calls["replace"]) in (("moving the cache", 1), ("renaming into place", 2)):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(os, "replace", replace_then_die)
+    def render(*args, **kwargs):
+        calls["render"] += 1
+        if kill_at == "drawing" and calls["render"] == 5:
+            raise KeyboardInterrupt
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(mini_world, "render_image", render)
     with pytest.raises(KeyboardInterrupt):
         mini_world.render_world(tmp_path / "cut", datasets=("mini_world",))
-    monkeypatch.setattr(os, "replace", real)
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(mini_world, "render_image", real_render)
     folder = mini_world.render_world(tmp_path / "cut", datasets=("mini_world",))["mini_world"]
     assert mini_world.read_world_split(tmp_path / "cut", "mini_world") == \
         mini_world.read_world_split(tmp_path / "clean", "mini_world")
-    assert sorted(os.listdir(folder)) == sorted(os.listdir(clean))
+    assert set(os.listdir(folder)) - {"split_fewshot"} == set(os.listdir(clean))
     assert not [p for p in os.listdir(tmp_path / "cut") if p.startswith(".")]
 
 
-def test_render_cleans_up_after_a_killed_process_and_an_empty_manifest(tmp_path, small_world):
-    import subprocess
-    import sys
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".mini_world-{dead.pid}-abc123"
-    (stale / "images").mkdir(parents=True)  # what a render killed while drawing leaves
-    (tmp_path / "mini_world").mkdir()
-    (tmp_path / "mini_world" / "world_manifest.json").write_text("")  # cut off while being written
+def test_a_finished_draw_keeps_the_loaders_cache_and_a_killed_draw_leaves_nothing_behind(tmp_path, small_world):
+    mini_world.render_world(tmp_path, seed=1, datasets=("mini_world",))
+    (tmp_path / "mini_world" / "split_fewshot").mkdir()
+    leftover = tmp_path / ".mini_world.drawing"
+    (leftover / "images").mkdir(parents=True)  # what a draw killed half-way leaves
+    (tmp_path / "mini_world" / "world_manifest.json").write_text("")  # and a manifest cut off while being written
     mini_world.render_world(tmp_path, datasets=("mini_world",))
-    assert not stale.exists()
+    assert not leftover.exists()
     assert mini_world.read_world_split(tmp_path, "mini_world")["train"]
+    assert (tmp_path / "mini_world" / "split_fewshot").is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["mini_world"]
+
+
+# -----------------------------------------------------------------------------
+# pre-training: a file of its own, writing new weights beside the shipped ones
+
+
+def test_pretraining_is_a_file_of_its_own_that_drawing_and_loading_do_not_import():
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(mini_world))
+    top_imports = [a.name if isinstance(node, ast.Import) else f"{node.module}.{a.name}" for node in tree.body
+                   if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names]
+    assert not [name for name in top_imports if "pretrain" in name]  # imported by --pretrain only
+    assert not hasattr(mini_world, "make_caption") and not hasattr(mini_world, "pretrain_world_clip")
+    assert callable(pretrain.pretrain_world_clip) and callable(pretrain.make_caption)
+
+
+def test_pretrain_writes_beside_the_shipped_weights_and_weights_selects_what_loads(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pretrain, "pretrain_world_clip", lambda path: calls.append(("write", path)))
+    monkeypatch.setattr(mini_world, "load_world_clip", lambda path: calls.append(("load", path)))
+    monkeypatch.setattr(mini_world, "render_world", lambda root: None)
+    monkeypatch.setattr(mini_world, "zero_shot_report", lambda model, root: None)
+    mini_world.main(["--pretrain"])
+    assert calls == [("write", mini_world.NEW_CLIP_PATH), ("load", mini_world.NEW_CLIP_PATH)]
+    assert os.path.dirname(mini_world.NEW_CLIP_PATH) == os.path.dirname(mini_world.WORLD_CLIP_PATH)
+    assert mini_world.NEW_CLIP_PATH != mini_world.WORLD_CLIP_PATH
+    calls.clear()
+    mini_world.main(["--pretrain", "--weights", str(tmp_path / "w.pt")])
+    mini_world.main(["--report"])
+    mini_world.main(["--report", "--weights", str(tmp_path / "w.pt")])
+    assert calls == [("write", str(tmp_path / "w.pt")), ("load", str(tmp_path / "w.pt")),
+                     ("load", mini_world.WORLD_CLIP_PATH), ("load", str(tmp_path / "w.pt"))]
+
+
+def test_pretraining_runs_and_writes_weights_the_world_loads(tmp_path):
+    cfg = pretrain.WorldClipConfig(pool_size=16, steps=2, batch_size=8, warmup_steps=1)
+    path = pretrain.pretrain_world_clip(str(tmp_path / "w.pt"), cfg)
+    model = mini_world.load_world_clip(path)
+    assert clip_layers.n_layers(model) == (12, 12) and model.visual.input_resolution == mini_world.WORLD_IMAGE_SIZE
+
+
+# -----------------------------------------------------------------------------
+# the main job shows zero-shot CLIP beside the method
+
+
+def test_a_world_run_prints_and_stores_zero_shot_on_the_same_split(tmp_path, small_world, tiny, capsys):
+    import train
+    common = ["--shots", "2", "--root", str(tmp_path / "DATA")]
+    zeroshot = train.main(["--method", "zeroshot", "--output", str(tmp_path / "zs"), *common], clip_model=tiny)
+    assert "zeroshot" not in zeroshot and "zero-shot CLIP (same split)" not in capsys.readouterr().out
+    run = train.main(["--method", "maple", "--depth", "2", "--epochs", "1", "--output", str(tmp_path / "run"), *common],
+                     clip_model=tiny)
+    acc = zeroshot["accuracy"]
+    assert run["zeroshot"] == acc
+    assert f"zero-shot CLIP (same split): base {acc['base']:.2f}  new {acc['new']:.2f}  hm {acc['hm']:.2f}" in \
+        capsys.readouterr().out
+    with open(tmp_path / "run" / "results.json") as f:
+        assert json.load(f)["zeroshot"] == run["zeroshot"]

@@ -65,7 +65,7 @@ def test_protocols_end_to_end_on_fake_trees(tmp_path, tiny, tree_copy):
     protocols.run_protocol("domain_generalization", flags, ["imagenet"], [1], out, tiny,
                            targets=["imagenet_r", "imagenet_v2"])
     src = os.path.join(out, "source", "maple", "imagenet", "shots2_seed1")
-    assert sorted(os.listdir(src)) == ["checkpoint.pt", "results.json"]  # trained once, for both protocols
+    assert sorted(os.listdir(src)) == ["checkpoint.pt", "results.json", "train.log"]  # trained once, for both
     for protocol, targets in (("cross_dataset", ["eurosat", "oxford_pets"]),
                               ("domain_generalization", ["imagenet_r", "imagenet_v2"])):
         for t in targets:

@@ -12,7 +12,8 @@ train.py's `main` with that run's flags, so a protocol is a list of runs plus a 
 
 Every flag besides --datasets, --seeds and --output is handed to each run (see `python train.py --help`). Each run has
 its own directory under --output; a finished one (results.json present) is skipped and an interrupted one resumes, so
-the same command completes a protocol after a crash. Without --root or $DATA the protocols run in the mini world.
+the same command completes a protocol after a crash. Without --root or --datasets the protocols run in the mini world
+(drawn under $DATA if set, else data: $DATA, as in every program here, is only --root's default).
 
 The tables follow the papers: per dataset the mean +- std over seeds of base (B) and new (N) accuracy, HM computed from
 those means, the 11-dataset average as HM of the averaged B and N (not the mean of per-dataset HMs), transfer tables
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -31,6 +33,7 @@ import numpy as np
 
 import data
 from world import mini_world
+from engine import cli
 from engine import rundir
 import train
 
@@ -40,6 +43,15 @@ XD_SOURCE, XD_TARGETS = "imagenet", B2N[1:]       # cross-dataset: train on Imag
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # domain generalisation
 # The same three protocols in the built-in mini world (no download): mini_world.py's datasets.
 WORLD = dict(b2n=["mini_world"], source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
+
+
+def papers_datasets(argv, datasets=None, dataset=None):
+    """True when a protocol runs the papers' datasets: those named (--datasets), or, with none named, when --root is
+    given on the command line (a CoOp tree). $DATA alone chooses nothing: like train.py, a protocol without --root or
+    --datasets runs the mini world's analogues, drawn under --root's default ($DATA if set, else data)."""
+    if datasets or dataset:
+        return not mini_world.is_world(datasets[0] if datasets else dataset)
+    return any(a == "--root" or a.startswith("--root=") for a in argv)
 
 
 def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None, targets=None,
@@ -54,10 +66,7 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     for name in list(datasets or []) + list(targets or []):  # a misspelt name fails now, before CLIP is loaded
         if not mini_world.is_world(name):
             data.resolve_name(name, also=mini_world.DATASETS)
-    if datasets or args.dataset:
-        real = not mini_world.is_world(datasets[0] if datasets else args.dataset)
-    else:  # the papers' datasets when a CoOp tree is named (--root or $DATA), else the mini world's analogues
-        real = any(a == "--root" or a.startswith("--root=") for a in argv) or "DATA" in os.environ
+    real = papers_datasets(argv, datasets, args.dataset)
     if clip_model is None:
         clip_model = train.load_clip(args, real)
     fingerprint = rundir.weights_fingerprint(clip_model)
@@ -100,6 +109,33 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     for job in pending:  # runs other processes were doing: wait for them, then read (or redo) their results
         results[results.index(None)] = attempt(job, wait=True)
     return results
+
+
+def pending_commands(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output"):
+    """--list: the runs of a protocol without results.json yet, as commands of this program, one a line: a
+    base-to-new run per (dataset, seed); a transfer protocol per seed (its source run, then its targets). Each is
+    this protocol narrowed by --datasets and --seeds, so a scheduler may run them in any order and at once (the run
+    directories' locks and identities keep that safe)."""
+    args = train.get_args(argv)
+    real = papers_datasets(argv, datasets, args.dataset)
+    method = args.method + ("_xd" if args.cross_dataset else "")
+    finished = lambda run_dir: os.path.exists(os.path.join(run_dir, "results.json"))  # noqa: E731
+    commands = []
+    for seed in seeds:
+        if protocol == "base2new":
+            units = [(d, [run_path(out, "base2new", method, d, args.shots, seed)])
+                     for d in datasets or (B2N if real else WORLD["b2n"])]
+        else:
+            source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
+            targets = {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
+                       "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
+            units = [(source, [run_path(out, "source", method, source, args.shots, seed)] +
+                      [run_path(out, protocol, method, t, args.shots, seed) for t in targets])]
+        for dataset, run_dirs in units:
+            if not all(finished(r) for r in run_dirs):
+                commands.append(shlex.join(["python", "-m", "tools.protocols", protocol, *argv, "--datasets", dataset,
+                                            "--seeds", str(seed), "--output", out]))
+    return commands
 
 
 def run_path(out, protocol, method, dataset, shots, seed):
@@ -495,19 +531,32 @@ def _bar_chart(chart, path, ylabel, title):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.protocols", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("protocol", choices=["base2new", "cross_dataset", "domain_generalization", "ablation", "summary"])
-    p.add_argument("dir", nargs="?", default=None, help="summary: the folder of results.json files to tabulate")
-    p.add_argument("--datasets", nargs="+", default=None, help="base2new: the datasets (default: the papers' 11, or "
-                   "the mini world without $DATA); transfer: the source (default imagenet)")
+                                formatter_class=cli.HelpFormatter,
+                                epilog="Every other flag is handed to each run as a train.py flag: --method (default "
+                                       "mpl), --root, --clip, --shots, ... (see python train.py --help).")
+    p.add_argument("protocol", choices=["base2new", "cross_dataset", "domain_generalization", "ablation", "summary"],
+                   help="the protocol to run, or summary: the tables of the runs found")
+    p.add_argument("dir", nargs="?", default=None, help="summary: the folder of results.json files to tabulate "
+                   "(default: --output)")
+    p.add_argument("--datasets", nargs="+", default=None, help="base2new: the datasets (default: the papers' 11 with "
+                   "--root, else the mini world); transfer: the source (default imagenet with --root)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 1 2 3; summary: the seeds every "
                    "table must have (default: the seeds found)")
-    p.add_argument("--output", default="output", help="root folder of the protocol's runs and tables")
+    p.add_argument("--output", default="output", help="the root folder of all runs and tables (each run's directory "
+                   "is <output>/<protocol>/<method>/<dataset>/shots<K>_seed<S>; train.py's --output is one run's)")
     p.add_argument("--steal-lock", action="store_true", help="handed to every run (see train.py): take over a run's "
                    "lock that names a process on another machine or a pid reused after a reboot. Safe only when no "
                    "copy of this protocol runs on another machine on this --output")
+    p.add_argument("--list", action="store_true", help="run nothing; print the runs of the protocol not yet finished "
+                   "as commands, one a line, for a scheduler (GNU parallel, a SLURM array: see docs/runs.md)")
     args, run_flags = p.parse_known_args(argv)  # everything else goes to each run, as train.py flags
     run_flags += ["--steal-lock"] if args.steal_lock else []
+    if args.list:
+        if args.protocol not in ("base2new", "cross_dataset", "domain_generalization"):
+            p.error(f"--list lists the runs of base2new, cross_dataset or domain_generalization, not {args.protocol}")
+        for command in pending_commands(args.protocol, run_flags, args.datasets, args.seeds or [1, 2, 3], args.output):
+            print(command)
+        return 0
     try:
         if args.protocol == "summary":
             summarize(args.dir or args.output, seeds=args.seeds)

@@ -418,8 +418,8 @@ def set_deterministic():
 def check_finite(name, tensors, where, batch=None):
     """Nothing non-finite is ever saved: after each step the loss and the prompts are checked (all_finite), and a
     value that is inf or NaN stops the run (FloatingPointError) before the epoch's checkpoint, naming the loss if it
-    was the loss. `where`: (epoch, step, steps,
-    optimizer, checkpoint path); the epoch's checkpoint on disk, if any, is that of the epoch before."""
+    was the loss. `where`: (epoch, step, steps, optimizer, checkpoint path); the checkpoint on disk, if any, is that
+    of the epoch before."""
     if all(torch.isfinite(t).all() for t in tensors):
         return
     epoch, step, steps, optimizer, path = where

@@ -79,33 +79,36 @@ def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
     """
     if settings.official:
         return _official_text(clip_model, x, eot, hook, eot_rows)
-    x = x[:, :int(eot.max()) + 1]  # the EOT cut first, so that chunks (and their gradients) are not 77 wide
+    ends = eot.cpu()  # the EOT positions read once (one host sync): every length below is computed from this copy
+    x = x[:, :int(ends.max()) + 1]  # the EOT cut first, so that chunks (and their gradients) are not 77 wide
     alike = hook is None or hook_rows is not None
     share = (0 if hook is None else hook_rows) if alike and settings.shared_prefix else None
 
     def encode(rows):
-        return _encode_rows(clip_model, x[rows], eot[rows], hook, share, eot_rows)
+        return _encode_rows(clip_model, x[rows], eot[rows], ends[rows], hook, share, eot_rows)
 
-    return over_class_chunks(encode, eot, settings.text_chunk if alike else None)
+    return over_class_chunks(encode, ends, settings.text_chunk if alike else None)
 
 
-def _encode_rows(clip_model, x, eot, hook, share, eot_rows):
-    x = x[:, :int(eot.max()) + 1]                                         # a chunk is cut at its own last EOT
+def _encode_rows(clip_model, x, eot, ends, hook, share, eot_rows):
+    """The classes in hand: eot (C,) on the model's device, ends the same positions on the CPU."""
+    x = x[:, :int(ends.max()) + 1]                                        # a chunk is cut at its own last EOT
     if share is not None and x.shape[0] > 1:                              # one class has nothing to share
-        Lp = shared_prefix_length(x, eot)
+        Lp = shared_prefix_length(x, ends)
         if Lp >= max(share, 1):                                           # the prefix covers every row the hook writes
-            return _encode_shared(clip_model, x, eot, hook, Lp, eot_rows)
+            return _encode_shared(clip_model, x, ends, hook, Lp, eot_rows)
     return clip_layers.text_transformer(clip_model, x, eot, hook, eot_rows)
 
 
 def over_class_chunks(encode, eot, chunk):
-    """encode(rows) for the class rows `rows`, at most `chunk` classes at a time, results back in class order.
+    """encode(rows) for the class rows `rows`, at most `chunk` classes at a time, results back in class order; eot: the
+    classes' EOT positions on the CPU.
     encode returns a tensor (R, ...) or a tuple of them. Classes are sorted by length (EOT position), so each chunk is
     cut at its own last EOT. With gradients on, each chunk is recomputed in the backward pass (activation
     checkpointing), so only one chunk's activations are held at a time. Exact: the same numbers as one pass."""
     if not chunk or eot.shape[0] <= chunk:
         return encode(slice(None))
-    order = eot.argsort()
+    order = eot.argsort()                                                 # eot on the CPU: so are the row indices
     parts = [torch.utils.checkpoint.checkpoint(encode, rows, use_reentrant=False) if torch.is_grad_enabled()
              else encode(rows) for rows in order.split(chunk)]
     back = order.argsort()                                                # sorted rows -> class order
@@ -130,18 +133,19 @@ class OwnRows(NamedTuple):
     last: torch.Tensor    # (C,) packed row of each class's EOT
 
     @staticmethod
-    def of(n):
+    def of(n, device):
+        """n on the CPU (no host sync for Ls or the packing), the index tensors moved to `device`."""
         Ls = int(n.max())
-        i = torch.arange(Ls, device=n.device)
+        i = torch.arange(Ls)
         unpad = (i < n[:, None]).flatten().nonzero().squeeze(1)                          # (T,)
-        return OwnRows(n, Ls, unpad, n.cumsum(dim=0) - 1)                                 # last = start + n - 1
+        return OwnRows(n.to(device), Ls, unpad.to(device), (n.cumsum(dim=0) - 1).to(device))  # last: start + n - 1
 
 
-def _encode_shared(clip_model, x, eot, hook, Lp, eot_rows=False):
+def _encode_shared(clip_model, x, ends, hook, Lp, eot_rows=False):
     """clip_layers.text_transformer with the first Lp rows, equal in all classes, encoded once."""
     C, L, D = x.shape                                                     # (C, L, 512), L = last EOT + 1
     x = x.to(clip_model.dtype) + clip_model.positional_embedding[:L].to(clip_model.dtype)
-    rows = OwnRows.of(eot + 1 - Lp)                                       # each class's own rows: Lp..its EOT
+    rows = OwnRows.of(ends + 1 - Lp, x.device)                            # each class's own rows: Lp..its EOT
     prefix = x[:1, :Lp]                                                   # (1, Lp, 512), e.g. SOS X "a photo of a"
     own = x[:, Lp:].reshape(C * rows.Ls, D).index_select(0, rows.unpad)   # (T, 512) packed, T = sum of own rows
     summaries = []

@@ -328,8 +328,8 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
     """The loop: per epoch set the LR, then zero_grad -> forward -> loss -> backward -> step for each batch. Returns
     (seconds per step or None if there was nothing left to train, history: per epoch trained here its number, mean
     loss, LR and seconds; under amp also the steps GradScaler skipped and its scale at the epoch's end). Host syncs per
-    step: one (the finiteness of the loss and all prompts, in one reduction); amp adds GradScaler's own and one read
-    of its scale."""
+    step in this loop: one (the finiteness of the loss and all prompts, in one reduction); amp adds GradScaler's own
+    (its test for inf gradients)."""
     if getattr(args, "deterministic", False):
         set_deterministic()
     lr, epochs, batch_size = recipe(args)
@@ -339,8 +339,7 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
     start = restore(ckpt, model, optimizer, scaler, path) if ckpt is not None else 0  # --resume: at its epoch
     loader = make_loader(items, data.train_transform(model.clip.visual.input_resolution, args.crop_scale),
                          batch_size, True, args.workers, args.device)
-    step_times, history = [], []
-    scale = scaler.get_scale() if scaler.is_enabled() else None
+    step_times, history, amp = [], [], scaler.is_enabled()
     for epoch in range(start, epochs):
         t_epoch, skipped = time.time(), 0
         for group in optimizer.param_groups:
@@ -358,11 +357,11 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
                 weights = model.loss_weights(images, labels, logits)  # None, or (N,): ISP's sample probing
             loss = loss_fn(logits, labels, weights)
             scaler.scale(loss).backward()  # --precision amp scales the loss (fp16 gradients); else a pass-through
+            scale = scaler._get_scale_async().clone() if amp else None  # the scale in use, kept on the device
             scaler.step(optimizer)  # amp: skipped when a gradient is inf or NaN, and the scale halves
             scaler.update()
-            if scale is not None:  # amp: a step skipped halves the scale
-                new_scale = scaler.get_scale()
-                skipped, scale = skipped + (new_scale < scale), new_scale
+            if amp:  # a skipped step halved the scale: counted on the device, read once per epoch
+                skipped = skipped + (scaler._get_scale_async() < scale)
             if not all_finite([loss, *params]):  # a finite loss can still give an infinite step
                 where = (epoch, step, len(loader), optimizer, path)
                 check_finite("loss", [loss], where, [items[i].impath for i in index.tolist()])
@@ -373,10 +372,10 @@ def train(model, items, args, run_dir, autocast, scaler, identity, ckpt=None):
         remove_replaced_results(run_dir, args)
         history.append(dict(epoch=epoch + 1, loss=loss_sum.item() / len(loader), lr=optimizer.param_groups[0]["lr"],
                             seconds=time.time() - t_epoch))
-        if scale is not None:
-            history[-1].update(skipped_steps=skipped, scale=scale)
+        if amp:
+            history[-1].update(skipped_steps=int(skipped), scale=scaler.get_scale())
         print(f"epoch {epoch + 1}/{epochs}  lr {history[-1]['lr']:.6f}  loss {history[-1]['loss']:.4f}"
-              + (f"  amp: {skipped} steps skipped, scale {scale:g}" if scale is not None else ""))
+              + (f"  amp: {int(skipped)} steps skipped, scale {scaler.get_scale():g}" if amp else ""))
     # seconds per step, leaving out the first (warm-up of kernels and allocators)
     return (sum(step_times[1:]) / max(1, len(step_times) - 1) if step_times else None), history
 

@@ -95,11 +95,11 @@ def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
     return text_transformer(clip_model, x, eot, hook, eot_rows)
 
 
-def text_transformer(clip_model, x, eot, hook=None, eot_rows=False):
+def text_transformer(clip_model, x, eot, hook=None, eot_rows=False, L=None):
     """The plain text path of encode_text. The sequence is cut right after the last EOT: under CLIP's causal mask no
     token attends to a later one, so the EOT features (the only ones CLIP reads out) are exactly those of all 77
-    positions, and "a photo of a dog." costs 7 positions, not 77."""
-    L = int(eot.max()) + 1
+    positions, and "a photo of a dog." costs 7 positions, not 77. (L: that length, when the caller knows it.)"""
+    L = int(eot.max()) + 1 if L is None else L
     x = x[:, :L].to(clip_model.dtype)   # CLIP's own encode_text casts to its weights' dtype (fp16 only in pure fp16)
     x = x + clip_model.positional_embedding[:L].to(x.dtype)              # (C, L, 512)
     rows, summaries = torch.arange(x.shape[0], device=x.device), []

@@ -79,25 +79,29 @@ def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
     """
     if settings.official:
         return _official_text(clip_model, x, eot, hook, eot_rows)
-    ends = eot.cpu()  # the EOT positions read once (one host sync): every length below is computed from this copy
-    x = x[:, :int(ends.max()) + 1]  # the EOT cut first, so that chunks (and their gradients) are not 77 wide
     alike = hook is None or hook_rows is not None
     share = (0 if hook is None else hook_rows) if alike and settings.shared_prefix else None
+    # One host read for every length below: the EOT positions and the run of leading rows equal in all classes.
+    run = equal_run(x) if share is not None else eot.new_zeros(())
+    host = torch.cat([eot, run.to(eot.dtype)[None]]).cpu()
+    ends, run = host[:-1], int(host[-1])
+    x = x[:, :int(ends.max()) + 1]  # the EOT cut first, so that chunks (and their gradients) are not 77 wide
 
     def encode(rows):
-        return _encode_rows(clip_model, x[rows], eot[rows], ends[rows], hook, share, eot_rows)
+        return _encode_rows(clip_model, x[rows], eot[rows], ends[rows], hook, share, run, eot_rows)
 
     return over_class_chunks(encode, ends, settings.text_chunk if alike else None)
 
 
-def _encode_rows(clip_model, x, eot, ends, hook, share, eot_rows):
-    """The classes in hand: eot (C,) on the model's device, ends the same positions on the CPU."""
+def _encode_rows(clip_model, x, eot, ends, hook, share, run, eot_rows):
+    """The classes in hand: eot (C,) on the model's device, ends the same positions on the CPU; run: the leading rows
+    equal in all classes of the class set (so in any chunk of it too)."""
     x = x[:, :int(ends.max()) + 1]                                        # a chunk is cut at its own last EOT
     if share is not None and x.shape[0] > 1:                              # one class has nothing to share
-        Lp = shared_prefix_length(x, ends)
+        Lp = prefix_length(run, ends)
         if Lp >= max(share, 1):                                           # the prefix covers every row the hook writes
             return _encode_shared(clip_model, x, ends, hook, Lp, eot_rows)
-    return clip_layers.text_transformer(clip_model, x, eot, hook, eot_rows)
+    return clip_layers.text_transformer(clip_model, x, eot, hook, eot_rows, L=x.shape[1])  # (cut above: no host read)
 
 
 def over_class_chunks(encode, eot, chunk):
@@ -117,11 +121,16 @@ def over_class_chunks(encode, eot, chunk):
     return torch.cat(parts)[back]                                         # (C, 512)
 
 
-def shared_prefix_length(x, eot):
-    """The number of leading positions at which all C rows of x (C, L, 512) are equal, at most the first EOT position
-    (so that every class keeps its EOT among its own rows). 6 for "X a photo of a {class}." over different names."""
+def equal_run(x):
+    """The number of leading positions at which all C rows of x (C, L, 512) are equal, as a tensor on x's device."""
     equal = (x == x[:1]).flatten(2).all(dim=2).all(dim=0)                # (L,) position t is equal in every class
-    return min(int(equal.int().cumprod(dim=0).sum()), int(eot.min()))     # length of the leading run of equal rows
+    return equal.int().cumprod(dim=0).sum()                               # length of the leading run of equal rows
+
+
+def prefix_length(run, ends):
+    """The shared prefix: the leading run of equal rows, at most the first EOT position (so that every class keeps its
+    EOT among its own rows); ends on the CPU. 6 for "X a photo of a {class}." over different names."""
+    return min(int(run), int(ends.min()))
 
 
 class OwnRows(NamedTuple):

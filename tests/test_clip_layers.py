@@ -157,11 +157,13 @@ SHARED = ["ox", "golden retriever", " ".join(["big red striped"] * 10), "sea lio
 def test_shared_prefix_length():
     ids = clip_layers.tokenize([f"X a photo of a {n}." for n in SHARED])
     x, eot = torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)   # any embedding: equal ids give equal rows
-    assert clip_engine.shared_prefix_length(x, eot) == 6             # SOS X a photo of a
+    assert clip_engine.prefix_length(clip_engine.equal_run(x), eot) == 6             # SOS X a photo of a
     ids = clip_layers.tokenize(["a dog.", "a dog."])                 # equal texts: the EOT stays a class's own row
-    assert clip_engine.shared_prefix_length(torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)) == 4
+    x = torch.randn(49408, 8)[ids]
+    assert clip_engine.prefix_length(clip_engine.equal_run(x), clip_layers.eot_index(ids)) == 4
     ids = clip_layers.tokenize(["x", "a photo of a dog."])           # only SOS in common
-    assert clip_engine.shared_prefix_length(torch.randn(49408, 8)[ids], clip_layers.eot_index(ids)) == 1
+    x = torch.randn(49408, 8)[ids]
+    assert clip_engine.prefix_length(clip_engine.equal_run(x), clip_layers.eot_index(ids)) == 1
 
 
 @pytest.mark.parametrize("chunk", [None, 2])

@@ -15,10 +15,10 @@ its own directory under --output; a finished one (results.json present) is skipp
 the same command completes a protocol after a crash. Without --root or --datasets the protocols run in the mini world
 (drawn under $DATA if set, else data: $DATA, as in every program here, is only --root's default).
 
-The tables follow the papers: per dataset the mean +- std over seeds of base (B) and new (N) accuracy, HM computed from
-those means, the 11-dataset average as HM of the averaged B and N (not the mean of per-dataset HMs), transfer tables
-averaged over the targets (the source excluded), and the published numbers of zero-shot CLIP, MaPLe and IVLP beside
-ours.
+The tables follow the papers: one per protocol, the methods side by side; per dataset the mean +- std over seeds of
+base (B) and new (N) accuracy, HM computed from those means, the 11-dataset average as HM of the averaged B and N (not
+the mean of per-dataset HMs), transfer tables averaged over the targets (the source run's accuracy a row of its own),
+and the published numbers of zero-shot CLIP, MaPLe and IVLP beside ours.
 """
 import argparse
 import json
@@ -268,13 +268,21 @@ ANCHORS = {
                  "ivlp": dict(average=(84.21, 71.79, 77.51))},        # PromptSRC repo, IVLP 4+4 depth 9
     "cross_dataset": {"maple": dict(zip(XD_TARGETS, [93.53, 90.49, 65.57, 72.23, 86.20, 24.74, 67.01, 46.49, 48.06,
                                                      68.69]), average=66.30, imagenet=70.72)},
-    "domain_generalization": {"zeroshot": dict(zip(DG_TARGETS, [60.83, 46.15, 47.77, 73.96]), average=57.18),
-                              "maple": dict(zip(DG_TARGETS, [64.07, 49.15, 50.90, 76.98]), average=60.28)},
+    "domain_generalization": {"zeroshot": dict(zip(DG_TARGETS, [60.83, 46.15, 47.77, 73.96]), average=57.18,
+                                               imagenet=66.73),
+                              "maple": dict(zip(DG_TARGETS, [64.07, 49.15, 50.90, 76.98]), average=60.28,
+                                            imagenet=70.72)},
 }
 
 
 def _mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _spread(values):
+    """The mean and the std over seeds, None for the std of a single seed (nothing to show)."""
+    mean, sd = _mean_std(values)
+    return mean, sd if len(values) > 1 else None
 
 
 TABLED = ("base2new", "cross_dataset", "domain_generalization")  # the protocols with a table; "source" has none
@@ -378,16 +386,17 @@ def _layout_runs(out_dir):
 
 
 def _read_protocol_runs(out_dir):
-    """{(protocol, method): {dataset: {seed: accuracy}}} of the run directories under out_dir. Every file that cannot
-    be tabulated as it is (malformed, not the run of its directory, one run in two directories, seeds of one row run
-    with other settings) is collected, and then all of them are refused at once, by path."""
+    """{(protocol, method): {dataset: {seed: accuracy}}} of the run directories under out_dir, and what transfer
+    runs record of their source ({(protocol, method): {seed: (source dataset, its accuracy or None)}}). Every file
+    that cannot be tabulated as it is (malformed, not the run of its directory, one run in two directories, seeds of
+    one row run with other settings) is collected, and then all of them are refused at once, by path."""
     runs, elsewhere = _layout_runs(out_dir)
     if elsewhere:
         print(f"ignored {len(elsewhere)} results.json outside the protocols' run directories "
               f"(<protocol>/<method>/<dataset>/shots<K>_seed<S>/ under {out_dir}), not read:")
         for path in elsewhere:
             print(f"  {path}")
-    groups, problems, rows = {}, [], {}
+    groups, sources, problems, rows = {}, {}, [], {}
     for path, (protocol, method_dir, dataset_dir, shots, seed) in sorted(runs.items()):
         r, problem = read_results(path)
         problem = problem or _mismatch(r, protocol, method_dir, dataset_dir, shots, seed)
@@ -402,6 +411,11 @@ def _read_protocol_runs(out_dir):
             continue
         row[seed] = (path, r.get("identity"))
         groups.setdefault((protocol, method), {}).setdefault(r["dataset"], {})[seed] = r["accuracy"]
+        src = r.get("source")
+        if isinstance(src, dict) and isinstance(src.get("accuracy"), dict):  # a transfer run's source: one per seed
+            acc = src["accuracy"].get("all")
+            ok = type(acc) in (int, float) and math.isfinite(acc) and 0 <= acc <= 100
+            sources.setdefault((protocol, method), {})[seed] = (str(src.get("dataset")), acc if ok else None)
     for row in rows.values():  # the seeds of one row: the same settings, seed aside
         (first, (path0, ident0)), *others = sorted(row.items())
         for seed, (path, ident) in others:
@@ -416,81 +430,152 @@ def _read_protocol_runs(out_dir):
     if problems:
         raise SummaryError(f"{len(problems)} results.json under {out_dir} cannot be tabulated; nothing was written "
                            f"(the previous summary, if any, is kept):\n  " + "\n  ".join(problems))
-    return groups
+    return groups, sources
 
 
 def summarize(out_dir, write=True, seeds=None):
     """Read the results.json of the protocols' run directories under `out_dir` (run_path's layout; files anywhere
     else are listed and ignored, files that cannot be tabulated are refused by path: SummaryError) and build the
-    papers' tables: per dataset the mean (and std) over seeds of B, N and HM = HM(mean B, mean N) (as MaPLe's authors
-    compute it), the average row as HM of the averaged B and N, transfer tables averaged over the targets; the
-    published anchors beside them. `seeds`: the seeds every table must have (a list), or per protocol ({protocol:
-    list}); default: the seeds found. A dataset with fewer seeds than its table is shown as missing, and the average
-    is then not computed. summary.md, summary.csv and the charts are written atomically."""
-    groups = _read_protocol_runs(out_dir)
+    papers' tables, one per protocol: rows the datasets and the average, columns per method B, N and HM (base2new) or
+    the accuracy (transfer), each the mean ± std over seeds (the mean alone for one seed), HM = HM(mean B, mean N) (as
+    MaPLe's authors compute it), the average row as HM of the averaged B and N, transfer tables averaged over the
+    targets with the source run's accuracy as a row of its own; the published numbers beside them, or a note saying
+    why there are none. `seeds`: the seeds every table must have (a list), or per protocol ({protocol: list});
+    default: the seeds found. A dataset with fewer seeds than its method's is shown as missing, and that method's
+    average is then not computed. summary.md, summary.csv and the charts are written atomically."""
+    groups, sources = _read_protocol_runs(out_dir)
     if not groups:
         raise SummaryError(f"no protocol results under {out_dir}: expected <protocol>/<method>/<dataset>/"
                            f"shots<K>_seed<S>/results.json there, the --output of protocols.py")
     tables, csv_rows, chart = [], ["protocol,method,dataset,metric,mean,std,seeds,published"], {}
-    for (protocol, method), by_dataset in sorted(groups.items()):
-        found = sorted({s for d in by_dataset.values() for s in d})
-        expected = seeds.get(protocol) if isinstance(seeds, dict) else seeds
-        table_seeds = sorted(set(expected or []) | set(found))
-        anchors = ANCHORS[protocol].get(method.removesuffix("_xd"), {}) if " shots" not in method else {}
-        order = [d for d in B2N + DG_TARGETS if d in by_dataset] + sorted(d for d in by_dataset
-                                                                           if d not in B2N + DG_TARGETS)
-        metrics = ["base", "new", "hm"] if protocol == "base2new" else ["all"]
-        header = ", ".join(map(str, table_seeds)) + ("" if found == table_seeds else
-                                                     f"; found {', '.join(map(str, found))}")
-        lines = [f"### {protocol}: {method} (seeds {header})", "",
-                 "| dataset | " + " | ".join(m.upper() if m != "all" else "accuracy" for m in metrics) +
-                 " | published | difference |", "|---" * (len(metrics) + 3) + "|"]
-        means, complete = {}, True
-        for d in order:
-            missing = [s for s in table_seeds if s not in by_dataset[d]]
-            pub = anchors.get(d)
-            if missing:
-                complete = False
-                lines.append(f"| {d} | " + " | ".join(["missing seed " + ", ".join(map(str, missing))] * len(metrics))
-                             + f" | {_fmt_pub(pub)} | |")
-                continue
-            cells, m = [], {}
-            for k in metrics:
-                if k == "hm":  # HM of the seed-averaged B and N, not the mean of per-seed HMs
-                    m[k] = 2 * m["base"] * m["new"] / (m["base"] + m["new"]) if m["base"] + m["new"] else 0.0
-                    sd = None
-                else:
-                    m[k], sd = _mean_std([by_dataset[d][s][k] for s in table_seeds])
-                cells.append(f"{m[k]:.2f}" + (f" ± {sd:.2f}" if sd is not None else ""))
-                published = "" if pub is None else pub if not isinstance(pub, tuple) else pub[metrics.index(k)]
-                csv_rows.append(f"{protocol},{method},{d},{k},{m[k]:.4f},{'' if sd is None else f'{sd:.4f}'},"
-                                f"{len(table_seeds)},{published}")
-            means[d] = m
-            lines.append(f"| {d} | " + " | ".join(cells) + f" | {_fmt_pub(pub)} | {_diff(m[metrics[-1]], pub)} |")
-            chart.setdefault(protocol, {}).setdefault(method, {})[d] = m[metrics[-1]]
-        if complete and means:
-            if protocol == "base2new":
-                b, n = np.mean([m["base"] for m in means.values()]), np.mean([m["new"] for m in means.values()])
-                avg = dict(base=b, new=n, hm=2 * b * n / (b + n) if b + n else 0.0)
-            else:
-                avg = dict(all=float(np.mean([m["all"] for m in means.values()])))
-            pub = anchors.get("average") if len(means) == (len(B2N) if protocol == "base2new" else
-                                                           len(XD_TARGETS if protocol == "cross_dataset" else
-                                                               DG_TARGETS)) else None
-            lines.append(f"| **average ({len(means)})** | " + " | ".join(f"{avg[k]:.2f}" for k in metrics) +
-                         f" | {_fmt_pub(pub)} | {_diff(avg[metrics[-1]], pub)} |")
-        else:
-            lines.append("| **average** | " + " | ".join(["incomplete"] * len(metrics)) + " | | |")
-        tables.append("\n".join(lines))
+    for protocol in TABLED:
+        methods = {m: by_dataset for (p, m), by_dataset in sorted(groups.items(), key=lambda g: (
+            g[0][0], not g[0][1].startswith("zeroshot"), g[0][1])) if p == protocol}  # zero-shot CLIP first
+        if methods:
+            expected = seeds.get(protocol) if isinstance(seeds, dict) else seeds
+            table = _protocol_table(protocol, methods, sources, expected, csv_rows)
+            tables.append(table["text"])
+            chart[protocol] = table["chart"]
     text = "\n\n".join(tables)
     print(text)
     if write:
         for name, content in (("summary.md", text + "\n"), ("summary.csv", "\n".join(csv_rows) + "\n")):
             rundir.atomic_save(content.encode(), os.path.join(out_dir, name), lambda b, f: f.write(b))
         for protocol, by_method in chart.items():
-            _bar_chart(by_method, os.path.join(out_dir, f"summary_{protocol}.png"),
-                       "HM (%)" if protocol == "base2new" else "accuracy (%)", protocol)
+            _bar_chart(by_method, os.path.join(out_dir, f"summary_{protocol}.png"), protocol)
     return text
+
+
+def _cell(mean, sd):
+    """A table cell: the mean, and ± the std when there is a spread to show (more than one seed)."""
+    return f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+
+
+def _no_published(method, datasets, anchors):
+    """Why a method's column group has no published numbers beside it."""
+    if " shots" in method:
+        return f"{method}: no published numbers (the papers' numbers are 16-shot runs)"
+    if all(mini_world.is_world(d) for d in datasets):
+        return f"{method}: no published numbers for the mini world (its numbers are not comparable to the papers')"
+    if not anchors:
+        return f"{method}: no published numbers (only zero-shot CLIP, MaPLe and IVLP's are stored: ANCHORS)"
+    return f"{method}: no published numbers for these datasets"
+
+
+def _protocol_table(protocol, methods, sources, expected, csv_rows):
+    """One protocol's table in markdown ("text") and its CSV rows (appended to csv_rows), and the chart's values
+    ({method: {dataset: {metric: (mean, std)}}}, "chart"). methods: {method: {dataset: {seed: accuracy}}}."""
+    metrics = ["base", "new", "hm"] if protocol == "base2new" else ["all"]
+    names = {"base": "B", "new": "N", "hm": "HM", "all": "accuracy"}
+    all_datasets = {d for by_dataset in methods.values() for d in by_dataset}
+    order = [d for d in B2N + DG_TARGETS if d in all_datasets] + sorted(all_datasets - set(B2N + DG_TARGETS))
+    full = len(B2N) if protocol == "base2new" else len(XD_TARGETS if protocol == "cross_dataset" else DG_TARGETS)
+    headings, header, cols, notes, chart = [], ["dataset"], {}, [], {}
+    source_names = sorted({src for m in methods for src, _ in sources.get((protocol, m), {}).values() if src})
+    rows = {name: [] for name in [f"{s} (source)" for s in source_names] + order + ["**average**"]}
+    for method, by_dataset in methods.items():
+        found = sorted({s for d in by_dataset.values() for s in d})
+        table_seeds = sorted(set(expected or []) | set(found))
+        headings.append(f"{method} (seeds {', '.join(map(str, table_seeds))}" +
+                        ("" if found == table_seeds else f"; found {', '.join(map(str, found))}") + ")")
+        anchors = ANCHORS[protocol].get(method.removesuffix("_xd"), {}) if " shots" not in method else {}
+        pub_of = {d: anchors.get(d) for d in order}
+        pub_of.update({f"{s} (source)": anchors.get(s) for s in source_names})
+        src_seeds = sources.get((protocol, method), {})
+        cells, means = {}, {}
+        for src in source_names:  # the source run's accuracy, as the transfer runs of each seed record it
+            name = f"{src} (source)"
+            of_seed = {seed: acc for seed, (n, acc) in src_seeds.items() if n == src and acc is not None}
+            missing = [seed for seed in table_seeds if seed not in of_seed]
+            if missing:
+                cells[name] = ["missing seed " + ", ".join(map(str, missing)) if of_seed else "-"], None
+                continue
+            mean, sd = _spread([of_seed[seed] for seed in table_seeds])
+            cells[name] = [_cell(mean, sd)], mean
+            chart.setdefault(method, {})[name] = {"all": (mean, sd)}
+            csv_rows.append(f"{protocol},{method},{name},all,{mean:.4f},{'' if sd is None else f'{sd:.4f}'},"
+                            f"{len(table_seeds)},{'' if anchors.get(src) is None else anchors[src]}")
+        for d in order:
+            if d not in by_dataset:
+                cells[d] = ["not run"] * len(metrics), None
+                continue
+            missing = [s for s in table_seeds if s not in by_dataset[d]]
+            if missing:
+                cells[d] = ["missing seed " + ", ".join(map(str, missing))] * len(metrics), None
+                continue
+            m, shown = {}, []
+            for k in metrics:
+                if k == "hm":  # HM of the seed-averaged B and N, not the mean of per-seed HMs
+                    m[k], sd = 2 * m["base"] * m["new"] / (m["base"] + m["new"]) if m["base"] + m["new"] else 0.0, None
+                else:
+                    m[k], sd = _spread([by_dataset[d][s][k] for s in table_seeds])
+                shown.append(_cell(m[k], sd))
+                pub = pub_of[d]
+                published = "" if pub is None else pub if not isinstance(pub, tuple) else pub[metrics.index(k)]
+                csv_rows.append(f"{protocol},{method},{d},{k},{m[k]:.4f},{'' if sd is None else f'{sd:.4f}'},"
+                                f"{len(table_seeds)},{published}")
+                chart.setdefault(method, {}).setdefault(d, {})[k] = (m[k], sd)
+            means[d] = m
+            cells[d] = shown, m[metrics[-1]]
+        if len(order) > 1:
+            if len(means) == len(order):
+                if protocol == "base2new":
+                    b, n = np.mean([m["base"] for m in means.values()]), np.mean([m["new"] for m in means.values()])
+                    avg = dict(base=b, new=n, hm=2 * b * n / (b + n) if b + n else 0.0)
+                else:
+                    avg = dict(all=float(np.mean([m["all"] for m in means.values()])))
+                pub_of["**average**"] = anchors.get("average") if len(means) == full else None
+                for k in metrics:
+                    pub = pub_of["**average**"]
+                    published = "" if pub is None else pub if not isinstance(pub, tuple) else pub[metrics.index(k)]
+                    csv_rows.append(f"{protocol},{method},average,{k},{avg[k]:.4f},,{len(table_seeds)},{published}")
+                cells["**average**"] = [f"{avg[k]:.2f}" for k in metrics], avg[metrics[-1]]
+                chart.setdefault(method, {})["average"] = {k: (avg[k], None) for k in metrics}
+            else:
+                cells["**average**"] = ["incomplete"] * len(metrics), None
+        header += [f"{method} {names[k]}" for k in metrics]
+        with_pub = any(pub_of.get(name) is not None for name in rows)
+        if with_pub:
+            header += [f"{method} published" + (" B / N / HM" if protocol == "base2new" else ""),
+                       f"{method} {'HM ' if protocol == 'base2new' else ''}difference"]
+        else:
+            notes.append(_no_published(method, order, anchors))
+        if with_pub and len(order) > 1 and pub_of.get("**average**") is None and "average" in anchors:
+            notes.append(f"{method}: the published average is over the papers' {full} datasets, shown when all are "
+                         f"in the table")
+        for name in rows:
+            shown, value = cells.get(name, ([""] * len(metrics), None))
+            rows[name] += shown
+            if with_pub:
+                pub = pub_of.get(name)
+                rows[name] += [_fmt_pub(pub), "" if value is None else _diff(value, pub)]
+    lines = [f"### {protocol}: " + ", ".join(headings), "", "| " + " | ".join(header) + " |",
+             "|---" * len(header) + "|"]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items() if name != "**average**" or
+              len(order) > 1]
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
+    return dict(text="\n".join(lines), chart=chart)
 
 
 def _fmt_pub(pub):
@@ -505,25 +590,42 @@ def _diff(value, pub):
     return f"{value - (pub[-1] if isinstance(pub, tuple) else pub):+.2f}"
 
 
-def _bar_chart(chart, path, ylabel, title):
-    """HM (base2new) or accuracy (transfer) per dataset per method, one chart per protocol; matplotlib is optional."""
+def _bar_chart(chart, path, title):
+    """One protocol's chart: per dataset (and the average) a bar per method with its value and the spread over seeds
+    (± std), one panel each for B, N and HM (base2new) or the accuracy (transfer), the axis zoomed to the values so
+    that close methods can be told apart. chart: {method: {dataset: {metric: (mean, std or None)}}}. matplotlib is
+    optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no bar chart (pip install matplotlib)")
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
         return
-    datasets = sorted({d for v in chart.values() for d in v})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(datasets)), 4))
+    rows = list(dict.fromkeys(d for values in chart.values() for d in values))
+    metrics = [k for k in ("base", "new", "hm", "all") if any(k in v for values in chart.values()
+                                                              for v in values.values())]
+    names = {"base": "base (B)", "new": "new (N)", "hm": "harmonic mean (HM)", "all": "accuracy"}
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7, 1.1 * len(rows) * max(1, len(chart)) ** 0.5),
+                                                      3.2 * len(metrics)), squeeze=False)
     width = 0.8 / max(1, len(chart))
-    for i, (method, values) in enumerate(sorted(chart.items())):
-        ax.bar([j + i * width for j in range(len(datasets))], [values.get(d, 0) for d in datasets], width,
-               label=method)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))], datasets, rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
+    for ax, k in zip(axes[:, 0], metrics):
+        shown = []
+        for i, (method, values) in enumerate(chart.items()):
+            xs = [j for j, d in enumerate(rows) if k in values.get(d, {})]
+            means = [values[rows[j]][k][0] for j in xs]
+            errs = [values[rows[j]][k][1] or 0.0 for j in xs]
+            bars = ax.bar([j - 0.4 + (i + 0.5) * width for j in xs], means, width, yerr=errs, capsize=3,
+                          label=method)
+            ax.bar_label(bars, [f"{m:.1f}" for m in means], fontsize=7, padding=2)
+            shown += [m - e for m, e in zip(means, errs)] + [m + e for m, e in zip(means, errs)]
+        if shown:
+            low, high = min(shown), max(shown)
+            ax.set_ylim(max(0.0, low - 0.15 * (high - low) - 2), min(100.0, high + 0.15 * (high - low) + 2))
+        ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right")
+        ax.set_ylabel(f"{names[k]} (%)")
+    axes[0, 0].set_title(f"{title}: mean over seeds, error bars ± std")
+    axes[0, 0].legend(bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     rundir.atomic_save(fig, path, lambda figure, f: figure.savefig(f, format="png", dpi=120))
     plt.close(fig)

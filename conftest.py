@@ -245,6 +245,17 @@ def colour_benchmark(root, n_train=8, n_test=6, size=32, seed=0):
     return data.Benchmark("colours", splits["train"], [], splits["test"], list(COLOURS), "a photo of a {}.")
 
 
+# A mini world with fewer images per class (same classes and renderer): a draw takes well under a second
+SMALL_WORLD = {"mini_world": (3, 1, 2), "mini_world_xd": (2, 1, 2), "mini_world_shift": (0, 0, 2)}  # train, val, test
+
+
+@pytest.fixture
+def small_world(monkeypatch):
+    from world import mini_world  # (imported here: conftest is loaded before the test files choose what they import)
+    for name, sizes in SMALL_WORLD.items():
+        monkeypatch.setitem(mini_world.WORLD_DATASETS, name, dict(mini_world.WORLD_DATASETS[name], split_sizes=sizes))
+
+
 def run_maple(tmp_path, tiny, colours, *flags, name="run"):
     """train.main of a quick MaPLe run (2 epochs, depth 2) on a colour benchmark, into tmp_path / name."""
     import train  # (imported here: conftest is loaded before the test files choose what they import)

@@ -710,8 +710,8 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
                              f"trained elsewhere with --eval-only --load CHECKPOINT, or use --method zeroshot")
         sec_per_step, history = train(model, bench.train, args, run_dir, autocast, scaler, ident, ckpt)
         if sec_per_step is None and ckpt is not None:  # a finished run resumed: nothing trained, keep the old timing
-            sec_per_step = _previous_results(run_dir).get("sec_per_step")
-            history = _previous_results(run_dir).get("history", [])
+            previous = _previous_results(run_dir)
+            sec_per_step, history = previous.get("sec_per_step"), previous.get("history", [])
 
     per_class = {train_on: {}, "new": {}}
     acc = {train_on: evaluate(model, bench.test, args, autocast, per_class[train_on])}

@@ -24,14 +24,6 @@ from world import mini_world
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project folder
-SMALL = {"mini_world": (3, 1, 2), "mini_world_xd": (2, 1, 2), "mini_world_shift": (0, 0, 5)}  # train, val, test
-
-
-@pytest.fixture
-def small_world(monkeypatch):
-    # fewer images per class, same classes and renderer: a draw takes well under a second
-    for name, sizes in SMALL.items():
-        monkeypatch.setitem(mini_world.WORLD_DATASETS, name, dict(mini_world.WORLD_DATASETS[name], split_sizes=sizes))
 
 
 def edit_world_split(root, change):

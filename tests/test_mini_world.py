@@ -7,19 +7,10 @@ import pytest
 import torch
 
 import clip_layers
+from conftest import SMALL_WORLD
 from world import mini_world, pretrain
 
-# -----------------------------------------------------------------------------
-# Fixtures
-
-SMALL = {"mini_world": (3, 1, 2), "mini_world_xd": (2, 1, 2), "mini_world_shift": (0, 0, 2)}  # train, val, test
-
-
-@pytest.fixture
-def small_world(monkeypatch):
-    # fewer images per class, same classes and renderer: keeps every render in this file well under a second
-    for name, sizes in SMALL.items():
-        monkeypatch.setitem(mini_world.WORLD_DATASETS, name, dict(mini_world.WORLD_DATASETS[name], split_sizes=sizes))
+SMALL = SMALL_WORLD  # the sizes conftest's small_world fixture draws
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass

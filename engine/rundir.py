@@ -347,8 +347,8 @@ class RunLock:
             who = _describe(holder)
             if alive is not False and not self.steal:
                 if alive is None:
-                    why = (f"which this machine cannot check: wait for that run to finish, or use another --output; "
-                           f"if it is gone (killed, or its machine restarted), re-run with --steal-lock")
+                    why = ("which this machine cannot check: wait for that run to finish, or use another --output; "
+                           "if it is gone (killed, or its machine restarted), re-run with --steal-lock")
                 else:
                     why = (f"wait for it to finish, or use another --output; if process {holder['pid']} is not a run "
                            f"of this project (its pid was reused, e.g. after a reboot), re-run with --steal-lock")

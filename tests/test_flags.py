@@ -14,7 +14,6 @@ import torch
 from engine import cli
 import isp
 from tools import protocols
-from engine import rundir
 import train
 from conftest import colour_benchmark, run_maple as run
 

@@ -13,7 +13,6 @@ import torch
 
 import data
 from engine import rundir
-import isp
 import mpl
 import train
 from conftest import colour_benchmark, trainable

@@ -154,7 +154,7 @@ def test_summary_command_tabulates_the_seeds_that_are_there(tmp_path, seeds, cap
     assert "missing seed" not in text
     assert f"(seeds {', '.join(map(str, seeds))})" in text
     csv = open(os.path.join(out, "summary.csv")).read().splitlines()
-    assert any(line.startswith(f"base2new,maple,eurosat,base,") and line.endswith(f",{len(seeds)},94.07")
+    assert any(line.startswith("base2new,maple,eurosat,base,") and line.endswith(f",{len(seeds)},94.07")
                for line in csv)
     # a protocol run with seeds 1-3 still asks its own table for all three
     missing = "| eurosat | missing seed " + ("3" if seeds == (1, 2) else "2, 3")

@@ -490,7 +490,7 @@ def _protocol_table(protocol, methods, sources, expected, csv_rows):
     all_datasets = {d for by_dataset in methods.values() for d in by_dataset}
     order = [d for d in B2N + DG_TARGETS if d in all_datasets] + sorted(all_datasets - set(B2N + DG_TARGETS))
     full = len(B2N) if protocol == "base2new" else len(XD_TARGETS if protocol == "cross_dataset" else DG_TARGETS)
-    headings, header, cols, notes, chart = [], ["dataset"], {}, [], {}
+    headings, header, notes, chart = [], ["dataset"], [], {}
     source_names = sorted({src for m in methods for src, _ in sources.get((protocol, m), {}).values() if src})
     rows = {name: [] for name in [f"{s} (source)" for s in source_names] + order + ["**average**"]}
     for method, by_dataset in methods.items():
@@ -676,6 +676,5 @@ def main(argv=None):
         sys.exit(1)
 
 
-if __name__ == "__main__":
-    from engine import cli  # one line `error: ...` for the user's errors, a traceback for bugs
+if __name__ == "__main__":  # one line `error: ...` for the user's errors, a traceback for bugs
     cli.run(main)

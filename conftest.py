@@ -246,7 +246,9 @@ def colour_benchmark(root, n_train=8, n_test=6, size=32, seed=0):
 
 
 # A mini world with fewer images per class (same classes and renderer): a draw takes well under a second
-SMALL_WORLD = {"mini_world": (3, 1, 2), "mini_world_xd": (2, 1, 2), "mini_world_shift": (0, 0, 2)}  # train, val, test
+SMALL_WORLD = {"mini_world": (3, 1, 2), "mini_world_fine": (3, 1, 2), "mini_world_texture": (3, 1, 2),
+               "mini_world_satellite": (3, 1, 2), "mini_world_xd": (2, 1, 2),
+               "mini_world_shift": (0, 0, 2)}  # train, val, test images per class
 
 
 @pytest.fixture

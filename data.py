@@ -725,7 +725,7 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="table of every dataset: found against expected class "
                         "and image counts; split files are validated (exit 1 on an error)")
     parser.add_argument("--dataset", nargs="*", help="restrict to these datasets, the mini world's included "
-                        "(mini_world, mini_world_xd, mini_world_shift); default: CoOp's for --check")
+                        "(mini_world, mini_world_fine, ...: world/mini_world.py); default: CoOp's for --check")
     parser.add_argument("--shots", type=int, default=16, help="preview: training images per class (few-shot draw)")
     parser.add_argument("--seed", type=int, default=1, help="preview: the seed of the few-shot draw")
     parser.add_argument("--subsample", default="all", choices=SUBSAMPLE_MODES,

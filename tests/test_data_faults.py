@@ -158,7 +158,8 @@ def test_read_only_root_is_named_and_a_drawn_world_still_reads(tmp_path, small_w
 
 def test_unknown_dataset_is_named_before_the_clip_loads(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown dataset 'eurosatt' \(--dataset\)\. Known datasets: .*eurosat, .*"
-                                         r"mini_world, mini_world_xd, mini_world_shift\..*Did you mean eurosat\?"):
+                                         r"mini_world, mini_world_fine, mini_world_texture, mini_world_satellite, "
+                                         r"mini_world_xd, mini_world_shift\..*Did you mean eurosat\?"):
         train.main(["--dataset", "eurosatt", "--root", str(tmp_path), "--output", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # nothing made for a run that cannot start
 

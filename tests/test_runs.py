@@ -144,6 +144,9 @@ def test_listed_commands_run_as_printed_and_leave_nothing_pending(tmp_path, caps
     from tools import protocols
     out = str(tmp_path / "runs")
     flags = ["base2new", "--method", "zeroshot", "--seeds", "1", "2", "--output", out, "--list"]
+    assert protocols.main(flags) == 0  # the world's suite: 4 datasets x 2 seeds
+    assert len(capsys.readouterr().out.splitlines()) == 2 * len(protocols.WORLD["b2n"]) == 8
+    flags += ["--datasets", "mini_world"]
     assert protocols.main(flags) == 0
     commands = capsys.readouterr().out.splitlines()
     assert len(commands) == 2 and all(c.startswith("python -m tools.protocols base2new ") for c in commands)

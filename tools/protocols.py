@@ -41,8 +41,9 @@ B2N = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers
        "sun397", "dtd", "eurosat", "ucf101"]                         # base-to-new: 11 datasets
 XD_SOURCE, XD_TARGETS = "imagenet", B2N[1:]       # cross-dataset: train on ImageNet, test the other 10
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # domain generalisation
-# The same three protocols in the built-in mini world (no download): mini_world.py's datasets.
-WORLD = dict(b2n=["mini_world"], source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
+# The same three protocols in the built-in mini world (no download): mini_world.py's suite of four base-to-new
+# datasets (generic, fine-grained, texture, satellite), its cross-dataset target and its domain-shift target.
+WORLD = dict(b2n=list(mini_world.SUITE), source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
 
 
 def papers_datasets(argv, datasets=None, dataset=None):

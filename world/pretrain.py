@@ -19,19 +19,23 @@ This design was fixed, and the CLIP pre-trained, before any prompt method ran on
   width // 64 heads: one head each here (ViT-B/16: 12 and 8 heads of 64).
 - Text: OpenAI's BPE tokenizer and 77-token context, so every prompt learner works unchanged.
 - Captions whose frames matter: a caption pins some attributes of its image (colour, pattern, shape, and through its
-  frame the *style*, photo or sketch, and sometimes the *light*). Sketches are described as "a sketch / drawing /
-  doodle of a ...", photos as "a photo / picture / image of a ...", a photo under a coloured or hazy camera sometimes as
-  "a hazy photo of a ..." or "a photo of a ... in warm light", and 20 % of captions have a neutral frame ("a ...",
-  "..."). The loss is told which images in a batch each caption describes (contrastive_loss), so "a photo of a" is a
-  claim the text encoder must encode: it reads "a sketch of a red circle" differently from "a photo of a red circle".
-  This is what gives text prompts something to act on, as the context words do in real CLIP.
+  frame the *style*: photo, sketch or satellite, and sometimes the *light*). Sketches are described as "a sketch /
+  drawing / doodle of a ...", photos as "a photo / picture / image of a ...", a photo under a coloured or hazy camera
+  sometimes as "a hazy photo of a ..." or "a photo of a ... in warm light", satellite images always as "a satellite
+  photo / image / view of a ..." (or "an aerial photo of a ..."), texture close-ups as "a zigzag texture." or "a photo
+  of a zigzag texture.", and 20 % of the other captions have a neutral frame ("a ...", "..."). The loss is told which
+  images in a batch each caption describes (contrastive_loss), so "a photo of a" is a claim the text encoder must
+  encode: it reads "a satellite photo of a red circle" (a purple one, in false colour) differently from "a photo of a
+  red circle". This is what gives text prompts something to act on, as the context words do in real CLIP.
+- Rare words: 15 % of the object photos are in one of 8 fine shades of red and blue, which a caption names 30 % of the
+  time (SHADE_NAMING) and otherwise calls by the family's word; the fine-grained dataset's names are these shades.
 - Temperature: learned from CLIP's 1/0.07 and clamped at CLIP's 100. It learns with a 10x learning rate because this
-  pre-training has 850 steps where CLIP's had about 400,000 (see pretrain_world_clip), and the known positives let it
+  pre-training has 1000 steps where CLIP's had about 400,000 (see pretrain_world_clip), and the known positives let it
   grow (a batch's duplicate captions no longer cap it). Where it ends, and why not at CLIP's 100: docs/results.md.
-- Pre-training: symmetric InfoNCE over 850 batches of 256 from 32,768 images of the whole world, new classes included
+- Pre-training: symmetric InfoNCE over 1000 batches of 256 from 32,768 images of the whole world, new classes included
   (like real CLIP it has seen every concept; only prompt learning is restricted to the base classes), AdamW, warmup
-  and cosine decay. 85 % of the images are photos, 70 % of those through a neutral camera, so each benchmark's own
-  light (WORLD_CAMERAS) is a domain gap that few-shot adaptation can close.
+  and cosine decay. The images: 60 % photos of objects and 10 % texture close-ups (70 % of these photos through a
+  neutral camera, the rest through random ones), 12 % sketches, 18 % satellite images (pretrain_sample).
 - Weights: 5.1 M parameters (of which the 49408 x 64 token table is 3.2 M), shipped in assets/ as a 10.4 MB fp16
   state dict, loaded with CLIP's own build_model.
 """
@@ -47,8 +51,8 @@ import torch.nn.functional as F
 
 import clip_layers
 from engine import rundir
-from world.mini_world import (NEW_CLIP_PATH, WORLD_COLOURS, WORLD_IMAGE_SIZE, WORLD_PATTERNS, WORLD_SHAPES,
-                              images_to_tensor, render_image)
+from world.mini_world import (BASIC_COLOURS, NEW_CLIP_PATH, SHADE_FAMILY, TEXTURE, WORLD_COLOURS, WORLD_IMAGE_SIZE,
+                              WORLD_PATTERNS, WORLD_SHAPES, images_to_tensor, render_image)
 
 PRETRAIN_STREAM_ID = 100  # the pre-training images come from their own seed stream, never from a benchmark split
 
@@ -62,7 +66,8 @@ def random_camera(rng):
 
 
 # -----------------------------------------------------------------------------
-# Captions for pre-training: what is drawn, how (photo or sketch) and under what light, in many phrasings
+# Captions for pre-training: what is drawn, how (photo, sketch, satellite image, close-up) and under what light, in
+# many phrasings
 #
 # A caption *pins* some attributes of its image: "a sketch of a red circle." pins colour, shape and style (sketch);
 # "a red shape." pins the colour only. Image j is a positive of caption i when it has every attribute caption i pins
@@ -75,7 +80,11 @@ PHOTO_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."
                    "a photo of the {}.", "a good photo of a {}."]
 SKETCH_TEMPLATES = ["a sketch of a {}.", "a drawing of a {}.", "a crayon drawing of a {}.", "a doodle of a {}.",
                     "a sketch of the {}."]
+SATELLITE_TEMPLATES = ["a satellite photo of a {}.", "a satellite image of a {}.", "a satellite view of a {}.",
+                       "an aerial photo of a {}."]
 NEUTRAL_TEMPLATES = ["a {}.", "{}.", "this is a {}.", "the {}."]  # say nothing about photo or sketch
+TEXTURE_TEMPLATES = ["a photo of a {} texture.", "a close-up photo of a {} pattern.", "a {} texture.",
+                     "a {} pattern.", "{} fabric."]  # close-ups: the pattern is the subject
 LIGHT_TEMPLATES = {  # photos only: a caption may name one light word of its camera (light_words)
     "warm": ["a photo of a {} in warm light.", "a warm photo of a {}."],
     "cold": ["a photo of a {} in cold light.", "a cold photo of a {}."],
@@ -83,13 +92,15 @@ LIGHT_TEMPLATES = {  # photos only: a caption may name one light word of its cam
     "dark": ["a dark photo of a {}.", "a photo of a {} in dim light."],
 }
 LIGHTS = list(LIGHT_TEMPLATES)
-STYLES = ["photo", "sketch"]
-PATTERN_NOUNS = {"striped": "stripes", "dotted": "dots", "checkered": "checks"}
+STYLES = ["photo", "sketch", "satellite"]
+PATTERN_NOUNS = {"striped": "stripes", "dotted": "dots", "checkered": "checks", "zigzag": "zigzags",
+                 "wavy": "waves", "grid": "grid lines", "ringed": "rings", "speckled": "specks"}
+SHADE_NAMING = 0.3  # how often a caption names a fine shade ("crimson") rather than its family ("red")
 
 
 def light_words(camera):
-    """The light words that describe a camera (a dict like WORLD_CAMERAS["lamp"]); none for the neutral camera.
-    The datasets' cameras: lamp is "warm", haze is "hazy"."""
+    """The light words that describe a camera (a dict like WORLD_CAMERAS["haze"]); none for the neutral camera.
+    The cross-dataset target's haze is "hazy"."""
     if camera is None:
         return []
     gain, offset = np.asarray(camera["gain"]), np.asarray(camera["offset"])
@@ -108,11 +119,23 @@ def light_words(camera):
 def make_caption(rng, colour, pattern, shape, style="photo", lights=()):
     """A random caption of one image and what it pins: (text, dict with some of colour, pattern, shape, style, light).
 
-    The object: 60% all three attribute words, 40% only some of them. The frame: 20% a neutral one ("a {}."), else
-    one of the image's style (photo or sketch templates), and for a photo whose camera has light words, half the time
-    one of those ("a hazy photo of a {}.").
+    The colour word: a fine shade is named as such SHADE_NAMING of the time and by its family otherwise ("red" for
+    "crimson"), and a caption that says "red" pins the family, which every shade of red has.
+    A close-up (shape TEXTURE) is described by its pattern ("a zigzag texture."), sometimes with its colour.
+    An object: 60% all three attribute words, 40% only some of them. The frame: a satellite image always gets a
+    satellite frame; otherwise 20% a neutral one ("a {}."), else one of the image's style (photo or sketch templates),
+    and for a photo whose camera has light words, half the time one of those ("a hazy photo of a {}.").
     """
     pins = {}
+    if colour in SHADE_FAMILY and rng.uniform() >= SHADE_NAMING:
+        colour = SHADE_FAMILY[colour]  # said (and pinned) as its family
+    if shape == TEXTURE:
+        phrase = f"{colour} {pattern}" if rng.uniform() < 0.3 else pattern
+        pins.update(pattern=pattern, shape=TEXTURE, **({"colour": colour} if phrase != pattern else {}))
+        template = TEXTURE_TEMPLATES[rng.integers(len(TEXTURE_TEMPLATES))]
+        if "photo" in template:
+            pins["style"] = "photo"
+        return template.format(phrase), pins
     r = rng.uniform()
     say_plain = pattern != "plain" or rng.uniform() < 0.5  # "plain" is often left unsaid (then pattern is not pinned)
     p = pattern + " " if say_plain else ""
@@ -131,7 +154,10 @@ def make_caption(rng, colour, pattern, shape, style="photo", lights=()):
                           (f"{pattern} {colour} thing", ("pattern", "colour"))][rng.integers(8)]
     pins.update({k: v for k, v in dict(colour=colour, pattern=pattern, shape=shape).items() if k in pinned})
 
-    if rng.uniform() < 0.2:
+    if style == "satellite":
+        template = SATELLITE_TEMPLATES[rng.integers(len(SATELLITE_TEMPLATES))]
+        pins["style"] = style
+    elif rng.uniform() < 0.2:
         template = NEUTRAL_TEMPLATES[rng.integers(len(NEUTRAL_TEMPLATES))]
     elif style == "photo" and lights and rng.uniform() < 0.5:
         light = lights[rng.integers(len(lights))]
@@ -148,33 +174,44 @@ def make_caption(rng, colour, pattern, shape, style="photo", lights=()):
 
 
 # what a caption can pin besides the light, in the order of pretrain_sample's attribute tuples
-PINNABLE = [("colour", list(WORLD_COLOURS)), ("pattern", WORLD_PATTERNS), ("shape", WORLD_SHAPES), ("style", STYLES)]
+PINNABLE = [("colour", list(WORLD_COLOURS)), ("pattern", WORLD_PATTERNS), ("shape", WORLD_SHAPES + [TEXTURE]),
+            ("style", STYLES)]
 
 
 def _codes(attrs):
-    """Integer codes of images' attributes: (N, 4) [colour, pattern, shape, style] and (N,) bit masks of light
-    words."""
-    codes = np.array([[words.index(a[k]) for k, (_, words) in enumerate(PINNABLE)] for a in attrs])
+    """Integer codes of images' attributes: (N, 5) [colour, pattern, shape, style, colour family] and (N,) bit masks
+    of light words."""
+    colours = PINNABLE[0][1]
+    codes = np.array([[words.index(a[k]) for k, (_, words) in enumerate(PINNABLE)]
+                      + [colours.index(SHADE_FAMILY.get(a[0], a[0]))] for a in attrs])
     lights = np.array([sum(1 << LIGHTS.index(w) for w in a[4]) for a in attrs])
     return codes, lights
 
 
 def caption_matches(image_codes, image_lights, pins):
-    """(B_images, B_captions) bool: image i has every attribute that caption j pins."""
+    """(B_images, B_captions) bool: image i has every attribute that caption j pins (a colour pin is met by the
+    colour itself or, for a fine shade, by its family's word)."""
     need = np.array([[words.index(p[k]) if k in p else -1 for k, words in PINNABLE] for p in pins])  # -1: not pinned
     need_light = np.array([1 << LIGHTS.index(p["light"]) if "light" in p else 0 for p in pins])
-    ok = ((need[None] == -1) | (need[None] == image_codes[:, None])).all(-1)
-    return ok & ((image_lights[:, None] & need_light[None]) == need_light[None])
+    codes = image_codes[:, None, :4]
+    ok = (need[None] == -1) | (need[None] == codes)
+    ok[..., 0] |= need[None, :, 0] == image_codes[:, None, 4]  # "red" describes a crimson image too
+    return ok.all(-1) & ((image_lights[:, None] & need_light[None]) == need_light[None])
 
 
 def pretrain_sample(seed, i):
     """Image i of the pre-training stream and its (colour, pattern, shape, style, light words); the captions are drawn
-    anew every time the image is used. Attributes are uniform over the whole world, so every combination occurs."""
+    anew every time the image is used. Every class of every dataset occurs (new classes included), in these shares:
+    60% photos of objects (15% of them in a fine shade), 10% texture close-ups, 12% sketches, 18% satellite images."""
     rng = np.random.default_rng([seed, PRETRAIN_STREAM_ID, i])
-    colour = list(WORLD_COLOURS)[rng.integers(len(WORLD_COLOURS))]
-    pattern = WORLD_PATTERNS[rng.integers(len(WORLD_PATTERNS))]
-    shape = WORLD_SHAPES[rng.integers(len(WORLD_SHAPES))]
-    style = "sketch" if rng.uniform() < 0.15 else "photo"
+    pick = lambda words: words[rng.integers(len(words))]
+    r = rng.uniform()
+    style = "sketch" if r < 0.12 else "satellite" if r < 0.30 else "photo"
+    colour = pick(list(SHADE_FAMILY)) if style == "photo" and r >= 0.40 and rng.uniform() < 0.15 else \
+        pick(BASIC_COLOURS)
+    pattern = "plain" if style == "satellite" else pick(WORLD_PATTERNS[1:]) if 0.30 <= r < 0.40 else \
+        pick(WORLD_PATTERNS)
+    shape = TEXTURE if 0.30 <= r < 0.40 else pick(WORLD_SHAPES)
     camera = random_camera(rng) if style == "photo" and rng.uniform() < 0.3 else None
     image = render_image(rng, colour, pattern, shape, style=style, camera=camera)
     return image, (colour, pattern, shape, style, tuple(light_words(camera)))
@@ -199,7 +236,7 @@ class WorldClipConfig:
     # pre-training
     seed: int = 0
     pool_size: int = 32768          # pre-training images, rendered once; captions are re-drawn at every use
-    steps: int = 850                # CLIP's had about 400,000; this many fit a CPU (time: docs/results.md)
+    steps: int = 1000               # CLIP's had about 400,000; this many fit a CPU (time: docs/results.md)
     batch_size: int = 256
     lr: float = 1e-3
     warmup_steps: int = 100

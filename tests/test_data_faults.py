@@ -42,7 +42,7 @@ def run_world(root, tmp_path, tiny, *flags):
                        "--output", str(tmp_path / "run"), *flags], clip_model=tiny)
 
 
-NEW = mini_world.base_new_labels(36)[1]  # mini_world's new labels, 18..35
+NEW = mini_world.base_new_labels(mini_world.DATASETS["mini_world"].classes)[1]  # mini_world's new labels, 18..35
 
 
 def png_header(width, height):

@@ -27,12 +27,12 @@ This design was fixed, and the CLIP pre-trained, before any prompt method ran on
   images in a batch each caption describes (contrastive_loss), so "a photo of a" is a claim the text encoder must
   encode: it reads "a satellite photo of a red circle" (a purple one, in false colour) differently from "a photo of a
   red circle". This is what gives text prompts something to act on, as the context words do in real CLIP.
-- Rare words: 15 % of the object photos are in one of 8 fine shades of red and blue, which a caption names 30 % of the
+- Rare words: 15 % of the object photos are in one of 8 fine shades of red and blue, which a caption names 5 % of the
   time (SHADE_NAMING) and otherwise calls by the family's word; the fine-grained dataset's names are these shades.
 - Temperature: learned from CLIP's 1/0.07 and clamped at CLIP's 100. It learns with a 10x learning rate because this
-  pre-training has 1000 steps where CLIP's had about 400,000 (see pretrain_world_clip), and the known positives let it
+  pre-training has 900 steps where CLIP's had about 400,000 (see pretrain_world_clip), and the known positives let it
   grow (a batch's duplicate captions no longer cap it). Where it ends, and why not at CLIP's 100: docs/results.md.
-- Pre-training: symmetric InfoNCE over 1000 batches of 256 from 32,768 images of the whole world, new classes included
+- Pre-training: symmetric InfoNCE over 900 batches of 256 from 32,768 images of the whole world, new classes included
   (like real CLIP it has seen every concept; only prompt learning is restricted to the base classes), AdamW, warmup
   and cosine decay. The images: 60 % photos of objects and 10 % texture close-ups (70 % of these photos through a
   neutral camera, the rest through random ones), 12 % sketches, 18 % satellite images (pretrain_sample).
@@ -95,7 +95,7 @@ LIGHTS = list(LIGHT_TEMPLATES)
 STYLES = ["photo", "sketch", "satellite"]
 PATTERN_NOUNS = {"striped": "stripes", "dotted": "dots", "checkered": "checks", "zigzag": "zigzags",
                  "wavy": "waves", "grid": "grid lines", "ringed": "rings", "speckled": "specks"}
-SHADE_NAMING = 0.3  # how often a caption names a fine shade ("crimson") rather than its family ("red")
+SHADE_NAMING = 0.05  # how often a caption names a fine shade ("crimson") rather than its family ("red")
 
 
 def light_words(camera):
@@ -236,7 +236,7 @@ class WorldClipConfig:
     # pre-training
     seed: int = 0
     pool_size: int = 32768          # pre-training images, rendered once; captions are re-drawn at every use
-    steps: int = 1000               # CLIP's had about 400,000; this many fit a CPU (time: docs/results.md)
+    steps: int = 900                # CLIP's had about 400,000; this many fit a CPU (time: docs/results.md)
     batch_size: int = 256
     lr: float = 1e-3
     warmup_steps: int = 100

@@ -18,25 +18,24 @@ On the real benchmarks zero-shot CLIP is strong on some datasets and weak on oth
 27 % on FGVC-Aircraft, 56 % on EuroSAT), and prompt learning gains most where the generic "a photo of a {}." says least
 about the domain. The suite has one dataset per kind of gap (WORLD_DATASETS has the words; the images: render_image):
 
-    mini_world            generic objects, like Caltech101 or ImageNet. 24 classes = 4 colours x 3 patterns x
-                          2 shapes (square and triangle, the two this CLIP tells apart best), photographed like the
-                          pre-training photos and named with the captions' commonest words. Zero-shot CLIP is strong
-                          here, and prompts have little to add.
+    mini_world            generic objects, like Caltech101 or ImageNet. 36 classes = 4 colours x 3 patterns x
+                          3 shapes, photographed like the pre-training photos and named with the captions' commonest
+                          words. Zero-shot CLIP is strong here, and prompts have little to add.
     mini_world_fine       fine-grained, like FGVC-Aircraft, Flowers or Cars: 16 classes = 8 shades of red and blue x
-                          2 shapes ("crimson circle", "maroon circle"). The names differ in one word, and it is a rare
-                          one: the pre-training captions call a crimson object "red" 95 % of the time, as web captions
-                          say "a plane" and rarely "a 737-200". The images still show the shade plainly, so the image
-                          features separate what the text encoder barely names.
-    mini_world_texture    textures, like DTD: 8 classes of close-ups filled with one pattern in random colours, named
-                          by the pattern alone ("zigzag", "ringed"): no object, and a class name that the captions use
-                          as an adjective.
+                          2 shapes ("crimson circle", "maroon circle"), shot in hazy light as aircraft are against the
+                          sky. The names differ in one word, and it is a rare one: the pre-training captions call a
+                          crimson object "red" 95 % of the time, as web captions say "a plane" and rarely
+                          "a 737-200". The images still show the shade, so the image features separate what the text
+                          encoder barely names.
+    mini_world_texture    textures, like DTD: 8 classes of close-ups filled with one pattern in one of 4 colours,
+                          named by the pattern alone ("zigzag", "ringed"): no object, and a class name that the
+                          captions use as an adjective.
     mini_world_satellite  satellite images, like EuroSAT: 16 classes = 4 colours x 4 shapes in false colour (each
-                          colour channel takes half of the next one: red objects look purple, green ones olive), as
-                          multispectral composites shift hues. The captions always call these "a satellite photo of
-                          ..." (or aerial), so a colour word means another hue after "satellite" than after "photo".
-                          Nothing else in the picture says "satellite" (a first design drew small objects on fields,
-                          and the image encoder learned to undo the false colour wherever it saw fields, so the frame
-                          was worth 2 points), so only the text can read the colours right: the domain's frame is
+                          colour channel takes half of the next one), as multispectral composites shift hues: a red
+                          object looks purple and a purple one blue, so in a photo's terms several classes look like
+                          another one. The captions always call these "a satellite photo of ..." (or aerial), so a
+                          colour word means another hue after "satellite" than after "photo", and nothing else in the
+                          picture says "satellite": only the text can read the colours right. The domain's frame is
                           worth points that the generic one loses, as "a centered satellite photo of" is on EuroSAT.
 
 New classes follow CoOp's rule (sort the labels, the first half are base), with labels ordered so that every new
@@ -46,7 +45,7 @@ The other two protocols' targets:
 
     mini_world_xd         24 classes from other words (4 colours x plain/checkered x star/heart/cross) in hazy
                           light: the cross-dataset target of a model trained on mini_world.
-    mini_world_shift      mini_world's 24 classes as crayon sketches on paper, test split only: the domain-shift
+    mini_world_shift      mini_world's 36 classes as crayon sketches on paper, test split only: the domain-shift
                           target (our ImageNet-Sketch).
 
 Targets, fixed before any prompt method ran on the world (`--report` checks them; the numbers: docs/results.md):
@@ -294,7 +293,7 @@ def _downsample(mask, k):
 
 # A camera is how a dataset's pictures were taken: colour gains (the light's colour), contrast, a grey offset (haze)
 # and sensor noise. 70% of the pre-training photos come through a neutral camera and the rest through random ones;
-# the cross-dataset target has hazy light of its own.
+# the fine-grained dataset and the cross-dataset target are shot in haze.
 WORLD_CAMERAS = {
     "haze": dict(gain=(0.92, 0.96, 1.0), contrast=0.55, offset=(0.3, 0.3, 0.3), noise=0.03),  # bright, washed out
 }

@@ -206,12 +206,12 @@ def pretrain_sample(seed, i):
     rng = np.random.default_rng([seed, PRETRAIN_STREAM_ID, i])
     pick = lambda words: words[rng.integers(len(words))]
     r = rng.uniform()
-    style = "sketch" if r < 0.12 else "satellite" if r < 0.30 else "photo"
-    colour = pick(list(SHADE_FAMILY)) if style == "photo" and r >= 0.40 and rng.uniform() < 0.15 else \
-        pick(BASIC_COLOURS)
-    pattern = "plain" if style == "satellite" else pick(WORLD_PATTERNS[1:]) if 0.30 <= r < 0.40 else \
-        pick(WORLD_PATTERNS)
-    shape = TEXTURE if 0.30 <= r < 0.40 else pick(WORLD_SHAPES)
+    kind = "sketch" if r < 0.12 else "satellite" if r < 0.30 else "texture" if r < 0.40 else "object"
+    style = "photo" if kind in ("texture", "object") else kind  # a close-up is a photo
+    shaded = kind == "object" and rng.uniform() < 0.15
+    colour = pick(list(SHADE_FAMILY) if shaded else BASIC_COLOURS)
+    pattern = "plain" if kind == "satellite" else pick(WORLD_PATTERNS[1:] if kind == "texture" else WORLD_PATTERNS)
+    shape = TEXTURE if kind == "texture" else pick(WORLD_SHAPES)
     camera = random_camera(rng) if style == "photo" and rng.uniform() < 0.3 else None
     image = render_image(rng, colour, pattern, shape, style=style, camera=camera)
     return image, (colour, pattern, shape, style, tuple(light_words(camera)))

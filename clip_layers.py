@@ -11,9 +11,10 @@ The blocks are CLIP's stock `ResidualAttentionBlock`s with their stock parameter
 `scaled_dot_product_attention` (the same math as CLIP's `nn.MultiheadAttention`). The equations are the transformer's
 (Vaswani et al. 2017) in CLIP's pre-LayerNorm form; the code follows OpenAI CLIP's clip/model.py.
 
-Exact speed-ups of these loops (text rows that every class shares encoded once, classes in chunks, the last vision
-block on the CLS row only) live in engine/clip_engine.py, with their proofs. When that folder sits beside this file,
-encode_text and encode_image run through it; without it they run the plain loops below. Both give the same numbers.
+Exact speed-ups of these loops (text rows that every class shares encoded once, classes in chunks,
+the last vision block on the CLS row only) live in engine/clip_engine.py, with their proofs. A
+method runs the plain loops below unless it is handed an engine, `engine=clip_engine.Engine()`
+(train.py's build_model does): both give the same numbers.
 
 Shapes in comments are for ViT-B/16: text width 512, context 77; vision width 768, 14 x 14 = 196 patches + 1 CLS = 197
 tokens. Letters: N images, C classes (text sequences), L sequence length, D width, h heads. No width is hard-coded.
@@ -79,7 +80,7 @@ def token_embedding(clip_model, ids):
     return clip_model.token_embedding(ids)
 
 
-def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
+def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False, engine=None):
     """Text features (C, E) of prompts given as token embeddings, E = 512 for ViT-B/16, not normalised.
 
     x:   (C, 77, 512) token embeddings, the layer-0 prompts already written into them (before the positional embedding
@@ -88,10 +89,12 @@ def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
     hook_rows: k if the hook writes only rows 0..k-1, the same way for every class (a fact about the method that lets
          the engine encode the rows all classes share once); None if it may write anywhere;
     eot_rows: also return each class's EOT row at the input of every layer, (C, layers, 512): the token CLIP reads out
-         at the end, as a per-layer summary of the class's text (ISP's cross module reads it).
+         at the end, as a per-layer summary of the class's text (ISP's cross module reads it);
+    engine: None, the plain loop (text_transformer); or an engine whose encode_text gives the same
+         numbers faster (engine/clip_engine.py).
     """
-    if _engine is not None:
-        return _engine.encode_text(clip_model, x, eot, hook, hook_rows, eot_rows)
+    if engine is not None:
+        return engine.encode_text(clip_model, x, eot, hook, hook_rows, eot_rows)
     return text_transformer(clip_model, x, eot, hook, eot_rows)
 
 
@@ -113,9 +116,10 @@ def text_transformer(clip_model, x, eot, hook=None, eot_rows=False, L=None):
     return (x, torch.stack(summaries, dim=1)) if eot_rows else x         # summaries: (C, layers, 512)
 
 
-def encode_text_ids(clip_model, ids):
-    """Frozen-token text features straight from token ids (C, 77): CLIP's `encode_text`, through our blocks."""
-    return encode_text(clip_model, token_embedding(clip_model, ids), eot_index(ids))
+def encode_text_ids(clip_model, ids, engine=None):
+    """Frozen-token text features straight from token ids (C, 77): CLIP's `encode_text`, through
+    our blocks."""
+    return encode_text(clip_model, token_embedding(clip_model, ids), eot_index(ids), engine=engine)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -130,22 +134,26 @@ def patch_tokens(clip_model, images):
     return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (N, 197, 768)
 
 
-def encode_image(clip_model, images, hook=None):
-    """Image features (N, E) from the CLS token, not normalised; hook(layer, x) edits the token sequence at the input
-    of every layer. At layer 0 it sees the sequence after the positional embedding and *before* `ln_pre`: where the
-    official MaPLe / IVLP / MPL code appends its first vision prompts (no positional embedding, but through ln_pre).
-    At layers >= 1 it sees the input of block `layer`. The sequence may grow or shrink between layers."""
-    if _engine is not None:
-        return _engine.encode_image(clip_model, images, hook)
+def encode_image(clip_model, images, hook=None, engine=None):
+    """Image features (N, E) from the CLS token, not normalised; hook(layer, x) edits the token
+    sequence at the input of every layer. At layer 0 it sees the sequence after the positional
+    embedding and *before* `ln_pre`: where the official MaPLe / IVLP / MPL code appends its first
+    vision prompts (no positional embedding, but through ln_pre). At layers >= 1 it sees the input
+    of block `layer`. The sequence may grow or shrink between layers. engine: None, each block is
+    residual_block; or an engine whose `vision_block(block, x, last)` runs it (the same numbers)."""
     v = clip_model.visual
     x = patch_tokens(clip_model, images)                                  # (N, 197, 768)
-    for layer, block in enumerate(v.transformer.resblocks):
+    blocks = v.transformer.resblocks
+    for layer, block in enumerate(blocks):
         if hook is not None:
-            x = hook(layer, x)                                            # (N, 197 + prompts at this layer, 768)
+            x = hook(layer, x)                                # (N, 197 + prompts at this layer, 768)
         if layer == 0:
             x = v.ln_pre(x)
-        x = residual_block(block, x, causal=False)
-    return v.ln_post(x[:, 0]) @ v.proj.to(x.dtype)                        # (N, 768) CLS token -> (N, 512)
+        if engine is None:
+            x = residual_block(block, x, causal=False)
+        else:
+            x = engine.vision_block(block, x, last=layer == len(blocks) - 1)
+    return v.ln_post(x[:, 0]) @ v.proj.to(x.dtype)            # (N, 768) CLS token -> (N, 512)
 
 
 def n_layers(clip_model):
@@ -175,9 +183,10 @@ class PromptMethod(nn.Module):
         model.load_prompt_state_dict(sd)            strict names and shapes; also into a model of other classes
     """
 
-    def __init__(self, clip_model):
+    def __init__(self, clip_model, engine=None):
         super().__init__()
         self.clip = freeze(clip_model)
+        self.engine = engine  # None: the plain loops; else clip_engine.Engine(): the same, faster
 
     def train(self, mode=True):
         """Training mode for the prompts only: the frozen CLIP stays in eval mode."""
@@ -205,11 +214,12 @@ class PromptMethod(nn.Module):
 class ZeroShotCLIP(PromptMethod):
     """The zero-shot baseline: text features of `template.format(classname)`, computed once; nothing trains."""
 
-    def __init__(self, clip_model, classnames, template="a photo of a {}."):
-        super().__init__(clip_model)
+    def __init__(self, clip_model, classnames, template="a photo of a {}.", engine=None):
+        super().__init__(clip_model, engine)
         ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
         with torch.no_grad():
-            features = encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device))          # (C, 512)
+            ids = ids.to(clip_model.logit_scale.device)
+            features = encode_text_ids(clip_model, ids, engine)                     # (C, 512)
         self.register_buffer("text_features", features, persistent=False)
 
     def encode_classes(self):
@@ -217,7 +227,8 @@ class ZeroShotCLIP(PromptMethod):
 
     def forward(self, images, classes=None):
         classes = self.encode_classes() if classes is None else classes
-        return cosine_logits(encode_image(self.clip, images), classes, self.clip.logit_scale)
+        image_features = encode_image(self.clip, images, engine=self.engine)     # (N, 512)
+        return cosine_logits(image_features, classes, self.clip.logit_scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -307,13 +318,3 @@ def to_official_fp16(model):
 def widths(clip_model):
     """(text width, vision width), e.g. (512, 768) for ViT-B/16, read from the weights."""
     return clip_model.ln_final.weight.shape[0], clip_model.visual.conv1.weight.shape[0]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The exact speed-ups: used when engine/clip_engine.py is beside this file (this file alone runs the plain loops)
-try:
-    from engine import clip_engine as _engine
-except ModuleNotFoundError as e:
-    if e.name not in ("engine", "engine.clip_engine"):
-        raise
-    _engine = None

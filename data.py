@@ -85,6 +85,7 @@ class DatasetSpec:
     train: int
     val: int            # ImageNet: 0, its val set is the test set
     test: int
+    crop_scale: float = 0.08  # smallest area of the training RandomResizedCrop (Dassl's default)
 
     @property
     def test_only(self):  # ImageNet-V2/-Sketch/-A/-R: a test split and nothing to train on

@@ -194,24 +194,26 @@ class SampleProbe(nn.Module):
     The frozen CLIP is passed in (ISP owns it), so that it is no submodule of this one.
     """
 
-    def __init__(self, clip_model, names, template, lam):
+    def __init__(self, clip_model, names, template, lam, engine=None):
         super().__init__()
         self.lam = lam
         ids = clip_layers.tokenize([template.format(name) for name in names])
         with torch.no_grad():
-            h = clip_layers.encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device))  # (C, 512)
+            ids = ids.to(clip_model.logit_scale.device)
+            h = clip_layers.encode_text_ids(clip_model, ids, engine)                    # (C, 512)
         self.register_buffer("text_features", h / h.norm(dim=-1, keepdim=True), persistent=False)
 
     @torch.no_grad()
-    def p_clip(self, clip_model, images, labels):
+    def p_clip(self, clip_model, images, labels, engine=None):
         """(N,) the frozen, un-prompted CLIP's probability of each image's true class: one no-grad
         pass of the image encoder per step (the crops are random, so it cannot be cached)."""
-        u = clip_layers.encode_image(clip_model, images)                       # (N, 512) no prompts
+        u = clip_layers.encode_image(clip_model, images, engine=engine)        # (N, 512) no prompts
         p = clip_layers.cosine_logits(u, self.text_features, clip_model.logit_scale).softmax(dim=-1)  # (N, C)
         return p.gather(1, labels[:, None]).squeeze(1)                                      # (N,)
 
-    def forward(self, clip_model, images, labels):
-        return 1 + self.lam * (1 - self.p_clip(clip_model, images, labels))       # (N,)  Eq. (SP-1)
+    def forward(self, clip_model, images, labels, engine=None):
+        d = 1 - self.p_clip(clip_model, images, labels, engine)                   # (N,)  (§5.1)
+        return 1 + self.lam * d                                                   # (N,)  Eq. (SP-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -232,8 +234,8 @@ class ISP(clip_layers.PromptMethod):
     or to_official_fp16).
     """
 
-    def __init__(self, clip_model, classnames, cfg=None):
-        super().__init__(clip_model)
+    def __init__(self, clip_model, classnames, cfg=None, engine=None):
+        super().__init__(clip_model, engine)  # engine: clip_engine.Engine() for the speed-ups
         self.cfg = cfg = ISPConfig() if cfg is None else cfg
         n_layers = min(clip_layers.n_layers(self.clip))
         if cfg.depth > n_layers:
@@ -293,7 +295,7 @@ class ISP(clip_layers.PromptMethod):
         # h_c: frozen zero-shot text features of the class set, for p_clip (§5.1)
         self.probe = None
         if cfg.sample_probing:
-            self.probe = SampleProbe(self.clip, names, cfg.sp_template, cfg.sp_lambda)
+            self.probe = SampleProbe(self.clip, names, cfg.sp_template, cfg.sp_lambda, engine)
 
     def encode_classes(self):
         """Everything class-dependent that does not depend on images, for evaluation to compute once
@@ -328,7 +330,8 @@ class ISP(clip_layers.PromptMethod):
         summaries = self.cross_vision is not None
         # hook_rows: without the self module the hook writes rows 0..n the same way for every class.
         out = clip_layers.encode_text(self.clip, x, self.eot, text_hook, eot_rows=summaries,
-                                      hook_rows=1 + n if self.self_text is None else None)
+                                      hook_rows=1 + n if self.self_text is None else None,
+                                      engine=self.engine)
         return out if summaries else (out, None)
 
     def encode_images(self, images, summaries=None):
@@ -352,7 +355,7 @@ class ISP(clip_layers.PromptMethod):
                 P = P + self.coupling[l](self.text_prompts[l])     # linear: (n, 512) -> (n, 768)
             return torch.cat([X, P], dim=1)                        # (N, 197 + n, 768)
 
-        return clip_layers.encode_image(self.clip, images, vision_hook)
+        return clip_layers.encode_image(self.clip, images, vision_hook, engine=self.engine)
 
     def forward(self, images, classes=None):
         """images (N, 3, 224, 224) -> fp32 logits (N, C). classes: the output of encode_classes(),
@@ -364,7 +367,7 @@ class ISP(clip_layers.PromptMethod):
     @torch.no_grad()
     def loss_weights(self, images, labels, logits=None):
         """Sample probing's (N,) weights, detached, for loss = mean_i w_i CE_i; None when off."""
-        return None if self.probe is None else self.probe(self.clip, images, labels)
+        return None if self.probe is None else self.probe(self.clip, images, labels, self.engine)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -189,8 +189,8 @@ class MPL(clip_layers.PromptMethod):
     to_official_fp16).
     """
 
-    def __init__(self, clip_model, classnames, cfg=None):
-        super().__init__(clip_model)
+    def __init__(self, clip_model, classnames, cfg=None, engine=None):
+        super().__init__(clip_model, engine)  # engine: clip_engine.Engine() for the speed-ups
         self.cfg = cfg = cfg if cfg is not None else MPLConfig()
         self.prompt_learner = ModularPromptLearner(self.clip, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
                                                    n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init,
@@ -210,7 +210,7 @@ class MPL(clip_layers.PromptMethod):
 
         # hook_rows: the hook writes rows 0..n_ctx only, the same prompts into every class.
         return clip_layers.encode_text(self.clip, prompts.text_input(), prompts.eot, text_hook,
-                                       hook_rows=1 + prompts.n_ctx)                # (C, 512)
+                                       hook_rows=1 + prompts.n_ctx, engine=self.engine)  # (C, 512)
 
     def encode_images(self, images):
         """(N, 512) image features; this is where MPL's add / remove / carry happen."""
@@ -229,7 +229,7 @@ class MPL(clip_layers.PromptMethod):
                 x = torch.cat([x, new_tokens[layer].expand(x.shape[0], -1, -1)], dim=1)
             return x                            # L_layer by default: 198, 199, ..., 206, 206, ...
 
-        return clip_layers.encode_image(self.clip, images, vision_hook)
+        return clip_layers.encode_image(self.clip, images, vision_hook, engine=self.engine)
 
     def forward(self, images, classes=None):
         """images (N, 3, 224, 224) -> fp32 logits (N, C). classes: the output of encode_classes(),

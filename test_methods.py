@@ -22,6 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
+from engine import cli
 from engine import clip_engine
 import clip_layers
 import isp
@@ -42,6 +44,7 @@ def vitb16():
 # mpl.py: MPL and the MaPLe preset, against a plain re-implementation of the official forward
 
 CLASSES = ["dog", "cat", "sea lion"]
+FAST = clip_engine.Engine()  # the engine train.py hands the methods: what most tests run; bench.OFFICIAL: the official
 TINY = {  # the cross-dataset depth 3: most of the tiny CLIP's 12 layers run unprompted, which the tests check too
     "mpl": replace(mpl.PRESETS["mpl"], **mpl.CROSS_DATASET),
     "maple": replace(mpl.PRESETS["maple"], **mpl.CROSS_DATASET),
@@ -52,7 +55,7 @@ def make_model(clip_model, cfg, seed=0, classnames=CLASSES, **kw):
     """An MPL model whose prompt values are random and all different (the projections start as identical copies, and
     a zero-ish prompt would hide mistakes of order or placement)."""
     torch.manual_seed(seed)
-    model = mpl.MPL(clip_model, classnames, cfg, **kw)
+    model = mpl.MPL(clip_model, classnames, cfg, **{"engine": FAST, **kw})
     with torch.no_grad():
         for p in model.prompt_learner.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -175,7 +178,7 @@ def record_blocks(monkeypatch, model, images, identity=False):
         return call
 
     monkeypatch.setattr(clip_engine, "cls_block", recording("cls", clip_engine.cls_block))
-    monkeypatch.setattr(clip_engine, "stock_block", recording("stock", clip_engine.stock_block))
+    monkeypatch.setattr(bench, "stock_block", recording("stock", bench.stock_block))
     run_spied(monkeypatch, model, images, residual_block=recording("ours", clip_layers.residual_block))
     return seen
 
@@ -197,7 +200,7 @@ def test_sequence_lengths_tiny(tiny, monkeypatch, preset, expected, prefix):
     # (clip_engine.block_after_prefix, not recorded here) ...
     assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(1, prefix)] * 11
     # ... and without sharing every class keeps its (cut) length at every layer
-    with clip_engine.options(shared_prefix=False):
+    with FAST.options(shared_prefix=False):
         seen = record_blocks(monkeypatch, make_model(tiny, cfg), images_for(tiny))
     cut = int(model.prompt_learner.eot.max()) + 1
     assert [tuple(x.shape[:2]) for x, _ in seen["text"]] == [(len(CLASSES), cut)] * 12
@@ -208,7 +211,7 @@ def test_sequence_lengths_vitb16(vitb16, monkeypatch):
     images = images_for(vitb16, n=1)
     expected = {"mpl": list(range(198, 207)) + [206] * 3, "maple": [199] * 12}
     for preset, cfg in mpl.PRESETS.items():
-        model = mpl.MPL(vitb16, CLASSES, cfg)
+        model = mpl.MPL(vitb16, CLASSES, cfg, engine=FAST)
         seen = record_blocks(monkeypatch, model, images, identity=True)
         assert [x.shape[1] for x, _ in seen["vision"]] == expected[preset] == vision_lengths(197, cfg, 12)
 
@@ -218,7 +221,7 @@ def test_add_remove_carry(tiny, monkeypatch):
     exactly), then the n_add projections of the layer's text prompt (added); text rows 1..n_ctx are replaced."""
     cfg = TINY["mpl"]
     model = make_model(tiny, cfg)
-    with clip_engine.options(shared_prefix=False):  # every class's text rows through every block
+    with FAST.options(shared_prefix=False):  # every class's text rows through every block
         seen = record_blocks(monkeypatch, model, images_for(tiny))
     p = prompt_params(model)
     for l in range(1, 12):
@@ -266,7 +269,7 @@ def test_maple_with_other_n_ctx_removes_what_it_added(tiny, monkeypatch):
     17 + n_ctx at every layer (and nothing of the previous layer's prompts is carried)."""
     cfg = train.method_config(train.get_args(["--method", "maple", "--n-ctx", "3", "--depth", "3"]))
     assert (cfg.n_ctx, cfg.n_add, cfg.n_rm) == (3, 1, 3) and cfg == mpl.maple(3, depth=3)
-    seen = record_blocks(monkeypatch, mpl.MPL(tiny, CLASSES, cfg), images_for(tiny))
+    seen = record_blocks(monkeypatch, mpl.MPL(tiny, CLASSES, cfg, engine=FAST), images_for(tiny))
     assert [x.shape[1] for x, _ in seen["vision"]] == [17 + 3] * 12
     explicit = train.method_config(train.get_args(["--method", "maple", "--n-ctx", "3", "--n-rm", "1"]))
     assert explicit.n_rm == 1  # an explicit --n-rm still wins
@@ -433,7 +436,7 @@ DEPTH = 3  # of the tiny CLIP's 12 layers, 3..11 run without prompts, as layers 
 
 
 def make(clip_model, names=NAMES, **kw):
-    return ISP(clip_model, names, ISPConfig(**{"depth": DEPTH, "sample_probing": False, **kw}))
+    return ISP(clip_model, names, ISPConfig(**{"depth": DEPTH, "sample_probing": False, **kw}), engine=FAST)
 
 
 def images(n, seed=1):
@@ -480,7 +483,7 @@ def plain_ivlp_logits(clip_model, classnames, Pt, Pv, x, depth):
 
 
 def test_ivlp_equals_plain_reimplementation(tiny):
-    model = ISP(tiny, NAMES, ISPConfig(**{**isp.PRESETS["ivlp"].__dict__, "depth": DEPTH}))
+    model = ISP(tiny, NAMES, ISPConfig(**{**isp.PRESETS["ivlp"].__dict__, "depth": DEPTH}), engine=FAST)
     ids = clip_layers.tokenize([f"a photo of a {c}." for c in NAMES])
     assert torch.equal(model.text_prompts[0], tiny.token_embedding(ids[0, 1:5]))   # init from "a photo of a"
     perturb(model)
@@ -499,7 +502,7 @@ def test_zero_init_isp_equals_ivlp(tiny, cross):
     model = make(tiny, isp_cross=cross)
     model.load_state_dict({k: v for k, v in trainable(ivlp).items()}, strict=False)   # same prompt values
     x = images(3)
-    with torch.no_grad(), clip_engine.options(shared_prefix=False):
+    with torch.no_grad(), FAST.options(shared_prefix=False):
         assert torch.equal(model(x), ivlp(x))
 
 
@@ -570,7 +573,7 @@ def test_chunked_encode_classes(tiny):
     perturb(model)
 
     def encode(text_chunk):
-        with clip_engine.options(text_chunk=text_chunk):
+        with FAST.options(text_chunk=text_chunk):
             return model.encode_classes()
 
     with torch.no_grad():
@@ -582,7 +585,7 @@ def test_chunked_encode_classes(tiny):
 
     def grads(text_chunk):
         model.zero_grad()
-        with clip_engine.options(text_chunk=text_chunk):
+        with FAST.options(text_chunk=text_chunk):
             logits = model(x)
             F.cross_entropy(logits, y).backward()
         return logits.detach(), {k: p.grad.clone() for k, p in trainable(model).items()}
@@ -652,7 +655,7 @@ def test_loss_weights_use_frozen_clip(tiny):
 def test_training_with_probing_lowers_weighted_loss(tiny):
     torch.manual_seed(0)
     names = ["red", "green", "blue", "gray"]
-    model = ISP(tiny, names, ISPConfig(depth=DEPTH))                  # probing on, linear
+    model = ISP(tiny, names, ISPConfig(depth=DEPTH), engine=FAST)     # probing on, linear
     g = torch.Generator().manual_seed(5)
     y = torch.arange(16) % 4
     x = 3 * torch.randn(4, 3, 32, 32, generator=g)[y] + torch.randn(16, 3, 32, 32, generator=g)  # class signal + noise
@@ -691,7 +694,7 @@ def built(clip_model, cfg, names):
     if isinstance(cfg, mpl.MPLConfig):
         return make_model(clip_model, cfg, classnames=names)
     torch.manual_seed(0)
-    model = ISP(clip_model, names, cfg)
+    model = ISP(clip_model, names, cfg, engine=FAST)
     perturb(model)
     return model
 
@@ -720,12 +723,12 @@ def test_shared_prefix_equals_unshared(tiny, monkeypatch, preset, chunk):
     cfg = ROW_ALIKE[preset]()
     x, y = images(3), torch.tensor([0, 2, 5])
     calls = spy_shared(monkeypatch)
-    with clip_engine.options(text_chunk=chunk, shared_prefix=False):
+    with FAST.options(text_chunk=chunk, shared_prefix=False):
         unshared = features_and_gradients(built(tiny, cfg, SHARED_NAMES), x, y)
     assert calls == []
     model = built(tiny, cfg, SHARED_NAMES)
     calls.clear()  # (ISP's sample probing encodes its zero-shot class texts on construction, through the same path)
-    with clip_engine.options(text_chunk=chunk):
+    with FAST.options(text_chunk=chunk):
         shared = features_and_gradients(model, x, y)
     for a, b, what in zip(shared, unshared, ("features", "summaries", "logits")):
         if a is not None:
@@ -751,7 +754,7 @@ def test_hook_reading_the_class_rows_is_not_shared(tiny, monkeypatch):
     for cross in ("none", "class_summaries"):
         cfg = replace(isp.PRESETS["isp"], depth=DEPTH, sample_probing=False, isp_cross=cross)
         model = built(tiny, cfg, SHARED_NAMES)
-        with torch.no_grad(), clip_engine.options(shared_prefix=False):
+        with torch.no_grad(), FAST.options(shared_prefix=False):
             reference = model(x)
         with torch.no_grad():
             assert torch.equal(model(x), reference)                                    # the very same path
@@ -762,13 +765,13 @@ def test_zeroshot_shared_prefix(tiny, monkeypatch):
     """Zero-shot CLIP's class texts: the template's words before the name ("a photo of a") are encoded once, with the
     same features as stock CLIP over all 77 tokens."""
     calls = spy_shared(monkeypatch)
-    model = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES)
+    model = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES, engine=FAST)
     assert calls  # the shared path ran
     with torch.no_grad():
         stock = tiny.encode_text(clip_layers.tokenize([f"a photo of a {n}." for n in SHARED_NAMES]))
     torch.testing.assert_close(model.text_features, stock, atol=1e-5, rtol=1e-5)
-    with clip_engine.options(shared_prefix=False):
-        unshared = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES).text_features
+    with FAST.options(shared_prefix=False):
+        unshared = clip_layers.ZeroShotCLIP(tiny, SHARED_NAMES, engine=FAST).text_features
     torch.testing.assert_close(model.text_features, unshared, atol=1e-5, rtol=1e-5)
 
 
@@ -901,17 +904,18 @@ def test_methods_refuse_what_is_no_vit_clip(method):
         method(torch.nn.Linear(2, 2), CLASSES)
 
 
-def preset_model(clip_model, preset, names=NAMES, seed=0):
+def preset_model(clip_model, preset, names=NAMES, seed=0, engine=FAST):
     """A preset at depth 3 or zero-shot CLIP, over class names of different lengths, prompts and zero-initialised
     modules made non-trivial; the same arguments give the same model. "isp_linear", "isp_none": ISP's preset with
     that cross module."""
     if preset == "zeroshot":
-        return clip_layers.ZeroShotCLIP(clip_model, names)
+        return clip_layers.ZeroShotCLIP(clip_model, names, engine=engine)
     if preset in mpl.PRESETS:
-        return make_model(clip_model, replace(mpl.PRESETS[preset], depth=DEPTH), seed, classnames=names)
+        return make_model(clip_model, replace(mpl.PRESETS[preset], depth=DEPTH), seed, classnames=names, engine=engine)
     preset, _, cross = preset.partition("_")
     torch.manual_seed(seed)
-    model = ISP(clip_model, names, replace(isp.PRESETS[preset], depth=DEPTH, **({"isp_cross": cross} if cross else {})))
+    cfg = replace(isp.PRESETS[preset], depth=DEPTH, **({"isp_cross": cross} if cross else {}))
+    model = ISP(clip_model, names, cfg, engine=engine)
     perturb(model, seed=2 + seed)
     return model
 
@@ -923,30 +927,29 @@ def test_official_path_and_class_chunks_give_the_same_logits(tiny, monkeypatch, 
     x = images(3)
     with torch.no_grad():
         expected = preset_model(tiny, preset)(x)
-        with clip_engine.options(official=True):
-            torch.testing.assert_close(preset_model(tiny, preset)(x), expected, atol=1e-5, rtol=0)
+        official = preset_model(tiny, preset, engine=bench.OFFICIAL)(x)
+        torch.testing.assert_close(official, expected, atol=1e-5, rtol=0)
     assert expected.std() > 0.1  # the logits are not trivially equal
     # ... and it is the official path: every block of both towers (class texts built on construction included) is
     # CLIP's stock block, over all 77 text positions
-    with clip_engine.options(official=True):
-        seen = record_blocks(monkeypatch, lambda images: preset_model(tiny, preset)(images), x)
+    seen = record_blocks(monkeypatch, lambda images: preset_model(tiny, preset, engine=bench.OFFICIAL)(images), x)
     assert seen["kinds"] == {"stock"} and seen["text"] and seen["vision"]
     assert {t.shape[1] for t, _ in seen["text"]} == {77}
     if preset == "zeroshot":
         return  # its class texts are encoded once, on construction
     model = preset_model(tiny, preset)
     for shared_prefix in (True, False):
-        with torch.no_grad(), clip_engine.options(shared_prefix=shared_prefix):
-            with clip_engine.options(text_chunk=1):
+        with torch.no_grad(), FAST.options(shared_prefix=shared_prefix):
+            with FAST.options(text_chunk=1):
                 one = model(x)
-            with clip_engine.options(text_chunk=None):
+            with FAST.options(text_chunk=None):
                 torch.testing.assert_close(one, model(x), atol=1e-5, rtol=0)
     # (one class alone has no prefix to share; and without sharing each block sees every class of the pass; ISP's
     # self-structural hook reads each class's own rows, so the engine never splits its classes)
     alike = preset != "isp"
-    with clip_engine.options(text_chunk=1, shared_prefix=False):
+    with FAST.options(text_chunk=1, shared_prefix=False):
         assert {t.shape[0] for t, _ in record_blocks(monkeypatch, model, x)["text"]} == {1 if alike else len(NAMES)}
-    with clip_engine.options(text_chunk=None, shared_prefix=False):
+    with FAST.options(text_chunk=None, shared_prefix=False):
         assert {t.shape[0] for t, _ in record_blocks(monkeypatch, model, x)["text"]} == {len(NAMES)}
 
 
@@ -1032,7 +1035,7 @@ def test_loss_weights_none_without_sample_probing(tiny):
 def test_config_fields_have_help(tiny):
     for config in (ISPConfig(), mpl.MPLConfig()):  # each field's flag takes its help from its Annotated[type, help]
         parser = argparse.ArgumentParser()
-        train.config_flags(parser, config)
+        cli.config_flags(parser, config)
         helps = {a.dest[4:]: a.help for a in parser._actions if a.dest.startswith("cfg_")}
         assert set(helps) == {f.name for f in dataclasses.fields(config)}
         assert all(len(h.split(" (preset:")[0]) > 15 for h in helps.values()), helps

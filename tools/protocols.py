@@ -34,6 +34,7 @@ import numpy as np
 import data
 from world import mini_world
 from engine import cli
+from engine import inputs
 from engine import rundir
 import train
 
@@ -69,7 +70,7 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
             data.resolve_name(name, also=mini_world.DATASETS)
     real = papers_datasets(argv, datasets, args.dataset)
     if clip_model is None:
-        clip_model = train.load_clip(args, real)
+        clip_model = inputs.clip_for(args, real)
     fingerprint = rundir.weights_fingerprint(clip_model)
     method = args.method + ("_xd" if args.cross_dataset else "")
     results, pending = [], []

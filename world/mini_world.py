@@ -169,12 +169,14 @@ def _n_classes(cfg):
     return math.prod(len(cfg[k + "s"]) for k in cfg["named"])
 
 
+# Training crops keep at least half of the 32-pixel image: Dassl's 8% would leave 9 x 9 pixels
+WORLD_CROP_SCALE = 0.5
 # The same datasets as CoOp datasets: data.py reads them like any other split_zhou_*.json tree (expected counts:
 # classes, train, val, test images, from split_sizes above).
 DATASETS = {  # DatasetSpec(coop_name, section, dir, image_dir, split_file, reader, template, classes, train, val, test)
     name: data.DatasetSpec(SPLIT_FILE_NAMES[name], "(built in)", name, "images",
                            f"split_zhou_{SPLIT_FILE_NAMES[name]}.json", "json", cfg["template"], _n_classes(cfg),
-                           *(_n_classes(cfg) * n for n in cfg["split_sizes"]))
+                           *(_n_classes(cfg) * n for n in cfg["split_sizes"]), crop_scale=WORLD_CROP_SCALE)
     for name, cfg in WORLD_DATASETS.items()}
 WORLD_SPLIT_FILES = {name: spec.split_file for name, spec in DATASETS.items()}
 WORLD_IMAGE_SIZE = 32  # pixels; equals the world CLIP's input resolution, so Resize + CenterCrop are no-ops

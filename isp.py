@@ -196,7 +196,7 @@ class SampleProbe(nn.Module):
 
     def __init__(self, clip_model, names, template, lam, engine=None):
         super().__init__()
-        self.lam = lam
+        self.lam, self.engine = lam, engine  # engine: as the ISP's (clip_layers.PromptMethod)
         ids = clip_layers.tokenize([template.format(name) for name in names])
         with torch.no_grad():
             ids = ids.to(clip_model.logit_scale.device)
@@ -204,15 +204,15 @@ class SampleProbe(nn.Module):
         self.register_buffer("text_features", h / h.norm(dim=-1, keepdim=True), persistent=False)
 
     @torch.no_grad()
-    def p_clip(self, clip_model, images, labels, engine=None):
+    def p_clip(self, clip_model, images, labels):
         """(N,) the frozen, un-prompted CLIP's probability of each image's true class: one no-grad
         pass of the image encoder per step (the crops are random, so it cannot be cached)."""
-        u = clip_layers.encode_image(clip_model, images, engine=engine)        # (N, 512) no prompts
+        u = clip_layers.encode_image(clip_model, images, engine=self.engine)   # (N, 512) no prompts
         p = clip_layers.cosine_logits(u, self.text_features, clip_model.logit_scale).softmax(dim=-1)  # (N, C)
         return p.gather(1, labels[:, None]).squeeze(1)                                      # (N,)
 
-    def forward(self, clip_model, images, labels, engine=None):
-        d = 1 - self.p_clip(clip_model, images, labels, engine)                   # (N,)  (§5.1)
+    def forward(self, clip_model, images, labels):
+        d = 1 - self.p_clip(clip_model, images, labels)                           # (N,)  (§5.1)
         return 1 + self.lam * d                                                   # (N,)  Eq. (SP-1)
 
 
@@ -367,7 +367,7 @@ class ISP(clip_layers.PromptMethod):
     @torch.no_grad()
     def loss_weights(self, images, labels, logits=None):
         """Sample probing's (N,) weights, detached, for loss = mean_i w_i CE_i; None when off."""
-        return None if self.probe is None else self.probe(self.clip, images, labels, self.engine)
+        return None if self.probe is None else self.probe(self.clip, images, labels)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

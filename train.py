@@ -2,14 +2,14 @@
 Train and evaluate prompt learning on a frozen CLIP: one run (one method, dataset and seed), in one
 plain loop.
 
-    python train.py --method mpl --shots 16                       # the built-in mini world, on the CPU
-    python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16  # base-to-new, a seed
-    python train.py --method isp --help                           # every flag, the method's included
+    python train.py --method mpl --shots 16             # the built-in mini world, on the CPU
+    python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16   # the paper's
+    python train.py --method isp --help                 # every flag, the method's included
 
 Methods (all presets of two files plus zero-shot):
     zeroshot  CLIP with CoOp's hand-written template of the dataset, no training
     mpl       Modular Prompt Learning (mpl.py), official vit_b4_c1_add2_rm1 recipe
-    maple     MaPLe = mpl.py with one add and n_ctx removes per layer (every deep layer replaces its prompts)
+    maple     MaPLe = mpl.py with one add and n_ctx removes per layer (each deep layer replaces them)
     isp       Integrated Structural Prompts + sample probing (isp.py), PromptSRC's recipe
     ivlp      IVLP deep prompts = isp.py with its structural modules and sample probing off
 
@@ -55,13 +55,13 @@ class Recipe:
     lr: float = 0.0        # base learning rate of the cosine schedule
     epochs: int = 0
     batch_size: int = 4
-    cross_dataset: dict = dataclasses.field(default_factory=dict)  # --cross-dataset: lr, epochs, config
+    cross_dataset: dict = dataclasses.field(default_factory=dict)  # --cross-dataset's changes
 
 
 MPL_XD = dict(mpl.CROSS_DATASET, lr=0.0026, epochs=2)  # the official _cross_datasets configs
 RECIPES = {
     "zeroshot": Recipe(),
-    # MPL configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml (+ _cross_datasets: depth 3, lr 0.0026, 2 epochs)
+    # MPL configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml (+ _cross_datasets: depth 3, lr 0.0026, 2 ep.)
     "mpl": Recipe(mpl.MPL, mpl.PRESETS["mpl"], lr=0.0035, epochs=5, cross_dataset=MPL_XD),
     # MaPLe vit_b16_c2_ep5_batch4_2ctx.yaml (+ _cross_datasets)
     "maple": Recipe(mpl.MPL, mpl.PRESETS["maple"], lr=0.0035, epochs=5, cross_dataset=MPL_XD),
@@ -80,9 +80,9 @@ def get_args(argv=None):
     add("--method", default="mpl", choices=list(RECIPES), help="which method")
     add("--dataset", default=None, help="a CoOp dataset (eurosat, imagenet, ...; see data.py); "
         "default: the built-in mini world (world/mini_world.py), which needs no download")
-    add("--root", default=os.environ.get("DATA", "data"), help="the datasets' folder: the CoOp tree "
-        "($DATA), where the mini world is also drawn (<root>/mini_world*); default: $DATA if set, "
-        "else data")
+    add("--root", default=os.environ.get("DATA", "data"), help="the datasets' folder: the CoOp "
+        "tree ($DATA), where the mini world is also drawn (<root>/mini_world*); default: $DATA if "
+        "set, else data")
     add("--shots", type=int, default=16, help="training images per class (Dassl few-shot draw)")
     add("--seed", type=int, default=1, help="the papers use seeds 1, 2, 3")
     add("--subsample", default="base2new", choices=["base2new", "all", "base", "new"],
@@ -117,9 +117,10 @@ def get_args(argv=None):
         "SGD, as the official code runs (for parity checks)")
     add("--deterministic", action="store_true", help="deterministic CUDA kernels (torch."
         "use_deterministic_algorithms, cuDNN benchmark off): bitwise repeatable on one GPU, slower")
-    add("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
-    add("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 for "
-        "the mini world's small CLIP, else the cores not busy with other processes)")
+    add("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on "
+        "CPU)")
+    add("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 "
+        "for the mini world's small CLIP, else the cores not busy with other processes)")
     add("--crop-scale", type=float, default=None, help="smallest area of the training "
         "RandomResizedCrop (default: Dassl's 0.08 on the benchmarks; 0.5 in the mini world, whose "
         "32-pixel images an 8%% crop reduces to 9 x 9 pixels)")
@@ -152,7 +153,8 @@ def method_config(args):
         return None
     names = {f.name for f in dataclasses.fields(r.config)}
     changes = {k: v for k, v in r.cross_dataset.items() if k in names} if args.cross_dataset else {}
-    changes.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None})
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    changes.update(flags)
     if args.method == "maple" and "n_rm" not in changes:  # MaPLe removes the n_ctx tokens it added
         return mpl.maple(**changes)
     return dataclasses.replace(r.config, **changes)
@@ -163,13 +165,14 @@ def recipe(args):
     r = RECIPES[args.method]
     xd = r.cross_dataset if args.cross_dataset else {}
     lr, epochs = xd.get("lr", r.lr), xd.get("epochs", r.epochs)
-    return (args.lr if args.lr is not None else lr, args.epochs if args.epochs is not None else epochs,
+    return (args.lr if args.lr is not None else lr,
+            args.epochs if args.epochs is not None else epochs,
             args.batch_size if args.batch_size is not None else r.batch_size)
 
 
 def build_model(args, clip_model, classnames, template):
-    """The method on the frozen CLIP, its encoders run by the engine: exact speed-ups of clip_layers'
-    plain loops (engine/clip_engine.py), the same numbers."""
+    """The method on the frozen CLIP, its encoders run by the engine: exact speed-ups of
+    clip_layers' plain loops (engine/clip_engine.py), the same numbers."""
     engine = clip_engine.Engine(text_chunk=args.text_chunk or None)  # classes per text pass
     if args.method == "zeroshot":
         return clip_layers.ZeroShotCLIP(clip_model, classnames, template, engine=engine)
@@ -202,7 +205,8 @@ def train(model, items, args, run, autocast, scaler):
     (one host sync; amp adds GradScaler's own), keeps the history and saves each epoch."""
     lr, epochs, batch_size = recipe(args)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     start = run.restore(model, optimizer, scaler)  # --resume: the epoch to go on from; else 0
     transform = data.train_transform(model.clip.visual.input_resolution, args.crop_scale)
     loader = make_loader(items, transform, batch_size, True, args.workers, args.device)
@@ -218,7 +222,7 @@ def train(model, items, args, run, autocast, scaler):
                 logits = model(images)
                 weights = model.loss_weights(images, labels, logits)  # None, or (N,): ISP's probing
             loss = loss_fn(logits, labels, weights)
-            scaler.scale(loss).backward()  # amp scales the loss (fp16 gradients); else a pass-through
+            scaler.scale(loss).backward()  # amp scales the loss (fp16 gradients); else as it is
             scaler.step(optimizer)         # amp: skipped when a gradient is inf or NaN
             scaler.update()
             run.after_step(loss, params, scaler)
@@ -250,7 +254,8 @@ def evaluate(model, items, args, autocast, per_class=None):
             for label, ok in zip(labels.tolist(), right.tolist()):
                 hits.setdefault(label, []).append(ok)
     if per_class is not None:
-        per_class.update({label: 100.0 * sum(oks) / len(oks) for label, oks in sorted(hits.items())})
+        per_class.update({label: 100.0 * sum(oks) / len(oks)
+                          for label, oks in sorted(hits.items())})
     return 100.0 * correct / len(items)
 
 
@@ -311,7 +316,7 @@ def base_to_new(args, run, clip_model, benchmarks=None):
                    precision=precision, device=args.device, load_sha256=load_sha256,
                    history=history, per_class_accuracy=per_class)
     if args.method != "zeroshot" and benchmarks is None and inputs.is_world(args.dataset):
-        results["zeroshot"] = zero_shot(args, clip_model, autocast, bench, new)  # cheap in the world
+        results["zeroshot"] = zero_shot(args, clip_model, autocast, bench, new)  # cheap here
     return results, model, trains
 
 
@@ -325,7 +330,7 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
         args.workers = 4 if args.device.startswith("cuda") else 0
     if benchmarks is None:
         inputs.check_dataset(args)  # an unknown --dataset: said before CLIP loads
-    with Run(args, recipe(args), argv) as run:
+    with Run(args, recipe(args), argv, dataset=inputs.dataset_name(args)) as run:
         t_start = time.time()
         random.seed(args.seed)
         np.random.seed(args.seed)

@@ -86,7 +86,7 @@ def run_identity(args, recipe, cfg, precision, clip_fingerprint, benchmarks=None
     method's config, the precision as resolved, the CLIP's weights fingerprint, the dataset's split
     and class names."""
     ident = rundir.identity(args, recipe, dataclasses.asdict(cfg) if cfg is not None else None,
-                            clip_fingerprint, data_fingerprint(args, benchmarks))
+                            clip_fingerprint, data_fingerprint(args, benchmarks), dataset_name(args))
     ident["precision"] = precision
     return ident
 

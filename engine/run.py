@@ -32,11 +32,12 @@ from engine import rundir
 
 
 class Run:
-    def __init__(self, args, recipe, argv=None):
-        """recipe: (lr, epochs, batch size) as used. The directory is checked now (prepare_run_dir),
-        before any model loads."""
+    def __init__(self, args, recipe, argv=None, dataset=None):
+        """recipe: (lr, epochs, batch size) as used; dataset: the name in the default directory
+        (default: --dataset). The directory is checked now (prepare_run_dir), before any model
+        loads."""
         self.args, self.recipe, self.argv = args, recipe, argv
-        self.dir = prepare_run_dir(args)
+        self.dir = prepare_run_dir(args, dataset or args.dataset)
         self.checkpoint = os.path.join(self.dir, "checkpoint.pt")
         self.identity, self.ckpt, self.history, self.step_times = None, None, [], []
         self.scale = None
@@ -138,14 +139,13 @@ class Run:
 # ----------------------------------------------------------------------------------------------------------------------
 # The run directory
 
-def run_dir(args):
+def run_dir(args, dataset):
     """--output, else output/<dataset>/<method>[_xd]/shots<K>_seed<S>."""
     method = args.method + ("_xd" if args.cross_dataset else "")
-    return args.output or os.path.join("output", args.dataset, method,
-                                       f"shots{args.shots}_seed{args.seed}")
+    return args.output or os.path.join("output", dataset, method, f"shots{args.shots}_seed{args.seed}")
 
 
-def prepare_run_dir(args):
+def prepare_run_dir(args, dataset):
     """The run directory, checked writable now. A directory that holds an unfinished run (a
     checkpoint, no results) needs --resume (continue it) or --overwrite (start again); one that
     holds a finished run is looked at once its identity is known (finished_run). --overwrite removes
@@ -153,7 +153,7 @@ def prepare_run_dir(args):
     the old results.json goes at that moment, or, for a run that trains nothing, both are replaced
     when its results are written; so a run that fails before then, or a file that --load reads from
     this directory, loses nothing."""
-    path = run_dir(args)
+    path = run_dir(args, dataset)
     unfinished = os.path.exists(os.path.join(path, "checkpoint.pt")) and \
         not os.path.exists(os.path.join(path, "results.json"))
     if unfinished and not (args.resume or args.overwrite):

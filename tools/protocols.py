@@ -241,7 +241,7 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
         (bm, bs), (nm, ns) = _mean_std(b), _mean_std(n)
         shown = labels[:-1] + (labels[-1] + (f" (= {shared})" if shared else ""),)
         lines.append("| " + " | ".join(shown) + f" | {bm:.2f} ± {bs:.2f} | {nm:.2f} ± {ns:.2f} | "
-                     f"{2 * bm * nm / (bm + nm):.2f} |")
+                     f"{train.hm(bm, nm):.2f} |")
     datasets_run = sorted({r["dataset"] for r in runs})
     text = (f"{method} ablation, base-to-new, {', '.join(datasets_run)}, seeds {', '.join(map(str, seeds))} "
             f"(mean +- std over seeds of the mean over datasets; HM of the means)\n\n" + "\n".join(lines))
@@ -543,7 +543,7 @@ def _protocol_table(protocol, methods, sources, expected, csv_rows):
             if len(means) == len(order):
                 if protocol == "base2new":
                     b, n = np.mean([m["base"] for m in means.values()]), np.mean([m["new"] for m in means.values()])
-                    avg = dict(base=b, new=n, hm=2 * b * n / (b + n) if b + n else 0.0)
+                    avg = dict(base=b, new=n, hm=train.hm(b, n))
                 else:
                     avg = dict(all=float(np.mean([m["all"] for m in means.values()])))
                 pub_of["**average**"] = anchors.get("average") if len(means) == full else None

@@ -268,12 +268,14 @@ def hm(base, new):
 # One run: CoCoOp's base-to-new protocol (train on the base classes, test base and new)
 
 def base_to_new(args, run, clip_model, benchmarks=None):
-    """Train on the base classes (or all / base / new), evaluate; returns (results, model)."""
+    """Train on the base classes (or all / base / new), evaluate; returns (results, the model, whether
+    it trained)."""
     train_on = "base" if args.subsample == "base2new" else args.subsample
-    bench = benchmarks[train_on] if benchmarks else inputs.benchmark(args, train_on)
+    given = benchmarks is not None
+    bench = benchmarks[train_on] if given else inputs.benchmark(args, train_on)
     new = None
     if args.subsample == "base2new":
-        new = benchmarks["new"] if benchmarks else inputs.benchmark(args, "new")
+        new = benchmarks["new"] if given else inputs.benchmark(args, "new")
     # The new classes' model is built now, so that a fault in them (a missing test image, a class
     # name too long for CLIP) stops the run before the training, not after it.
     new_model = build_for(args, clip_model, new) if new is not None else None

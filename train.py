@@ -533,9 +533,9 @@ def finished_run(run_dir, identity, args):
 def load_clip(args, real=None):
     """--clip if given; else ViT-B/16 for a real dataset and the mini world's CLIP in the mini world."""
     if args.clip:
-        return clip_layers.load_clip(args.clip, args.device)
+        return checkpoints.load_clip(args.clip, args.device)
     if real if real is not None else not mini_world.is_world(args.dataset):
-        return clip_layers.load_clip("ViT-B/16", args.device)
+        return checkpoints.load_clip("ViT-B/16", args.device)
     return mini_world.load_world_clip(device=args.device)
 
 

@@ -31,10 +31,15 @@ take the prompts, check the frozen CLIP against ours, and drop the rest:
 import os
 import pickletools
 import re
+import warnings
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 
 import torch
+
+import clip_layers
+from clip_layers import clip
+from engine import rundir
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading a file: stand-ins for what Dassl pickles
@@ -469,3 +474,66 @@ def load_prompts(model, path, method):
             raise
         raise ValueError(f"--load {path} is an official {layout[0]} checkpoint that this model does not match: "
                          f"read it with {layout[1]}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLIP weights (--clip): OpenAI's own files, or a state dict read as data
+
+def openai_files():
+    """SHA-256 -> model name of every CLIP file OpenAI publishes (clip.load's download addresses carry it)."""
+    return {url.split("/")[-2]: name for name, url in clip.clip._MODELS.items()}
+
+
+def load_clip(name_or_path="ViT-B/16", device="cpu"):
+    """An OpenAI ViT CLIP as a frozen fp32 model, from a model name (the file clip.load downloads to ~/.cache/clip)
+    or a local file. OpenAI ships TorchScript archives, and loading one runs the code it holds, so only a file whose
+    SHA-256 is one OpenAI published is handed to clip.load. Any other file must be a state dict (e.g.
+    torch.save(model.state_dict(), path)): read as data (`read`), its shapes checked against the CLIP they describe
+    (built first on the meta device, which allocates nothing), and only then built."""
+    if name_or_path in clip.available_models():
+        url = clip.clip._MODELS[name_or_path]  # where clip.load looks for (and downloads) it
+        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CLIP weights '{name_or_path}' not on this machine: expected {path} (clip.load "
+                                    f"writes it, with internet), or pass --clip /path/to/{os.path.basename(path)}.")
+    elif os.path.isdir(name_or_path) or not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"--clip {name_or_path!r} is neither a CLIP model name "
+                                f"({', '.join(clip.available_models())}) nor an existing file.")
+    else:
+        path = name_or_path
+    if rundir.file_sha256(path) in openai_files():  # OpenAI's own file: clip.load, with its TorchScript
+        with warnings.catch_warnings():  # torch.jit.load warns that it is deprecated
+            warnings.simplefilter("ignore")
+            model = clip.load(path, device="cpu", jit=False)[0]
+    elif path != name_or_path:  # the file clip.load downloaded for a name
+        raise ValueError(f"CLIP weights file {path} is corrupt (its SHA-256 is not OpenAI's): delete it and "
+                         f"download it again.")
+    else:
+        model = build_clip(read(path, what="CLIP weights"), f"CLIP weights {path}")
+    return clip_layers.freeze(model.float().to(device))
+
+
+def build_clip(state_dict, source):
+    """clip.model.build_model(state_dict) for a state dict read from a file, once it is known to describe one ViT
+    CLIP exactly: every value a dense floating-point tensor whose storage holds its values (no stride-0 expansion
+    standing for a huge one), every name and shape those of the CLIP that build_model would make."""
+    if "visual.conv1.weight" not in state_dict:
+        kind = ("a ResNet CLIP: only the ViT backbones are supported" if "visual.layer1.0.conv1.weight" in state_dict
+                else "a Dassl checkpoint, not CLIP weights" if "state_dict" in state_dict
+                else f"not an OpenAI CLIP state dict (no 'visual.conv1.weight'; keys: {some(sorted(map(str, state_dict)))})")
+        raise ValueError(f"{source}: {kind}")
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or not t.is_floating_point():
+            raise ValueError(f"{source}: {str(key)[:80]!r} is not a dense floating-point tensor")
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise ValueError(f"{source}: {str(key)[:80]!r} has shape {tuple(t.shape)} but stores "
+                             f"{t.untyped_storage().nbytes():,} bytes (a stride-0 tensor?); CLIP weights store every "
+                             f"value")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():  # copying into meta tensors is a no-op: it warns
+            warnings.simplefilter("ignore")
+            clip.model.build_model(dict(state_dict))
+    except (RuntimeError, KeyError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise ValueError(f"{source} does not describe one OpenAI CLIP: {type(e).__name__}: {first[:300]}") from None
+    return clip.model.build_model(dict(state_dict))

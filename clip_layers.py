@@ -24,8 +24,6 @@ Shapes in comments are for ViT-B/16: text width 512, context 77; vision width 76
 patches + 1 CLS = 197 tokens. Letters: N images, C classes (text sequences), L sequence length, D
 width, h heads. No width is hard-coded.
 """
-import hashlib
-import os
 import warnings
 
 import torch
@@ -257,41 +255,6 @@ class ZeroShotCLIP(PromptMethod):
         return cosine_logits(image_features, classes, self.clip.logit_scale)
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading: the real `clip.load`, with errors that say what to do
-
-def load_clip(name_or_path="ViT-B/16", device="cpu"):
-    """An OpenAI CLIP (a model name such as "ViT-B/16", or the path of a local .pt file) as a frozen fp32 model."""
-    if name_or_path in clip.available_models():
-        url = clip.clip._MODELS[name_or_path]  # where clip.load looks for (and downloads) it, and its SHA-256
-        path, sha256 = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)), url.split("/")[-2]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP weights '{name_or_path}' not on this machine: expected {path} (clip.load "
-                                    f"writes it, with internet), or pass --clip /path/to/{os.path.basename(path)}.")
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != sha256:
-                raise RuntimeError(f"CLIP weights file {path} is corrupt (SHA256 does not match OpenAI's): delete "
-                                   f"it and download it again.")
-    elif not os.path.isfile(name_or_path):
-        raise FileNotFoundError(f"--clip {name_or_path!r} is neither a CLIP model name "
-                                f"({', '.join(clip.available_models())}) nor an existing file.")
-    try:
-        with warnings.catch_warnings():  # torch.jit.load warns that it is deprecated
-            warnings.simplefilter("ignore")
-            model, _ = clip.load(name_or_path, device="cpu", jit=False)
-    except Exception:
-        # A plain state dict (not OpenAI's TorchScript archive): clip.load fails on it, so read it safely here.
-        try:
-            state_dict = torch.load(name_or_path, map_location="cpu", weights_only=True)
-            model = clip.model.build_model(dict(state_dict))
-        except Exception as e:  # a truncated or foreign file fails deep inside torch.load / build_model
-            raise RuntimeError(f"could not read CLIP weights from {name_or_path!r}: the file is corrupt or not an "
-                               f"OpenAI CLIP checkpoint ({type(e).__name__}: {e})") from e
-    if not hasattr(model.visual, "conv1"):
-        raise ValueError(f"{name_or_path}: only the ViT CLIP backbones are supported, not the ResNet ones")
-    return freeze(model.float().to(device))
-
-
 # Architectures of random CLIPs, for tests and bench.py: same class, same code path as the real
 # weights.
 RANDOM_CLIPS = {"ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12,
@@ -320,8 +283,7 @@ def freeze(model):
     torch.autocast or to_official_fp16)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("this CLIP is a TorchScript module (clip.load(..., jit=True)); its blocks "
-                        "cannot be called one by one. Load it with clip.load(name, jit=False) or "
-                        "clip_layers.load_clip(name).")
+                        "cannot be called one by one. Load it with clip.load(name, jit=False).")
     if not isinstance(model, CLIP) or not hasattr(model.visual, "conv1"):
         raise TypeError(f"expected an OpenAI ViT CLIP (clip.model.CLIP with a VisionTransformer, as "
                         f"clip.load returns for ViT-B/16), got {type(model).__name__}"

@@ -11,8 +11,9 @@ are copies of Dassl's behaviour, not improvements on it:
 - the few-shot draw is Dassl's `generate_fewshot_dataset` on Python's `random` seeded with the run's seed,
   and the base/new split is CoOp's `subsample_classes`.
 Deliberate deviations, each harmless to the comparison: ImageNet file listings are sorted (Dassl used the
-unsorted `os.listdir` order), and the few-shot cache is JSON with relative paths under
-`split_fewshot_ref/` (Dassl's `split_fewshot/*.pkl` hold absolute paths and are never touched here).
+unsorted `os.listdir` order), and the few-shot cache is a JSON record with relative paths under
+`split_fewshot_ref/`, checked against the draw and never trusted (Dassl's `split_fewshot/*.pkl` hold absolute paths
+and are never touched here).
 
 Usage:
     bench = load_benchmark("eurosat", root="$DATA", shots=16, seed=1, subsample="base")
@@ -415,7 +416,27 @@ def read_splits(key, root, spec=None):
         raise ValueError(f"{os.path.join(ddir, test_source)}: classes {[names[y] for y in untested][:10]} (labels "
                          f"{untested[:10]}) have no test image; every class needs test images to be scored. Check "
                          f"that the file / folders are complete.")
+    _check_distinct_names(splits, os.path.join(ddir, {"json": spec.split_file}.get(spec.reader, spec.dir)))
     return splits, split_hash
+
+
+def prompt_name(classname):
+    """A class name as CLIP reads it: every CoOp trainer writes "_" as a space, and CLIP's tokenizer lowercases and
+    collapses whitespace."""
+    return " ".join(classname.replace("_", " ").lower().split())
+
+
+def _check_distinct_names(splits, source):
+    """Two labels whose names CLIP reads alike ("Annual_Crop" and "annual crop") would get one prompt: the model
+    could never tell them apart, and training would sit at a loss of ln 2. Refused, naming both."""
+    first = {}
+    for items in splits.values():
+        for d in items:
+            other = first.setdefault(prompt_name(d.classname), (d.label, d.classname))
+            if other[0] != d.label:
+                raise ValueError(f"{source}: label {other[0]} {other[1]!r} and label {d.label} {d.classname!r} are "
+                                 f"the same class name to CLIP (case, '_' and spaces are not read), so their "
+                                 f"prompts would be identical. Rename one of them.")
 
 
 def split_fingerprint(name, root, spec=None):
@@ -481,27 +502,22 @@ def subsample_classes(*splits, subsample="all"):
 
 
 # -----------------------------------------------------------------------------
-# Few-shot cache: JSON, relative paths, keyed by (dataset, shots, seed, split hash) so it cannot go stale.
-# Dassl keys its pickles by (shots, seed) only and stores absolute paths.
+# Few-shot cache: a record of each draw, JSON with relative paths, keyed by (dataset, shots, seed, split hash).
+# Dassl keys its pickles by (shots, seed) only, stores absolute paths and trusts them; here the draw is always made
+# (it takes milliseconds, ImageNet's about a second) and a record that differs from it is rewritten.
 
 def _cache_path(ddir, key, shots, seed, split_hash):
     return os.path.join(ddir, FEWSHOT_CACHE_DIR, f"{key}-shot_{shots}-seed_{seed}-split_{split_hash}.json")
 
 
-def _load_cache(path, meta, full):
-    """The cached {train, val} or None. Anything unexpected (edited, truncated, from another split) is a miss."""
+def _load_cache(path, meta):
+    """The cached {train, val} as lists of [path, label, classname], or None where there is no readable cache."""
     try:
         with open(path) as f:
             data = json.load(f)
         if any(data.get(k) != v for k, v in meta.items()):
             return None
-        out = {}
-        for name in full:  # "train" and "val"; ImageNet only "train"
-            items = [Datum(p, int(y), c) for p, y, c in data[name]]
-            if not set(items) <= full[name]:
-                return None
-            out[name] = items
-        return out
+        return {name: data[name] for name in ("train", "val") if name in data}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # e.g. a list, nested deep
         return None
 
@@ -532,7 +548,7 @@ def load_benchmark(name, root, shots, seed, subsample="all", cache=True, spec=No
     seed:  the run's seed. Right before the draw this function calls random.seed(seed) on Python's *global*
            `random` and draws nothing from it earlier, so the K-shot sets equal Dassl's for that seed whatever
            the caller did with `random` before. The global stream is left advanced by the draw,
-           as in Dassl; on a cache hit it is not touched at all.
+           as in Dassl's first run of a seed (later ones read its pickle).
     subsample: "all" | "base" | "new", applied after sampling over all classes.
     Test-only variants (imagenet_v2/_sketch/_a/_r) return empty train/val and the full test set; `shots` is
     validated but unused, and subsample must be "all".
@@ -560,14 +576,19 @@ def load_benchmark(name, root, shots, seed, subsample="all", cache=True, spec=No
         draws = ("train",) if spec.reader == "imagenet" else ("train", "val")  # CoOp never samples ImageNet val
         meta = {"dataset": key, "shots": shots, "seed": seed, "split_hash": split_hash}
         path = _cache_path(ddir, key, shots, seed, split_hash)
-        sampled = _load_cache(path, meta, {k: set(splits[k]) for k in draws}) if cache else None
-        if sampled is None:
-            random.seed(seed)
-            sampled = {"train": generate_fewshot(train, shots)}
-            if "val" in draws:
-                # second draw on the same stream, after train: keeps parity with Dassl's cached pickles
-                sampled["val"] = generate_fewshot(val, min(shots, 4))
-            if cache:
+        random.seed(seed)
+        sampled = {"train": generate_fewshot(train, shots)}
+        if "val" in draws:
+            # second draw on the same stream, after train: keeps parity with Dassl's cached pickles
+            sampled["val"] = generate_fewshot(val, min(shots, 4))
+        if cache:
+            # The cache records the draw; it is never trusted: the draw is cheap, so it is always made, and a cache
+            # that says otherwise (edited, or written by other code) is replaced, with a word.
+            rows = {k: [[d.impath, d.label, d.classname] for d in v] for k, v in sampled.items()}
+            cached = _load_cache(path, meta)
+            if cached != rows:
+                if cached is not None:
+                    print(f"few-shot cache {path} differs from the draw of seed {seed}: drawn again and rewritten")
                 _write_cache(path, meta, sampled)
         train, val = sampled["train"], sampled.get("val", val)
 

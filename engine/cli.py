@@ -33,11 +33,31 @@ def run(main, argv=None):
     try:
         status = main(argv)
     except Exception as e:
-        if debug or not is_user_error(e):
+        message = worker_message(e)
+        if debug or not (is_user_error(e) if message is None else message[1]):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e) if message is None else message[0]}", file=sys.stderr)
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+# How PyTorch's DataLoader hands on an exception raised in a worker process: an exception of the same type whose
+# message is the worker's whole traceback as text (torch/utils/data/_utils/worker.py, ExceptionWrapper).
+_WORKER = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback \(most recent call last\):\n")
+
+
+def worker_message(e):
+    """For an exception re-raised from a DataLoader worker: (the worker's own message, whether it is the user's
+    error as is_user_error decides it: an OSError, or a `raise` in this project's files); None for any other."""
+    text = str(e)
+    if not _WORKER.match(text):
+        return None
+    name = type(e).__name__
+    message = text.rstrip("\n").rpartition(f"\n{name}: ")[2]  # the last exception of the chain, its message
+    frames = re.findall(r'File "([^"]+)", line \d+, in \S+\n +(.*)\n', text)
+    where, line = frames[-1] if frames else ("", "")
+    ours = os.path.commonpath([os.path.abspath(where or "/"), ROOT]) == ROOT and "site-packages" not in where
+    return message, isinstance(e, OSError) or (ours and line.startswith("raise "))
 
 
 def is_user_error(e):

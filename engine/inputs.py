@@ -63,9 +63,9 @@ def clip_for(args, real=None):
     """--clip if given; else ViT-B/16 for a real dataset and the mini world's CLIP in the mini world
     (real: which of the two, when the caller knows better than --dataset)."""
     if args.clip:
-        return clip_layers.load_clip(args.clip, args.device)
+        return checkpoints.load_clip(args.clip, args.device)
     if real if real is not None else not is_world(args.dataset):
-        return clip_layers.load_clip("ViT-B/16", args.device)
+        return checkpoints.load_clip("ViT-B/16", args.device)
     return mini_world.load_world_clip(device=args.device)
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import tempfile
 import threading
@@ -82,9 +83,16 @@ def file_sha256(path, chunk=1 << 20):
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing
 
-def _reason(e):
+def _reason(e, folder=None):
+    """Why a write into `folder` failed, in words. A full disk inside torch.save shows as a RuntimeError of its zip
+    writer ("unexpected pos ..."), not as ENOSPC, so it is told from the space left."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "the disk is full"
+    try:
+        if folder is not None and shutil.disk_usage(folder).free < 1 << 20:
+            return "the disk is full"
+    except OSError:
+        pass
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "no permission to write there (read-only?)"
     return f"{type(e).__name__}: {e}"
@@ -140,10 +148,11 @@ def atomic_save(obj, path, save):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        reason = _reason(e, folder) if isinstance(e, Exception) else None  # before the temporary file frees space
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, Exception):
-            raise OSError(f"could not write {path}: {_reason(e)}. The previous file, if any, is unchanged.") from e
+        if reason is not None:
+            raise OSError(f"could not write {path}: {reason}. The previous file, if any, is unchanged.") from e
         raise
 
 

@@ -219,7 +219,8 @@ def test_real_structure_ivlp_file_loads_with_identical_predictions(tmp_path, tin
         checkpoints.load_ivlp(ISP(tiny, CLASSES, replace(IVLP, depth=4)), str(path))
     with pytest.raises(ValueError, match="holds prompts only: build the model with the ivlp preset"):
         checkpoints.load_ivlp(ISP(tiny, CLASSES, ISPConfig(depth=3, sample_probing=False)), str(path))
-    with pytest.raises(ValueError, match="nor an official one this method reads"):
+    with pytest.raises(ValueError, match=r"model\.pth\.tar-20 is an official IVLP checkpoint that this model does "
+                                         r"not match: read it with --method ivlp --n-ctx 4 --depth 3$"):
         checkpoints.load_prompts(ISP(tiny, CLASSES, ISPConfig(depth=3)), str(path), "isp")
 
 
@@ -250,11 +251,12 @@ def test_official_checkpoint_errors_name_the_file_and_the_keys(tmp_path, tiny):
         checkpoints.load_mpl(model, stranger)
     with pytest.raises(ValueError, match="no 'state_dict'"):
         checkpoints.load_mpl(model, {"epoch": 5})
-    # a MaPLe file given to --method mpl: the message names the file, not "the given checkpoint dict"
+    # a MaPLe file given to --method mpl: the message names the file and the flags that read it
     maple = save({"state_dict": mpl_state_dict(make_mpl(tiny, TINY["maple"]), tiny, maple=True)}, "maple.pth.tar-2")
-    with pytest.raises(ValueError, match=r"maple\.pth\.tar-2 does not match this model: missing "
-                                         r"\['prompt_learner\.txt2img_proj\.1\.0\.bias'"):
+    with pytest.raises(ValueError, match=r"maple\.pth\.tar-2 is an official MaPLe checkpoint that this model does "
+                                         r"not match: read it with --method maple --n-ctx 2 --depth 3$"):
         checkpoints.load_prompts(model, maple, "mpl")
+    checkpoints.load_prompts(make_mpl(tiny, TINY["maple"]), maple, "maple")  # and those flags do read it
 
 
 def test_official_checkpoint_of_another_backbone_is_refused(tmp_path, tiny):
@@ -390,8 +392,8 @@ def test_compression_bomb_is_refused_before_it_is_inflated(tmp_path):
 @pytest.mark.parametrize("value, message", [
     (float("nan"), "holds NaN or infinite values"),
     (float("inf"), "holds NaN or infinite values"),
-    ("int", r"is of dtype torch\.int64; prompts are floating-point"),
-    ("bool", r"is of dtype torch\.bool; prompts are floating-point"),
+    ("int", r"is of dtype torch\.int64; prompts are dense floating-point"),
+    ("bool", r"is of dtype torch\.bool; prompts are dense floating-point"),
     ("meta", "is a meta tensor"),
     ("list", "is a list, not a tensor"),
 ])

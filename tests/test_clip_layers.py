@@ -92,37 +92,6 @@ def test_zeroshot_equals_stock_clip_classifier(tiny):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading
-
-def test_load_clip_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # an empty ~/.cache/clip
-    with pytest.raises(FileNotFoundError, match=r"ViT-B-16\.pt.*--clip"):
-        clip_layers.load_clip("ViT-B/16")
-    with pytest.raises(FileNotFoundError, match="neither a CLIP model name"):
-        clip_layers.load_clip(str(tmp_path / "nothing.pt"))
-    bad = tmp_path / "ViT-B-16.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="corrupt"):
-        clip_layers.load_clip(str(bad))
-    cache = tmp_path / ".cache" / "clip"
-    cache.mkdir(parents=True)
-    (cache / "ViT-B-16.pt").write_bytes(b"truncated")
-    with pytest.raises(RuntimeError, match="corrupt.*SHA256"):
-        clip_layers.load_clip("ViT-B/16")
-
-
-def test_load_clip_reads_a_real_checkpoint_file(tmp_path, tiny):
-    """A local .pt in OpenAI's layout (a state dict) goes through the real clip.load and comes back frozen fp32."""
-    path = tmp_path / "tiny.pt"
-    torch.save(tiny.state_dict(), path)
-    model = clip_layers.load_clip(str(path))
-    assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
-    ids = clip_layers.tokenize(TEXTS[:2])
-    with torch.no_grad():
-        assert (model.encode_text(ids) - tiny.encode_text(ids)).abs().max() < 1e-5
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The engine: class chunks
 
 def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):

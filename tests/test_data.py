@@ -210,7 +210,7 @@ def cache_files(root, key):
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
-def test_cache_written_relative_and_reused(tree_copy):
+def test_cache_written_relative_and_checked(tree_copy, capsys):
     root, splits = tree_copy
     b = data.load_benchmark("eurosat", root, shots=4, seed=1)
     files = cache_files(root, "eurosat")
@@ -224,18 +224,19 @@ def test_cache_written_relative_and_reused(tree_copy):
     assert cached["train"] == [[os.path.relpath(d.impath, image_root), d.label, d.classname] for d in b.train]
     assert all(not os.path.isabs(p) for p, _, _ in cached["train"] + cached["val"])
 
-    # the cache is really read: replace its train set by another valid subset
-    cached["train"] = [row for row in splits["eurosat"]["train"] if row[1] == 0][:2]
-    with open(path, "w") as f:
-        json.dump(cached, f)
-    again = data.load_benchmark("eurosat", root, shots=4, seed=1)
-    assert [d.impath for d in again.train] == [os.path.join(image_root, row[0]) for row in cached["train"]]
-
-    # a cache entry that is not in the split is rejected: re-sampled and rewritten
-    cached["train"].append(["AnnualCrop/not_in_split.jpg", 0, "Annual Crop Land"])
-    with open(path, "w") as f:
-        json.dump(cached, f)
-    assert data.load_benchmark("eurosat", root, shots=4, seed=1).train == b.train
+    # an edited cache (valid JSON, a subset of the split: a class cut to 2 images) is a miss: the run trains on the
+    # seed's draw, says so, and the record is rewritten
+    edited = dict(cached, train=[row for row in cached["train"] if row[1] != 0] + cached["train"][:2])
+    for train in (edited["train"], edited["train"] + [["AnnualCrop/not_in_split.jpg", 0, "Annual Crop Land"]]):
+        with open(path, "w") as f:
+            json.dump(dict(cached, train=train), f)
+        again = data.load_benchmark("eurosat", root, shots=4, seed=1)
+        assert again.train == b.train and again.val == b.val
+        assert "differs from the draw of seed 1: drawn again and rewritten" in capsys.readouterr().out
+        with open(path) as f:
+            assert json.load(f) == cached
+    data.load_benchmark("eurosat", root, shots=4, seed=1)  # the record as drawn: nothing said
+    assert capsys.readouterr().out == ""
 
 
 def test_cache_imagenet_train_only(tree_copy):
@@ -248,11 +249,11 @@ def test_cache_imagenet_train_only(tree_copy):
     assert "val" not in cached and [row[0] for row in cached["train"]][:2] == \
         [os.path.relpath(d.impath, os.path.join(root, "imagenet", "images")) for d in b.train][:2]
     assert cached["train"][0][0].startswith("train" + os.sep)
-    cached["train"] = cached["train"][:3]  # a hit must return exactly what the cache holds
+    cached["train"] = cached["train"][:3]  # an edited record is not what the run trains on
     with open(path, "w") as f:
         json.dump(cached, f)
     again = data.load_benchmark("imagenet", root, shots=2, seed=1)
-    assert again.train == b.train[:3] and again.test == b.test
+    assert again.train == b.train and again.test == b.test
 
 
 def test_cache_moves_with_root(tree_copy, tmp_path):

@@ -135,9 +135,22 @@ def pending_commands(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output
                       [run_path(out, protocol, method, t, args.shots, seed) for t in targets])]
         for dataset, run_dirs in units:
             if not all(finished(r) for r in run_dirs):
-                commands.append(shlex.join(["python", "-m", "tools.protocols", protocol, *argv, "--datasets", dataset,
-                                            "--seeds", str(seed), "--output", out]))
+                words = ["python", "-m", "tools.protocols", protocol, *argv, "--datasets", dataset, "--seeds", str(seed),
+                         "--output", out]
+                commands.append(shlex.join(one_line(words)))
     return commands
+
+
+def one_line(words):
+    """--list prints one command a line, and schedulers run each line (GNU parallel, `sed -n ${ID}p` in a SLURM
+    array): a value with a newline in it (or any control character) would make two lines and run the second as a
+    command, so it is refused, naming it. shlex.join quotes everything else (spaces, $, quotes, ;)."""
+    for i, word in enumerate(words):
+        if not word.isprintable():
+            flag = next((w for w in reversed(words[:i]) if w.startswith("--")), "a value")
+            raise ValueError(f"--list: {flag} {word!r} holds a control character (a newline?), and a listed command "
+                             f"must be one line; rename it")
+    return words
 
 
 def run_path(out, protocol, method, dataset, shots, seed):

@@ -19,9 +19,8 @@ drop_last, the last-epoch model, top-1 micro accuracy. `--subsample base2new` (t
 on the base classes, then evaluates the same prompts on the base test set and, rebuilt with the new
 class names, on the new test set, and reports HM = 2BN / (B + N).
 
-What this file is not: no multi-GPU, no config files, no trainer registry. A run's directory (its
-lock, log, checkpoints, resume, results.json) is engine/run.py's Run; whole protocols (every dataset
-x seed) and their tables are tools/protocols.py.
+Not here: multi-GPU, config files, a trainer registry. The run directory (lock, log, checkpoints,
+resume, results.json) is engine/run.py's Run; whole protocols are tools/protocols.py.
 """
 import argparse
 import dataclasses
@@ -41,7 +40,7 @@ import isp
 import mpl
 from engine import checkpoints, cli, clip_engine, inputs, rundir
 from engine.precision import precision_setup, resolve_precision
-from engine.run import Run, cpu_count, cpu_threads, set_deterministic
+from engine.run import Run, cpu_count, cpu_threads, run_flags, set_deterministic
 
 # --------------------------------------------------------------------------------------------------
 # Methods and their training recipes. A prompt method is a model class and one of its file's
@@ -98,15 +97,6 @@ def get_args(argv=None):
         "recipe (depth 3; MPL/MaPLe: lr 0.0026, 2 epochs)")
     add("--clip", default=None, help="CLIP model name (ViT-B/16) or path to a local .pt; default "
         "ViT-B/16 with --dataset, else the mini world's CLIP")
-    add("--output", default=None, help="this one run's directory (default: output/<dataset>/"
-        "<method>/shots<K>_seed<S>); tools/protocols.py's --output is the root folder above its "
-        "runs' directories")
-    add("--overwrite", action="store_true", help="allow writing into an existing run directory")
-    add("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
-    add("--steal-lock", action="store_true", help="take over the run directory's lock although "
-        "the process it names may be alive: a process on another machine, or a pid reused after a "
-        "reboot. Safe only when you know that process no longer runs this run (a lock held by a "
-        "running process of this machine is never taken)")
     add("--load", default=None, help="initialise the prompts from a checkpoint: ours, or an "
         "official model.pth.tar-N of MPL (--method mpl), MaPLe (maple) or PromptSRC's IVLP (ivlp)")
     add("--eval-only", action="store_true", help="no training; evaluate (the prompts of --load)")
@@ -115,19 +105,12 @@ def get_args(argv=None):
         help="auto: fp32 on CPU, bf16 autocast on CUDA. fp32: TF32 off. bf16: bf16 autocast (CUDA "
         "or CPU). amp: fp16 autocast + GradScaler (CUDA). fp16: the whole model in fp16 with plain "
         "SGD, as the official code runs (for parity checks)")
-    add("--deterministic", action="store_true", help="deterministic CUDA kernels (torch."
-        "use_deterministic_algorithms, cuDNN benchmark off): bitwise repeatable on one GPU, slower")
-    add("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on "
-        "CPU)")
-    add("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 "
-        "for the mini world's small CLIP, else the cores not busy with other processes)")
     add("--crop-scale", type=float, default=None, help="smallest area of the training "
         "RandomResizedCrop (default: Dassl's 0.08 on the benchmarks; 0.5 in the mini world, whose "
         "32-pixel images an 8%% crop reduces to 9 x 9 pixels)")
     add("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
         "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
-    add("--debug", action="store_true", help="on an error, show Python's traceback, not only the "
-        "one line `error: ...` (cli.py; any command line of this project takes it)")
+    run_flags(p)  # the run directory's and the machine's: --output, --resume, --workers, ...
     # The method's own hyper-parameters become flags: a first look at --method, before --help.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="mpl", choices=list(RECIPES))
@@ -202,7 +185,8 @@ def loss_fn(logits, labels, weights=None):
 def train(model, items, args, run, autocast, scaler):
     """The loop: per epoch set the LR, then zero_grad -> forward -> loss -> backward -> step for
     each batch. The run (engine/run.py) restores a --resume, checks each step for non-finite values
-    (one host sync; amp adds GradScaler's own), keeps the history and saves each epoch."""
+    (one host sync; amp adds GradScaler's own and its scale), keeps the history and saves each
+    epoch."""
     lr, epochs, batch_size = recipe(args)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum,
@@ -362,14 +346,7 @@ def build_for(args, clip_model, b):
     try:
         return build_model(args, clip_model, b.classnames, b.template)
     except ValueError as e:
-        if "too long for context length" not in str(e):
-            raise
-        name = max((c for c in b.classnames if c in str(e)), key=len, default="?")
-        name = name[:80] + ("..." if len(name) > 80 else "")
-        raise ValueError(f"--dataset {b.name}: the class name {name!r} is too long: this method's "
-                         f"prompt with it exceeds CLIP's context of "
-                         f"{clip_model.positional_embedding.shape[0]} tokens; shorten it in "
-                         f"{b.source or 'the class list'}") from None
+        raise inputs.class_name_error(e, b, clip_model.positional_embedding.shape[0]) from None
 
 
 def zero_shot(args, clip_model, autocast, bench, new):

@@ -125,12 +125,14 @@ def check_train_args(p, args, cpus, method_config, config):
     refused now, through the parser (`p.error`). method_config(args) builds the method's config, which checks its
     own values; config: the preset, whose field names become flags in its messages."""
     checks = [("--shots", args.shots, args.shots >= 1, "an integer >= 1"),
-              ("--seed", args.seed, 0 <= args.seed < 2 ** 32, f"an integer >= 0 and <= {2 ** 32 - 1} (numpy's seeds; "
-                                                              f"Dassl does not seed for negative seeds)"),
+              ("--seed", args.seed, 0 <= args.seed < 2 ** 32, f"an integer >= 0 and <= "
+                                                              f"{2 ** 32 - 1} (numpy's seeds; "
+                                                              f"Dassl does not seed for negative "
+                                                              f"seeds)"),
               ("--epochs", args.epochs, args.epochs is None or args.epochs >= 0, "an integer >= 0"),
               ("--lr", args.lr, args.lr is None or (math.isfinite(args.lr) and 0 < args.lr <= 1),
-               "a finite number > 0 and <= 1 (the recipes use 0.0025-0.0035; far larger rates drive the prompts to "
-               "inf or NaN)"),
+               "a finite number > 0 and <= 1 (the recipes use 0.0025-0.0035; far larger rates "
+               "drive the prompts to inf or NaN)"),
               ("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1, "an integer >= 1"),
               ("--test-batch-size", args.test_batch_size, args.test_batch_size >= 1, "an integer >= 1"),
               ("--momentum", args.momentum, 0 <= args.momentum < 1, "a number in [0, 1)"),
@@ -151,11 +153,11 @@ def check_train_args(p, args, cpus, method_config, config):
     if args.resume and args.eval_only:
         p.error("--resume continues training, --eval-only trains nothing: give one of them")
     if args.precision == "amp" and not args.device.startswith("cuda"):
-        p.error(f"--precision amp is CUDA autocast with a loss scaler; on --device {args.device} use fp32 or bf16 "
-                f"(or fp16, the official pure-fp16 setting)")
+        p.error(f"--precision amp is CUDA autocast with a loss scaler; on --device {args.device} "
+                f"use fp32 or bf16 (or fp16, the official pure-fp16 setting)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA GPU is visible to torch here (torch {torch.__version__}); "
-                f"use --device cpu")
+        p.error(f"--device {args.device}: no CUDA GPU is visible to torch here (torch "
+                f"{torch.__version__}); use --device cpu")
     try:
         method_config(args)  # the config checks its own values, so a bad flag stops here, before anything loads
     except ValueError as e:

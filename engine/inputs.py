@@ -24,10 +24,17 @@ def is_world(name):
     return mini_world.is_world(name)
 
 
+WORLD_SUITE = mini_world.SUITE  # the mini world's four base-to-new datasets
+
+
 def check_dataset(args):
     """An unknown --dataset, said before CLIP loads."""
-    if not is_world(args.dataset):
-        data.resolve_name(args.dataset, also=mini_world.DATASETS)
+    check_dataset_name(args.dataset)
+
+
+def check_dataset_name(name):
+    if not is_world(name):
+        data.resolve_name(name, also=mini_world.DATASETS)
 
 
 def crop_scale(name):
@@ -43,12 +50,12 @@ def crop_scale(name):
 def say_dataset(args):
     """What the run does with no --dataset, and the world's own crops."""
     if args.dataset is None:
-        print("no --dataset given: running in the built-in mini world (world/mini_world.py). For the "
-              "real benchmark: python train.py --method mpl --dataset eurosat --root $DATA --clip "
-              "ViT-B/16")
+        print("no --dataset given: running in the built-in mini world (world/mini_world.py). For "
+              "the real benchmark: python train.py --method mpl --dataset eurosat --root $DATA "
+              "--clip ViT-B/16")
     if is_world(args.dataset):
-        print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel image "
-              f"(--crop-scale; Dassl's 0.08 on the benchmarks)")
+        print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel "
+              f"image (--crop-scale; Dassl's 0.08 on the benchmarks)")
 
 
 def benchmark(args, subsample):
@@ -70,8 +77,8 @@ def clip_for(args, real=None):
 
 
 def data_fingerprint(args, benchmarks=None):
-    """data.split_fingerprint of --dataset under --root, the world drawn there first if it is not yet;
-    or of the Benchmarks passed in."""
+    """data.split_fingerprint of --dataset under --root, the world drawn there first if it is not
+    yet; or of the Benchmarks passed in."""
     if benchmarks is not None:
         return data.benchmark_fingerprint(benchmarks)
     if is_world(args.dataset):
@@ -98,6 +105,19 @@ def load_prompts(args, model, run_dir):
         checkpoints.load_prompts(model, args.load, args.method)
         return rundir.file_sha256(args.load)
     if args.eval_only and any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"--eval-only with --method {args.method} needs --load PATH: the prompts to "
-                         f"evaluate (e.g. {os.path.join(run_dir, 'checkpoint.pt')} of a finished run)")
+        raise ValueError(f"--eval-only with --method {args.method} needs --load PATH: the prompts "
+                         f"to evaluate (e.g. {os.path.join(run_dir, 'checkpoint.pt')} of a "
+                         f"finished run)")
     return None
+
+
+def class_name_error(e, b, context):
+    """The error of a class set whose prompt does not fit CLIP's context (`context` tokens): the
+    class named, with the file that defines it; any other error as it is."""
+    if "too long for context length" not in str(e):
+        return e
+    name = max((c for c in b.classnames if c in str(e)), key=len, default="?")
+    name = name[:80] + ("..." if len(name) > 80 else "")
+    return ValueError(f"--dataset {b.name}: the class name {name!r} is too long: this method's "
+                      f"prompt with it exceeds CLIP's context of {context} tokens; shorten it in "
+                      f"{b.source or 'the class list'}")

@@ -69,8 +69,9 @@ class Run:
     def restore(self, model, optimizer, scaler):
         """--resume: the prompts, momentum, loss scaler and RNG states of the checkpoint; returns
         the epoch to go on from (0 without one)."""
+        epoch = restore(self.ckpt, model, optimizer, scaler, self.checkpoint) if self.ckpt else 0
         self.scale = scaler.get_scale() if scaler.is_enabled() else None  # amp: to count skips
-        return restore(self.ckpt, model, optimizer, scaler, self.checkpoint) if self.ckpt else 0
+        return epoch
 
     def batches(self, loader, epoch, optimizer):
         """The epoch's batches under a progress bar; each step is timed from its batch's arrival
@@ -86,7 +87,8 @@ class Run:
 
     def after_step(self, loss, params, scaler=None):
         """Nothing non-finite is ever saved: the loss and all prompts checked in one reduction (one
-        host sync); a step GradScaler skipped (amp: an inf gradient) is counted."""
+        host sync); under amp, a step GradScaler skipped (an inf gradient: the scale halved) is
+        counted, from the scale it reads back (GradScaler's public get_scale, a second sync)."""
         if not all_finite([loss, *params]):  # a finite loss can still give an infinite step
             where = (self.epoch, self.step, len(self.loader), self.optimizer, self.checkpoint)
             items = self.loader.dataset.items
@@ -137,6 +139,30 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The flags of the run directory and the machine (train.py's --help lists them with its own)
+
+def run_flags(p):
+    add = p.add_argument
+    add("--output", default=None, help="this one run's directory (default: output/<dataset>/"
+        "<method>/shots<K>_seed<S>); tools/protocols.py's --output is the root folder above its "
+        "runs' directories")
+    add("--overwrite", action="store_true", help="allow writing into an existing run directory")
+    add("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    add("--steal-lock", action="store_true", help="take over the run directory's lock although "
+        "the process it names may be alive: a process on another machine, or a pid reused after a "
+        "reboot. Safe only when you know that process no longer runs this run (a lock held by a "
+        "running process of this machine is never taken)")
+    add("--deterministic", action="store_true", help="deterministic CUDA kernels (torch."
+        "use_deterministic_algorithms, cuDNN benchmark off): bitwise repeatable on one GPU, slower")
+    add("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on "
+        "CPU)")
+    add("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 "
+        "for the mini world's small CLIP, else the cores not busy with other processes)")
+    add("--debug", action="store_true", help="on an error, show Python's traceback, not only the "
+        "one line `error: ...` (cli.py; any command line of this project takes it)")
+
+
+# --------------------------------------------------------------------------------------------------
 # The run directory
 
 def run_dir(args, dataset):
@@ -158,8 +184,8 @@ def prepare_run_dir(args, dataset):
         not os.path.exists(os.path.join(path, "results.json"))
     if unfinished and not (args.resume or args.overwrite):
         raise FileExistsError(f"run directory {path} holds an unfinished run (checkpoint.pt, no "
-                              f"results.json); pass --resume to continue it, --overwrite to start it "
-                              f"again, or --output for a new directory")
+                              f"results.json); pass --resume to continue it, --overwrite to start "
+                              f"it again, or --output for a new directory")
     rundir.check_writable(path)
     return path
 
@@ -188,8 +214,8 @@ def finished_run(run_dir, identity, args):
     if args.load and old.get("load_sha256") != load:
         raise FileExistsError(f"run directory {run_dir} holds an evaluation of --load {args.load}, "
                               f"which has changed since (its SHA-256 is not the one recorded in "
-                              f"{path}); pass --overwrite to evaluate it again, or --output for a new "
-                              f"directory")
+                              f"{path}); pass --overwrite to evaluate it again, or --output for a "
+                              f"new directory")
     accuracy = "  ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
                          for k, v in old["accuracy"].items())
     print(f"{path}: this run already finished with these settings. {old.get('method')} "
@@ -215,7 +241,7 @@ def _previous_results(run_dir):
         return {}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: only the trainable tensors and plain values, written atomically; checkpoints.read
 # reads them back (PyTorch's weights_only unpickler: see engine/checkpoints.py for what is trusted)
 
@@ -241,10 +267,10 @@ def save_checkpoint(path, model, args, recipe, identity, epoch, optimizer, scale
 
 def untrained_checkpoint(path, model, args, recipe, identity):
     """The checkpoint beside the results of a run that trained nothing (--epochs 0, --eval-only,
-    zero-shot), written right before them, so the two never disagree: a checkpoint left there by an
-    earlier run (--overwrite) is replaced by the prompts evaluated now (removed, for a method without
-    prompts), and an --epochs 0 run writes its initial prompts as its checkpoint, as a trained run
-    writes its last epoch (a transfer source of 0 epochs is loadable)."""
+    zero-shot), written right before them, so the two never disagree: a checkpoint left there by
+    an earlier run (--overwrite) is replaced by the prompts evaluated now (removed, for a method
+    without prompts), and an --epochs 0 run writes its initial prompts as its checkpoint, as a
+    trained run writes its last epoch (a transfer source of 0 epochs is loadable)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         if os.path.exists(path):
@@ -269,9 +295,9 @@ def resumable_checkpoint(path, identity):
                          f"train.py; {again}")
     if ckpt.get("identity") != identity:
         changed = rundir.differences(ckpt.get("identity") or {}, identity)
-        raise ValueError(f"--resume: {path} is a run of other settings ({changed}); give that run's "
-                         f"flags to continue it, --overwrite to start a new run in its place, or "
-                         f"another --output")
+        raise ValueError(f"--resume: {path} is a run of other settings ({changed}); give that "
+                         f"run's flags to continue it, --overwrite to start a new run in its "
+                         f"place, or another --output")
     rng, epoch = ckpt.get("rng"), ckpt.get("epoch")
     wrong = [name for name, ok in (
         ("params", isinstance(ckpt.get("params"), dict)),
@@ -307,7 +333,7 @@ def restore(ckpt, model, optimizer, scaler, path):
     return ckpt["epoch"]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Nothing non-finite is saved
 
 def all_finite(tensors):
@@ -327,13 +353,13 @@ def check_finite(name, tensors, where, batch=None):
     what = f"loss is {tensors[0].item()}" if name == "loss" else \
         f"the {name} became non-finite in this step"
     detail = f"; images of this batch: {batch}" if batch is not None else ""
-    kept = (f"The last checkpoint of this run, {path} (epoch {epoch}), is finite and kept; --resume "
-            f"restarts from it." if epoch else "No checkpoint of this run was written.")
+    kept = (f"The last checkpoint of this run, {path} (epoch {epoch}), is finite and kept; "
+            f"--resume restarts from it." if epoch else "No checkpoint of this run was written.")
     raise FloatingPointError(f"{what} at epoch {epoch + 1}, step {step + 1} of {steps}, LR "
                              f"{optimizer.param_groups[0]['lr']:.6g}{detail}. {kept}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The log, the code's commit
 
 class _Tee:
@@ -392,7 +418,7 @@ def git_commit():
         return None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The machine
 
 def cpu_count():
@@ -402,10 +428,10 @@ def cpu_count():
 
 def cpu_threads(threads, vision_width):
     """Threads for torch on the CPU, and why. A CLIP narrower than 256 (the mini world's) runs small
-    matrices, whose per-op cost is largely thread synchronisation: a second thread gains little on an
-    idle machine and, with another process busy on a core, makes every op wait for it. So one thread
-    for a small CLIP, which also lets two protocol processes share two cores; a large CLIP gets the
-    cores that other processes leave free (by the 1-minute load average)."""
+    matrices, whose per-op cost is largely thread synchronisation: a second thread gains little
+    on an idle machine and, with another process busy on a core, makes every op wait for it. So
+    one thread for a small CLIP, which also lets two protocol processes share two cores; a large
+    CLIP gets the cores that other processes leave free (by the 1-minute load average)."""
     if threads:
         return threads, "--threads"
     cores = cpu_count()
@@ -417,9 +443,11 @@ def cpu_threads(threads, vision_width):
 
 
 def set_deterministic():
-    """--deterministic: deterministic kernels only (an op without one raises), cuDNN's autotuner off.
-    On one GPU and software stack a run then repeats bitwise; across GPUs or versions it does not."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+    """--deterministic: deterministic kernels only (an op without one raises), cuDNN's autotuner
+    off. On one GPU and software stack a run then repeats bitwise; across GPUs or versions it
+    does not."""
+    # cuBLAS needs it for deterministic matmuls
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False

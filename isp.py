@@ -47,7 +47,7 @@ patch tokens.
 """
 import math
 import string
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch

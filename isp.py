@@ -191,8 +191,11 @@ class SampleProbe(nn.Module):
     class set), the un-prompted image features of the very view being trained on, and the weight
     formula:
 
-        p_clip,i = softmax_c(100 cos(CLIP_image(x_i), h_c))[y_i],   d_i = 1 - p_clip,i    (§5.1)
+        p_clip,i = softmax_c(s cos(CLIP_image(x_i), h_c))[y_i],   d_i = 1 - p_clip,i      (§5.1)
         w_i = 1 + lambda d_i                                                               (SP-1)
+
+    with s = exp(logit_scale), the frozen CLIP's own temperature: 100 for OpenAI's CLIP, about 30
+    for the mini world's.
 
     The frozen CLIP is passed in (ISP owns it), so that it is no submodule of this one.
     """

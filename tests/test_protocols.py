@@ -121,3 +121,16 @@ def test_mpl_ablation_grid_skips_what_the_official_code_forbids(tmp_path, monkey
     assert "| 2 | 1 (= mpl) | 65.00 ± 1.00 | 40.00 ± 0.00 | 49.52 |" in text
     with pytest.raises(ValueError, match="no ablation for --method maple"):
         protocols.ablation_grid("maple", ["--method", "maple"])
+
+
+def test_ablation_list_prints_every_cells_runs(tmp_path, capsys):
+    """ablation --list: the base-to-new runs of each valid cell, into the cell's own --output (a preset's cell into
+    base2new's), so that a scheduler runs the grid; the ablation command then only reads them for its table."""
+    out = str(tmp_path / "runs")
+    assert protocols.main(["ablation", "--method", "mpl", "--list", "--seeds", "1", "2", "--output", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    suite = len(protocols.pending_commands("base2new", ["--method", "mpl"], None, [1], out))  # datasets of the suite
+    assert len(lines) == 5 * suite * 2 and all(line.startswith("python -m tools.protocols base2new") for line in lines)
+    by_cell = {line.split("--output ")[1] for line in lines}
+    assert out in by_cell and len(by_cell) == 5  # the (2, 1) cell is mpl's preset: base2new's own runs
+    assert all("--n-add 1 --n-rm 2" not in line for line in lines)  # not a valid config: nothing to run

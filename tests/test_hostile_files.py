@@ -7,13 +7,11 @@ the test run; for each, a test shows that the danger is real without the guard.
 
     python -m pytest -q tests/test_hostile_files.py
 """
-import io
 import os
 import struct
 import subprocess
 import sys
 import time
-import zipfile
 from collections import namedtuple
 from typing import Tuple
 
@@ -23,7 +21,7 @@ import torch
 from engine import checkpoints, cli, rundir
 import data
 import mpl
-from test_checkpoints import CLASSES, TINY, dassl_save, ivlp_state_dict, make_ivlp, make_mpl, mpl_state_dict
+from test_checkpoints import TINY, dassl_save, ivlp_state_dict, make_ivlp, make_mpl, mpl_state_dict, with_pickle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.s"),            # the TorchScript file is made on purpose
@@ -35,17 +33,6 @@ def in_subprocess(code, *args, timeout=300):
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
     return done.returncode, done.stdout, done.stderr
-
-
-def with_pickle(tmp_path, payload, name="evil.pt"):
-    """A real torch.save archive ({"params": {}}) whose data.pkl is replaced by `payload` (the rest kept)."""
-    clean = io.BytesIO()
-    torch.save({"params": {}}, clean)
-    path = tmp_path / name
-    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            dst.writestr(info, payload if info.filename.endswith("/data.pkl") else src.read(info))
-    return path
 
 
 def unicode(s):  # BINUNICODE, an opcode of protocol 2 (what torch.save writes)

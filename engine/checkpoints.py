@@ -8,18 +8,27 @@ not even one of ours, is unpickled by Python's own unpickler here. Every file go
 
   1. Its size: the zip archive's table of contents says how large each member is once decompressed. `torch.save` never
      compresses, so a member that inflates to more than the file itself is no checkpoint (a "zip bomb") and is refused
-     before a byte of it is decompressed.
-  2. PyTorch's restricted unpickler, `torch.load(weights_only=True)`: it builds tensors, storages, dtypes, containers
+     before a byte of it is decompressed. A TorchScript archive (code/ inside) is refused: loading one runs its code.
+  2. A pre-scan of the pickle (`scan_pickle`), one pass over its opcodes that runs nothing: only the opcodes PyTorch's
+     reader knows (pickle protocol 2, what torch.save writes), only allowed globals (named when refused), bounded
+     nesting (a tuple nested a million deep makes PyTorch's reader crash the interpreter), a bounded number of tensors
+     and objects (a 5 MB file can ask for a million views of one storage) and of opcodes.
+  3. PyTorch's restricted unpickler, `torch.load(weights_only=True)`: it builds tensors, storages, dtypes, containers
      and plain values, and calls nothing else; every other name in the pickle is refused, and we add no function to it.
-  3. Stand-ins by name, for what Dassl pickles besides tensors. The official code trains with Dassl, whose
+  4. Stand-ins by name, for what Dassl pickles besides tensors. The official code trains with Dassl, whose
      `save_checkpoint` stores `scheduler.state_dict()`; for the warm-up scheduler of MaPLe / MPL / PromptSRC that
      holds its successor, a `CosineAnnealingLR` object, which holds the `SGD` object, whose `state` is a
      `collections.defaultdict`. For exactly those names (STAND_INS) the restricted unpickler builds an empty `StandIn`
      object that keeps the pickled attributes as data; the real class is never imported, called or consulted, and
      `defaultdict` becomes a plain dict. We never use what they hold; they are there so the file's tensors can load.
-  4. What we use is checked as data: prompts are floating-point tensors (not meta tensors), finite, with exactly the
-     names and shapes the model expects (`match`); the frozen CLIP stored in an official file must have the shapes
-     of the CLIP in hand (`check_backbone`).
+  5. What we use is checked as data: what was read nests no deeper than the scan allowed and holds dense tensors only
+     (`check_plain`); prompts are floating-point tensors (not meta tensors), finite, with exactly the names and shapes
+     the model expects (`match`); the frozen CLIP stored in an official file must have the shapes of the CLIP in hand
+     (`check_backbone`).
+
+CLIP weights (`load_clip`, train.py --clip) are trusted only when they are OpenAI's own file, by its SHA-256: only
+then does clip.load (and its torch.jit.load) see them. Any other file is a state dict read by `read`, whose shapes are
+checked against the CLIP they describe (built on the meta device, which allocates nothing) before CLIP is built.
 
 Official checkpoints (Dassl's `output/.../MultiModalPromptLearner/model.pth.tar-N`) hold the whole CustomCLIP of the
 official code: the prompt learner, the frozen CLIP (fp16), the token embeddings of the training-time class names. We
@@ -77,7 +86,7 @@ STAND_INS = [(StandIn, name) for name in _OPTIMIZERS + _SCHEDULERS + ("builtins.
 # tensor) and the pickle's own size (the tensors' bytes are stored beside it, not in it).
 MAX_DEPTH = 64
 MAX_OBJECTS = 50_000
-MAX_OPCODES = 2_000_000
+MAX_OPCODES = 1_000_000
 MAX_PICKLE_BYTES = 64 << 20
 
 # The opcodes PyTorch's weights_only reader knows: protocol 2's, the protocol torch.save writes. Any other (protocol
@@ -88,6 +97,17 @@ TORCH_OPCODES = frozenset(
     "BINGET LONG_BINGET BINPUT LONG_BINPUT LONG1 PROTO STOP".split())
 _IN_PLACE = frozenset("APPEND APPENDS SETITEM SETITEMS BUILD".split())  # they fill the container below them
 _BUILDS = frozenset("REDUCE NEWOBJ BUILD BINPERSID".split())              # a call: a tensor, a storage, an object
+
+
+def _stack_effect(op):
+    """(name, entries it takes off the stack below a MARK or the top, whether it takes a MARK, whether it fills a
+    container in place) of a pickle opcode, from pickletools' description of it."""
+    mark = pickletools.markobject in op.stack_before
+    taken = op.stack_before.index(pickletools.markobject) if mark else len(op.stack_before)
+    return op.name, taken, mark, op.name in _IN_PLACE
+
+
+_OPCODES = {op: _stack_effect(op) for op in pickletools.opcodes if op.name in TORCH_OPCODES}
 
 
 def allowed_globals():
@@ -101,23 +121,36 @@ def scan_pickle(f, source, allowed):
     """Judge one pickle as data before anything unpickles it, in one linear pass over its opcodes
     (pickletools.genops), running nothing: every opcode is one PyTorch's reader knows, every global is allowed, and
     nesting, calls and length stay within the bounds above. The nesting is followed on a model of the unpickler's
-    stack: each entry is [depth], shared with the memo, so that a container filled later deepens everywhere it is
-    used. Raises ValueError naming `source`."""
+    stack: each entry is [depth], shared with the memo, so that a container filled later deepens where the memo hands
+    it out afterwards (`check_plain` covers the rest). Raises ValueError naming `source`."""
     stack, marks, memo = [], [], {}
     builds = 0
-    protocol = "0 or 1 (no PROTO opcode)"
+    protocol = "0 or 1"  # they have no PROTO opcode
+    too_many = lambda what, n: ValueError(f"{source} holds more than {n:,} {what}, far more than a checkpoint or a "  # noqa: E731
+                                          f"CLIP has; it is not read")
     try:
         for n, (op, arg, _) in enumerate(pickletools.genops(f)):
-            name = op.name
             if n >= MAX_OPCODES:
-                raise ValueError(f"{source} holds more than {MAX_OPCODES:,} pickle opcodes, far more than a "
-                                 f"checkpoint or a CLIP has; it is not read")
+                raise too_many("pickle opcodes", MAX_OPCODES)
+            if op not in _OPCODES:
+                raise ValueError(f"{source} was pickled with protocol {protocol} (opcode {op.name}), which PyTorch's "
+                                 f"safe reader does not read; torch.save writes protocol 2. Where you trust the file, "
+                                 f"load it and save it again with plain torch.save(obj, path)")
+            name, taken, mark, in_place = _OPCODES[op]
+            if name in ("BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+                continue
+            if name in ("BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+                continue
+            if name == "MARK":
+                marks.append(len(stack))
+                continue
             if name == "PROTO":
                 protocol = arg
-            if name not in TORCH_OPCODES:
-                raise ValueError(f"{source} was pickled with protocol {protocol} (opcode {name}), which PyTorch's safe "
-                                 f"reader does not read; torch.save writes protocol 2. Where you trust the file, load "
-                                 f"it and save it again with plain torch.save(obj, path)")
+                continue
+            if name == "STOP":
+                return
             if name == "GLOBAL":  # named as PyTorch's reader names it (protocol 2 writes Python 2's __builtin__)
                 module, _, attr = arg.partition(" ")
                 module, attr = NAME_MAPPING.get((module, attr), (IMPORT_MAPPING.get(module, module), attr))
@@ -125,37 +158,24 @@ def scan_pickle(f, source, allowed):
                     raise ValueError(f"{source} holds a {module}.{attr}, which is not a tensor or a plain value (nor "
                                      f"an optimizer or scheduler of a Dassl checkpoint), so nothing of it is read. "
                                      f"A checkpoint holds tensors: save model.state_dict(), not the model")
-            if name in _BUILDS:
+            elif name in _BUILDS:
                 builds += 1
                 if builds > MAX_OBJECTS:
-                    raise ValueError(f"{source} builds more than {MAX_OBJECTS:,} tensors or objects, far more than a "
-                                     f"checkpoint or a CLIP has; it is not read")
-            if name == "STOP":
-                return
-            if name == "MARK":
-                marks.append(len(stack))
-            elif name in ("BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1]
-            elif name in ("BINGET", "LONG_BINGET"):
-                stack.append(memo[arg])
-            else:
-                before = op.stack_before
-                k = before.index(pickletools.markobject) if pickletools.markobject in before else len(before)
-                start = marks.pop() - k if pickletools.markobject in before else len(stack) - k
-                if start < 0:
-                    raise IndexError
-                items, stack[start:] = stack[start:], []
-                inner = 1 + max((d for d, in items[1:] if name in _IN_PLACE) if name in _IN_PLACE else
-                                (d for d, in items), default=0)
-                if name in _IN_PLACE:          # the container gets deeper in place, wherever the memo shares it
-                    items[0][0] = max(items[0][0], inner)
-                    node = items[0]
-                else:                          # a new value: a scalar (depth 0) or a container of `items`
-                    node = [inner if items or name.startswith("EMPTY_") else 0]
-                if node[0] > MAX_DEPTH:
-                    raise ValueError(f"{source} nests containers more than {MAX_DEPTH} deep, far more than a "
-                                     f"checkpoint does (it could crash the reader); it is not read")
-                stack.extend([node] * len(op.stack_after))
+                    raise too_many("tensors or objects", MAX_OBJECTS)
+            start = (marks.pop() if mark else len(stack)) - taken
+            if start < 0:
+                raise IndexError("stack underflow")
+            items, stack[start:] = stack[start:], []
+            inner = 1 + max((d for d, in (items[1:] if in_place else items)), default=0)
+            if in_place:                   # the container gets deeper in place, wherever the memo shares it
+                node = items[0]
+                node[0] = max(node[0], inner)
+            else:                          # a new value: a scalar (depth 0) or a container of `items`
+                node = [inner if items or name.startswith("EMPTY_") else 0]
+            if node[0] > MAX_DEPTH:
+                raise ValueError(f"{source} nests containers more than {MAX_DEPTH} deep, far more than a "
+                                 f"checkpoint does (it could crash the reader); it is not read")
+            stack.append(node)  # every opcode PyTorch reads, but PROTO, MARK, PUT and STOP, leaves one value
     except (IndexError, KeyError, ValueError) as e:
         if isinstance(e, ValueError) and str(e).startswith(source):
             raise
@@ -204,24 +224,30 @@ def read(path, what="checkpoint"):
 
 
 def check_plain(value, source):
-    """What was read, walked without recursion: containers nest at most MAX_DEPTH deep (also where the pickle's memo
-    filled one container after another had taken it in, which the scan cannot see), and every tensor is dense."""
-    todo, seen = [(value, 0)], set()
+    """What was read, walked without recursion: every tensor is dense, and no chain of containers is longer than
+    MAX_DEPTH, counting chains through shared containers too (the pickle's memo can fill a list after another has
+    taken it in, which the scan does not follow). A container met again on its own chain (a cycle) ends the chain."""
+    def children(v):
+        v = v.state if isinstance(v, StandIn) else v
+        return [*v.keys(), *v.values()] if isinstance(v, dict) else v if isinstance(v, (list, tuple, set)) else ()
+
+    height, on_chain, todo = {}, set(), [(value, False)]
     while todo:
-        value, depth = todo.pop()
-        if isinstance(value, torch.Tensor):
-            if value.layout != torch.strided:
-                raise ValueError(f"{source} holds a {value.layout} tensor; checkpoints hold dense tensors")
-            continue
-        if not isinstance(value, (dict, list, tuple, set, StandIn)) or id(value) in seen:
-            continue
-        if depth > MAX_DEPTH:
-            raise ValueError(f"{source} nests containers more than {MAX_DEPTH} deep, far more than a checkpoint "
-                             f"does; it is not read")
-        seen.add(id(value))
-        items = value.state if isinstance(value, StandIn) else value
-        items = [*items.keys(), *items.values()] if isinstance(items, dict) else items
-        todo.extend((item, depth + 1) for item in items)
+        v, finished = todo.pop()
+        if isinstance(v, torch.Tensor):
+            if v.layout != torch.strided:
+                raise ValueError(f"{source} holds a {v.layout} tensor; checkpoints hold dense tensors")
+        elif isinstance(v, (dict, list, tuple, set, StandIn)):
+            if finished:  # all below it done: its height is one more than its highest child's
+                on_chain.discard(id(v))
+                height[id(v)] = 1 + max((height.get(id(c), 0) for c in children(v)), default=0)
+                if height[id(v)] > MAX_DEPTH:
+                    raise ValueError(f"{source} nests containers more than {MAX_DEPTH} deep, far more than a "
+                                     f"checkpoint does; it is not read")
+            elif id(v) not in height and id(v) not in on_chain:
+                on_chain.add(id(v))
+                todo.append((v, True))
+                todo.extend((c, False) for c in children(v))
 
 
 def check_file(path, what="checkpoint", slack=1 << 20):

@@ -4,16 +4,16 @@ its own directory: checkpoint.pt (only the trainable prompt parameters, kilobyte
 run stands), train.log (what it printed) and results.json (the accuracies, per class too, and the
 history: per epoch the mean loss, LR and seconds). What the directory guarantees: docs/runs.md.
 
-    with Run(args, recipe) as run:           the directory (checked), its lock (rundir.RunLock), train.log
-        done = run.start(identity)           a finished run of these very settings: its results, else None
-        epoch = run.restore(model, optimizer, scaler)       --resume: the epoch to go on from, else 0
-        for images, labels, index in run.batches(loader, epoch, optimizer):
-            ...                              one step
-            run.after_step(loss, params)     nothing non-finite goes on; the loss summed on the device
-        run.end_epoch(model, optimizer, scaler)             checkpoint.pt (atomic), history, its line
-        run.finish(results, model, trained)  the checkpoint of a run that trained nothing, results.json
+    with Run(args, recipe) as run:       the directory (checked), its lock (rundir.RunLock), the log
+      done = run.start(identity)         a finished run of these very settings: its results, or None
+      start = run.restore(model, optimizer, scaler)     --resume: the epoch to go on from, else 0
+      for images, labels, index in run.batches(loader, epoch, optimizer):
+          ...                            one step
+          run.after_step(loss, params, scaler)  nothing non-finite goes on; the loss summed
+      run.end_epoch(model, optimizer, scaler)   checkpoint.pt (atomic), history, the epoch's line
+      run.finish(results, model, trained)  results.json (a run that trained nothing: its checkpoint too)
 
-It knows the flags of train.py (args) and the model's interface, nothing of CLIP or prompts.
+It knows train.py's flags (args) and a method's interface (prompt_state_dict), nothing of CLIP.
 """
 import dataclasses
 import json
@@ -76,11 +76,12 @@ class Run:
     def batches(self, loader, epoch, optimizer):
         """The epoch's batches under a progress bar; each step is timed from its batch's arrival
         to after_step."""
-        self.epoch, self.loader, self.optimizer, self.t_epoch = epoch, loader, optimizer, time.time()
+        self.epoch, self.loader, self.optimizer = epoch, loader, optimizer
+        self.t_epoch = time.time()
         self.loss_sum, self.skipped = None, 0
         lr, epochs = optimizer.param_groups[0]["lr"], self.recipe[1]
-        for self.step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{epochs} lr {lr:.6f}",
-                                               disable=None)):
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs} lr {lr:.6f}", disable=None)
+        for self.step, batch in enumerate(bar):
             self.t0 = time.time()
             self.index = batch[2]
             yield batch
@@ -108,7 +109,7 @@ class Run:
         save_checkpoint(self.checkpoint, model, self.args, self.recipe, self.identity, epoch,
                         optimizer, scaler)
         remove_replaced_results(self.dir, self.args)
-        loss = float(self.loss_sum) / len(self.loader) if self.loss_sum is not None else float("nan")
+        loss = float("nan") if self.loss_sum is None else float(self.loss_sum) / len(self.loader)
         h = dict(epoch=epoch, loss=loss, lr=optimizer.param_groups[0]["lr"],
                  seconds=time.time() - self.t_epoch)
         amp = scaler.is_enabled()
@@ -138,7 +139,7 @@ class Run:
         return results
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The flags of the run directory and the machine (train.py's --help lists them with its own)
 
 def run_flags(p):
@@ -168,7 +169,8 @@ def run_flags(p):
 def run_dir(args, dataset):
     """--output, else output/<dataset>/<method>[_xd]/shots<K>_seed<S>."""
     method = args.method + ("_xd" if args.cross_dataset else "")
-    return args.output or os.path.join("output", dataset, method, f"shots{args.shots}_seed{args.seed}")
+    seeded = f"shots{args.shots}_seed{args.seed}"
+    return args.output or os.path.join("output", dataset, method, seeded)
 
 
 def prepare_run_dir(args, dataset):
@@ -439,7 +441,8 @@ def cpu_threads(threads, vision_width):
         return 1, (f"this small CLIP's ops are too small to share between threads; {cores} cores "
                    f"here; --threads sets it")
     busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, cores - busy), f"{cores} cores, about {busy} busy with other processes; --threads sets it"
+    why = f"{cores} cores, about {busy} busy with other processes; --threads sets it"
+    return max(1, cores - busy), why
 
 
 def set_deterministic():

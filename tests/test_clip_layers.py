@@ -224,3 +224,29 @@ def test_last_vision_block_computes_the_cls_row_only(tiny, monkeypatch):
         assert (ours - tiny.encode_image(images)).abs().max() < 1e-5
     n_tok = tiny.visual.positional_embedding.shape[0]
     assert shapes == [n_tok] * (len(tiny.visual.transformer.resblocks) - 1) + [1]
+
+
+def test_the_engine_is_an_argument_and_nothing_imports_it_behind_the_callers_back(tiny, monkeypatch):
+    """clip_layers, mpl and isp import no engine; a method without engine= runs the plain loops (no engine function
+    is called), and one handed clip_engine.Engine() runs the engine's shared prefix and CLS-only last block."""
+    import os
+    import subprocess
+    import sys
+    import mpl
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys, clip_layers, mpl, isp; print(sorted(m for m in sys.modules if m.split('.')[0] == 'engine'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    shared, cls = spy_shared(monkeypatch), []
+    stock_cls = clip_engine.cls_block
+    monkeypatch.setattr(clip_engine, "cls_block", lambda block, x: cls.append(1) or stock_cls(block, x))
+    images = torch.randn(2, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
+    cfg = mpl.PRESETS["maple"]
+    with torch.no_grad():
+        torch.manual_seed(0)  # the same initial prompts in both
+        plain = mpl.MPL(tiny, ["dog", "sea lion", "red circle"], cfg)(images)
+        assert shared == [] and cls == []
+        torch.manual_seed(0)
+        fast = mpl.MPL(tiny, ["dog", "sea lion", "red circle"], cfg, engine=clip_engine.Engine())(images)
+        assert shared and cls == [1]
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)

@@ -457,6 +457,9 @@ def rewrite_split(root, splits, change):
      r"classes \['Sea or Lake'\] \(labels \[5\]\) are in test but not in train"),
     (lambda s: s["test"][0].__setitem__(0, "../../../../etc/passwd"), r"'\.\./\.\./\.\./\.\./etc/passwd' leaves"),
     (lambda s: s["test"][0].__setitem__(0, "/etc/passwd"), r"'/etc/passwd' leaves the image folder"),
+    (lambda s: [e.__setitem__(2, "annual_crop_LAND") for k in s for e in s[k] if e[1] == 1],
+     r"split_zhou_EuroSAT\.json: label \d '(Annual Crop Land|annual_crop_LAND)' and label \d "
+     r"'(Annual Crop Land|annual_crop_LAND)' are the same class name to CLIP"),
 ])
 def test_split_files_are_validated(tree_copy, change, message, capsys):
     root, splits = tree_copy

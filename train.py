@@ -145,8 +145,8 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 for the "
                    "mini world's small CLIP, else the cores not busy with other processes)")
     p.add_argument("--crop-scale", type=float, default=None, help="smallest area of the training RandomResizedCrop "
-                   "(default: Dassl's 0.08 on the benchmarks; in the mini world the dataset's own, world/mini_world.py's "
-                   "crop_scale, as an 8%% crop reduces its 32-pixel images to 9 x 9 pixels)")
+                   "(default: Dassl's 0.08 on the benchmarks; in the mini world its dataset's own crop_scale, "
+                   "world/mini_world.py: an 8%% crop reduces its 32-pixel images to 9 x 9 pixels)")
     p.add_argument("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
                    "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
     p.add_argument("--debug", action="store_true", help="on an error, show Python's traceback, not only the one line "

@@ -445,8 +445,9 @@ def _manifest(name, seed):
     # everything the images depend on besides the code itself, which WORLD_VERSION stands for
     # (not the training augmentation, crop_scale: changing it draws nothing again)
     drawn = {k: v for k, v in WORLD_DATASETS[name].items() if k != "crop_scale"}
-    cfg = dict(drawn, name=name, seed=seed, version=WORLD_VERSION, image_size=WORLD_IMAGE_SIZE, supersample=SUPERSAMPLE, classes=[c for c, _ in world_classes(name)], split_file=WORLD_SPLIT_FILES[name],
-               image_dir="images", rgb={c: WORLD_COLOURS[c] for c in WORLD_DATASETS[name]["colours"]},
+    cfg = dict(drawn, name=name, seed=seed, version=WORLD_VERSION, image_size=WORLD_IMAGE_SIZE, supersample=SUPERSAMPLE,
+               classes=[c for c, _ in world_classes(name)], split_file=WORLD_SPLIT_FILES[name], image_dir="images",
+               rgb={c: WORLD_COLOURS[c] for c in WORLD_DATASETS[name]["colours"]},
                camera_settings=WORLD_CAMERAS.get(WORLD_DATASETS[name]["camera"]), satellite_mix=SATELLITE_MIX)
     cfg["hash"] = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
     return cfg

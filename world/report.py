@@ -43,7 +43,8 @@ def encode_split(model, root, name, split="test", max_per_class=None, batch_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, len(kept), batch_size):
-            images = [Image.open(os.path.join(root, name, "images", p)).convert("RGB") for p, _ in kept[i:i + batch_size]]
+            images = [Image.open(os.path.join(root, name, "images", p)).convert("RGB")
+                      for p, _ in kept[i:i + batch_size]]
             x = (images_to_tensor([np.asarray(im) for im in images]) if transform is None
                  else torch.stack([transform(im) for im in images]))
             features.append(F.normalize(clip_layers.encode_image(model, x.to(device)), dim=-1))

@@ -145,8 +145,8 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on the CPU: 1 for the "
                    "mini world's small CLIP, else the cores not busy with other processes)")
     p.add_argument("--crop-scale", type=float, default=None, help="smallest area of the training RandomResizedCrop "
-                   "(default: Dassl's 0.08 on the benchmarks; 0.5 in the mini world, whose 32-pixel images an 8%% crop "
-                   "reduces to 9 x 9 pixels)")
+                   "(default: Dassl's 0.08 on the benchmarks; in the mini world its dataset's own crop_scale, "
+                   "world/mini_world.py: an 8%% crop reduces its 32-pixel images to 9 x 9 pixels)")
     p.add_argument("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
                    "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
     p.add_argument("--debug", action="store_true", help="on an error, show Python's traceback, not only the one line "
@@ -159,7 +159,7 @@ def get_args(argv=None):
         config_flags(p, RECIPES[method].config)
     args = p.parse_args(argv)
     if args.crop_scale is None:
-        args.crop_scale = 0.5 if mini_world.is_world(args.dataset) else 0.08
+        args.crop_scale = mini_world.train_crop_scale(args.dataset) if mini_world.is_world(args.dataset) else 0.08
     # Values that would fail only after training started, or silently do something else: refused here.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     checks = [("--shots", args.shots, args.shots >= 1, "an integer >= 1"),
@@ -652,8 +652,8 @@ def run(args, run_dir, clip_model=None, benchmarks=None, extra=None):
         print("no --dataset given: running in the built-in mini world (world/mini_world.py). For the real benchmark: "
               "python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16")
     if mini_world.is_world(args.dataset) and benchmarks is None:
-        print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel image (--crop-scale; "
-              f"Dassl's 0.08 on the benchmarks)")
+        print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel image, then flips "
+              f"(the dataset's crop_scale, world/mini_world.py; --crop-scale; Dassl's 0.08 on the benchmarks)")
     ident = run_identity(args, clip_model, clip_fingerprint, benchmarks)
     done = finished_run(run_dir, ident, args)
     if done is not None:

@@ -55,7 +55,8 @@ def say_dataset(args):
               "--clip ViT-B/16")
     if is_world(args.dataset):
         print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel "
-              f"image (--crop-scale; Dassl's 0.08 on the benchmarks)")
+              f"image, then flips (the dataset's crop_scale, world/mini_world.py; --crop-scale; "
+              f"Dassl's 0.08 on the benchmarks)")
 
 
 def benchmark(args, subsample):

@@ -40,7 +40,7 @@ def check_dataset_name(name):
 def crop_scale(name):
     """The default smallest area of the training crops: the dataset's (data.DatasetSpec)."""
     if is_world(name):
-        return mini_world.DATASETS[name or DEFAULT_DATASET].crop_scale
+        return mini_world.train_crop_scale(name)  # its WORLD_DATASETS entry
     try:
         return data.DATASETS[data.resolve_name(name)].crop_scale
     except ValueError:  # an unknown name is said later, with the known ones (check_dataset)

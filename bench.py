@@ -10,9 +10,9 @@ One step = forward of a batch of 4 images and the whole class set, cross-entropy
 random weights (the speed does not depend on the values); its time is the fastest of --steps steps after a warm-up
 (other processes on the machine only ever add time). Three ways of running it:
 
-  official  clip_engine's official setting, which runs CLIP's stock modules the way the MaPLe-derived official code
+  official  OfficialEngine below, which runs CLIP's stock modules the way the MaPLe-derived official code
             does: `ResidualAttentionBlock.forward` (nn.MultiheadAttention, LND layout, the 77 x 77 causal mask), all
-            77 text tokens, the whole class set in one pass;
+            77 text tokens, the whole class set in one pass (the parity tests use it too);
   ours      this project's path: SDPA, the text cut after the last EOT, the rows before the class names encoded once
             for all classes (the shared prefix; not where the prompts read the class's own tokens, as ISP's
             self-structural module does), classes in chunks of --text-chunk with activation checkpointing;
@@ -43,6 +43,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -71,20 +72,48 @@ def classnames(n):
     return names
 
 
-def engine_options(official, text_chunk, shared_prefix=True):
-    """The engine's settings for one configuration. official: the official code's way of running CLIP (stock blocks,
-    all 77 text positions, the whole class set in one pass); else ours, chunked by text_chunk."""
-    return clip_engine.options(official=official, text_chunk=None if official else text_chunk,
-                               shared_prefix=shared_prefix)
+# ----------------------------------------------------------------------------------------------------------------------
+# The official path: CLIP's stock blocks, sequence-first; for text all 77 positions, all classes in one pass
+
+def stock_block(block, x):
+    """CLIP's own ResidualAttentionBlock (nn.MultiheadAttention; for text its 77 x 77 causal mask), NLD -> LND -> NLD."""
+    return block(x.transpose(0, 1)).transpose(0, 1)
 
 
-def build(method, clip_model, n_classes):
-    """The method at its preset, on the CLIP in hand."""
+class OfficialEngine:
+    """An engine (as clip_engine.Engine, handed to a method) that runs CLIP as the official MaPLe / MPL / PromptSRC
+    code does: every block is CLIP's stock block, the text runs all 77 positions, all classes in one pass."""
+
+    def encode_text(self, clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
+        x = x.to(clip_model.dtype) + clip_model.positional_embedding.to(clip_model.dtype)  # (C, 77, 512)
+        rows, summaries = torch.arange(x.shape[0], device=x.device), []
+        for layer, block in enumerate(clip_model.transformer.resblocks):
+            x = x if hook is None else hook(layer, x)
+            summaries.append(x[rows, eot])
+            x = stock_block(block, x)                                                      # (C, 77, 512)
+        x = clip_model.ln_final(x[rows, eot]) @ clip_model.text_projection.to(x.dtype)    # (C, 512)
+        return (x, torch.stack(summaries, dim=1)) if eot_rows else x
+
+    def vision_block(self, block, x, last):
+        return stock_block(block, x)
+
+
+OFFICIAL = OfficialEngine()
+
+
+def engine_for(official, text_chunk, shared_prefix=True):
+    """The engine of one configuration. official: the official code's way of running CLIP (stock blocks, all 77 text
+    positions, the whole class set in one pass); else ours, chunked by text_chunk."""
+    return OFFICIAL if official else clip_engine.Engine(text_chunk=text_chunk, shared_prefix=shared_prefix)
+
+
+def build(method, clip_model, n_classes, engine):
+    """The method at its preset, on the CLIP in hand, its encoders run by `engine`."""
     names = classnames(n_classes)
     if method == "zeroshot":
-        return clip_layers.ZeroShotCLIP(clip_model, names)
+        return clip_layers.ZeroShotCLIP(clip_model, names, engine=engine)
     recipe = train.RECIPES[method]
-    return recipe.model(clip_model, names, recipe.config)
+    return recipe.model(clip_model, names, recipe.config, engine=engine)
 
 
 def trains(model):
@@ -109,7 +138,7 @@ def step(model, images, labels, classes=None):
 def text_side(model, gradient):
     """The class side of a step alone: the class set's text features, and their backward with a fixed gradient."""
     if not trains(model):  # zero-shot: its class texts are encoded once, on construction; that encoding, timed
-        return clip_layers.ZeroShotCLIP(model.clip, classnames(model.text_features.shape[0]))
+        return clip_layers.ZeroShotCLIP(model.clip, classnames(model.text_features.shape[0]), engine=model.engine)
     out = model.encode_classes()
     features = out[0] if isinstance(out, tuple) else out                 # ISP: (features, EOT summaries or None)
     features.backward(gradient)
@@ -162,14 +191,12 @@ def measure(method, n_classes, official, steps, device, text_chunk, precision, a
     torch.manual_seed(0)
     cuda = device.startswith("cuda")
     memory = PeakMemory(cuda)
-    clip_engine.settings.__init__(official=official, text_chunk=None if official else text_chunk,
-                                  shared_prefix=shared_prefix)                # this process measures one configuration
     clip_model = clip_layers.random_clip(arch, device=device)
-    model = build(method, clip_model, n_classes).to(device)
+    model = build(method, clip_model, n_classes, engine_for(official, text_chunk, shared_prefix)).to(device)
     r = clip_model.visual.input_resolution
     images, labels = torch.randn(4, 3, r, r, device=device), torch.arange(4, device=device) % n_classes
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if (cuda and dtype) else train.nullcontext
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if (cuda and dtype) else nullcontext
 
     def run(fn):
         def go():
@@ -212,13 +239,12 @@ def check_same_logits(method, device, text_chunk, arch, n_classes=10):
     clip_model = clip_layers.random_clip(arch, device=device)
     outs = []
     for official in (True, False):
-        with engine_options(official, text_chunk):
-            torch.manual_seed(0)
-            model = build(method, clip_model, n_classes).to(device)
-            torch.manual_seed(1)
-            r = clip_model.visual.input_resolution
-            with torch.no_grad():
-                outs.append(model(torch.randn(2, 3, r, r, device=device)).float())
+        torch.manual_seed(0)
+        model = build(method, clip_model, n_classes, engine_for(official, text_chunk)).to(device)
+        torch.manual_seed(1)
+        r = clip_model.visual.input_resolution
+        with torch.no_grad():
+            outs.append(model(torch.randn(2, 3, r, r, device=device)).float())
     return (outs[0] - outs[1]).abs().max().item()
 
 

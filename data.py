@@ -1,5 +1,6 @@
 """
-Datasets for CLIP prompt learning, read the way CoOp reads them and sampled the way Dassl samples them.
+Datasets for CLIP prompt learning, read the way CoOp reads them and sampled the way Dassl samples
+them.
 
 All of it in this single file: the 11 base-to-new datasets (ImageNet, Caltech101, OxfordPets, StanfordCars,
 Flowers102, Food101, FGVCAircraft, SUN397, DTD, EuroSAT, UCF101) and the four test-only ImageNet variants
@@ -21,8 +22,8 @@ Usage:
     train_set = ImageDataset(bench.train, train_transform(res))
     python data.py --check --root $DATA               # what is on disk, against the expected counts
 
-Left out: no dataset downloading, no split generation, no Dassl `repeat=True` sampling, no data loaders
-(train.py builds those), no reading of Dassl's pickles.
+Left out: no dataset downloading, no split generation, no Dassl `repeat=True` sampling, no data
+loaders (train.py builds those), no reading of Dassl's pickles.
 """
 
 import argparse
@@ -40,7 +41,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-# -----------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Items and the benchmark container
 
 # CLIP's own normalisation; Dassl's configs use the same numbers.
@@ -52,25 +53,28 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Datum:
     impath: str     # absolute path in everything load_benchmark returns
     label: int      # 0-based; after base/new subsampling, relabelled 0..n_selected-1
-    classname: str  # as the split source spells it (e.g. "american_bulldog"); see Benchmark.classnames
+    # as the split source spells it (e.g. "american_bulldog"); see Benchmark.classnames
+    classname: str
 
 
 @dataclass
 class Benchmark:
     name: str               # canonical key of DATASETS, e.g. "eurosat"
     train: list[Datum]      # few-shot (or full) training set; empty for test-only variants
-    val: list[Datum]        # few-shot val (min(shots, 4) per class); ImageNet: the test set, as in CoOp
+    val: list[Datum]  # few-shot val (min(shots, 4) per class); ImageNet: the test set, as in CoOp
     test: list[Datum]       # always the full test split of the selected classes
-    classnames: list[str]   # index == label, "_" already replaced by " " (what every CoOp trainer tokenises)
+    # index == label, "_" already replaced by " " (what every CoOp trainer tokenises)
+    classnames: list[str]
     template: str           # CoOp's hand-crafted zero-shot template of the dataset
-    source: str = None      # the file (or folder) that defines the classes, for messages; None when built in memory
+    # the file (or folder) that defines the classes, for messages; None when built in memory
+    source: str = None
 
     @property
     def num_classes(self):
         return len(self.classnames)
 
 
-# -----------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The dataset table: folders, split sources and expected sizes, zero-shot templates
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class DatasetSpec:
     train: int
     val: int            # ImageNet: 0, its val set is the test set
     test: int
+    crop_scale: float = 0.08  # smallest area of the training RandomResizedCrop (Dassl's default)
 
     @property
     def test_only(self):  # ImageNet-V2/-Sketch/-A/-R: a test split and nothing to train on
@@ -127,7 +132,8 @@ DATASETS = {
                               "imagenet_folders", "a photo of a {}.", 200, 0, 0, 30000),
 }
 
-FEWSHOT_CACHE_DIR = "split_fewshot_ref"  # not Dassl's "split_fewshot/", so its pickles are never overwritten
+# not Dassl's "split_fewshot/", so its pickles are never overwritten
+FEWSHOT_CACHE_DIR = "split_fewshot_ref"
 SUBSAMPLE_MODES = ("all", "base", "new")
 
 
@@ -135,33 +141,38 @@ def _normalise(name):
     return name.lower().replace("_", "").replace("-", "").replace(" ", "")
 
 
-# Matching ignores case, "_" and "-", so CoOp's config names (OxfordPets, ImageNetV2, ...) and yaml file names
-# (imagenetv2, imagenet_sketch, ...) resolve by themselves; only the names that differ in words need an entry.
+# Matching ignores case, "_" and "-", so CoOp's config names (OxfordPets, ImageNetV2, ...) and yaml
+# file names (imagenetv2, imagenet_sketch, ...) resolve by themselves; only the names that differ in
+# words need an entry.
 _ALIASES = {_normalise(k): k for k in DATASETS}
 _ALIASES.update({_normalise(s.coop_name): k for k, s in DATASETS.items()})
 _ALIASES.update({"flowers102": "oxford_flowers"})  # DATASETS.md's heading for OxfordFlowers
 
 
 def resolve_name(name, also=()):
-    """Canonical DATASETS key for a --dataset value (canonical key or CoOp name, any case). also: other names the
-    caller accepts (the mini world's), listed among the known ones when `name` is unknown."""
+    """Canonical DATASETS key for a --dataset value (canonical key or CoOp name, any case). also:
+    other names the caller accepts (the mini world's), listed among the known ones when `name` is
+    unknown."""
     key = _ALIASES.get(_normalise(str(name)))
     if key is None:
         known = list(DATASETS) + list(also)
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f" Did you mean {close[0]}?" if close else ""
-        raise ValueError(f"Unknown dataset {name!r} (--dataset). Known datasets: {', '.join(known)}. "
-                         f"CoOp's config names (e.g. OxfordPets, DescribableTextures, ImageNetV2) work too.{hint}")
+        raise ValueError(f"Unknown dataset {name!r} (--dataset). Known datasets: "
+                         f"{', '.join(known)}. CoOp's config names (e.g. OxfordPets, "
+                         f"DescribableTextures, ImageNetV2) work too.{hint}")
     return key
 
 
-# -----------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading the CoOp tree. Readers return Datum with paths *relative* to the image root;
-# load_benchmark makes them absolute at the very end, so the cache can store exactly what was sampled.
+# load_benchmark makes them absolute at the very end, so the cache can store exactly what was
+# sampled.
 
 def _listdir(path):
-    # Dassl's listdir_nohidden drops dot-files; we also sort, which Dassl does not do for image files
-    # (its ImageNet order was whatever os.listdir returned on the machine that wrote preprocessed.pkl).
+    # Dassl's listdir_nohidden drops dot-files; we also sort, which Dassl does not do for image
+    # files (its ImageNet order was whatever os.listdir returned on the machine that wrote
+    # preprocessed.pkl).
     return sorted(f for f in os.listdir(path) if not f.startswith("."))
 
 
@@ -189,35 +200,39 @@ def _howto(spec):
 def _require_file(spec, ddir, fname, what):
     path = os.path.join(ddir, fname)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Split file not found: {path}. Expected {what} ({_howto(spec)}). It is required: "
-                                f"a split made up here would not match the published numbers.")
+        raise FileNotFoundError(f"Split file not found: {path}. Expected {what} ({_howto(spec)}). "
+                                f"It is required: a split made up here would not match the "
+                                f"published numbers.")
     return path
 
 
 def _require_image_root(spec, ddir):
     image_root = os.path.join(ddir, spec.image_dir)
     if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"Image folder not found: {image_root} (expected $DATA/{spec.dir}/{spec.image_dir} "
-                                f"for --dataset {spec.coop_name}); {_howto(spec)}.")
+        raise FileNotFoundError(f"Image folder not found: {image_root} (expected "
+                                f"$DATA/{spec.dir}/{spec.image_dir} for --dataset "
+                                f"{spec.coop_name}); {_howto(spec)}.")
     return image_root
 
 
 def _check_images(spec, image_root, items, source):
-    # Dassl's Datum asserts every image file exists, so an incomplete extraction fails at load time, not
-    # mid-training. We do the same, but report all missing files at once.
+    # Dassl's Datum asserts every image file exists, so an incomplete extraction fails at load time,
+    # not mid-training. We do the same, but report all missing files at once.
     missing = [d.impath for d in items if not os.path.isfile(os.path.join(image_root, d.impath))]
     if missing:
         shown = ", ".join(missing[:5])
-        raise FileNotFoundError(f"{len(missing)} of {len(items)} images listed in {source} are missing under "
-                                f"{image_root}: {shown}{', ...' if len(missing) > 5 else ''}. "
-                                f"Re-extract the images; {_howto(spec)}.")
+        raise FileNotFoundError(f"{len(missing)} of {len(items)} images listed in {source} are "
+                                f"missing under {image_root}: "
+                                f"{shown}{', ...' if len(missing) > 5 else ''}. Re-extract the "
+                                f"images; {_howto(spec)}.")
 
 
 def _check_nonempty(splits, source, names):
     for name in names:
         if not splits[name]:
-            raise ValueError(f"The {name!r} split read from {source} is empty; expected the full {name} split "
-                             f"(see the expected counts in DATASETS). Check that the file / folders are complete.")
+            raise ValueError(f"The {name!r} split read from {source} is empty; expected the full "
+                             f"{name} split (see the expected counts in DATASETS). Check that the "
+                             f"file / folders are complete.")
 
 
 def _read_json(spec, ddir):
@@ -240,9 +255,10 @@ def _read_json(spec, ddir):
         items = []
         for i, entry in enumerate(split[name]):
             if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-                    and type(entry[1]) is int and isinstance(entry[2], str)):  # no float or bool labels
-                raise ValueError(f"{path}: an entry of {name!r} is not [path, label, classname] (entry {i}: "
-                                 f"{entry!r}; a label is an integer); expected {fmt}.")
+                    # no float or bool labels
+                    and type(entry[1]) is int and isinstance(entry[2], str)):
+                raise ValueError(f"{path}: an entry of {name!r} is not [path, label, classname] "
+                                 f"(entry {i}: {entry!r}; a label is an integer); expected {fmt}.")
             items.append(Datum(*entry))
         splits[name] = items
     _check_nonempty(splits, path, ("test",) if spec.test_only else ("train", "val", "test"))
@@ -255,40 +271,45 @@ def _read_json(spec, ddir):
 
 
 def _check_labels(splits, source):
-    """Labels 0..n-1, one class name per label, and every class that is tested also trained on (where there is a
-    training split): a label out of range would move classes between base and new, a class only in test would vanish
-    from the class list."""
+    """Labels 0..n-1, one class name per label, and every class that is tested also trained on
+    (where there is a training split): a label out of range would move classes between base and
+    new, a class only in test would vanish from the class list."""
     names = {}
     for split, items in splits.items():
         for d in items:
             if names.setdefault(d.label, d.classname) != d.classname:
-                raise ValueError(f"{source}: label {d.label} is {names[d.label]!r} in one entry and {d.classname!r} "
-                                 f"in another ({split}: {d.impath}); each label must name one class.")
+                raise ValueError(f"{source}: label {d.label} is {names[d.label]!r} in one entry "
+                                 f"and {d.classname!r} in another ({split}: {d.impath}); each "
+                                 f"label must name one class.")
     labels = sorted(names)
     if labels != list(range(len(labels))):
         odd = [y for y in labels if not 0 <= y < len(labels)] or sorted(set(range(len(labels))) - set(labels))
-        raise ValueError(f"{source}: the labels are not 0..{len(labels) - 1} (out of range or missing: {odd[:10]}); "
-                         f"each of the {len(labels)} classes needs its own label.")
+        raise ValueError(f"{source}: the labels are not 0..{len(labels) - 1} (out of range or "
+                         f"missing: {odd[:10]}); each of the {len(labels)} classes needs its own "
+                         f"label.")
     if splits.get("train"):
         untrained = sorted({d.label for d in splits["test"]} - {d.label for d in splits["train"]})
         if untrained:
-            raise ValueError(f"{source}: classes {[names[y] for y in untrained][:10]} (labels {untrained[:10]}) are in "
-                             f"test but not in train; a few-shot split needs training images of every class.")
+            raise ValueError(f"{source}: classes {[names[y] for y in untrained][:10]} (labels "
+                             f"{untrained[:10]}) are in test but not in train; a few-shot split "
+                             f"needs training images of every class.")
 
 
 def _check_paths_inside(splits, image_root, source):
-    """What a split file may name: paths below the image folder, relative to it, with no '..' part (CoOp's never
-    have one). This is a check of the split file's text, not of the disk: the folders under the image folder are the
-    user's own layout, so a class folder that is a symbolic link to another disk is followed like any folder."""
+    """What a split file may name: paths below the image folder, relative to it, with no '..' part
+    (CoOp's never have one). This is a check of the split file's text, not of the disk: the
+    folders under the image folder are the user's own layout, so a class folder that is a
+    symbolic link to another disk is followed like any folder."""
     for split, items in splits.items():
         for d in items:
             if os.path.isabs(d.impath) or ".." in d.impath.replace("\\", "/").split("/"):
-                raise ValueError(f"{source}: the {split} path {d.impath!r} leaves the image folder {image_root}; "
-                                 f"split paths must be relative to it, without '..'.")
+                raise ValueError(f"{source}: the {split} path {d.impath!r} leaves the image folder "
+                                 f"{image_root}; split paths must be relative to it, without '..'.")
 
 
 def _read_fgvc(spec, ddir):
-    """FGVCAircraft: label = line index in variants.txt; images_variant_<split>.txt lines are '<id> <variant>'."""
+    """FGVCAircraft: label = line index in variants.txt; images_variant_<split>.txt lines are '<id>
+    <variant>'."""
     files = {"variants": _require_file(spec, ddir, "variants.txt", "variants.txt of fgvc-aircraft-2013b/data")}
     for name in ("train", "val", "test"):
         fname = f"images_variant_{name}.txt"
@@ -332,8 +353,9 @@ def _read_classnames(spec, ddir):
 
 
 def _read_wnid_folders(split_dir, prefix, names, names_path):
-    # Label = index of the wnid in the *sorted* folder list (CoOp's ImageNet, -Sketch, -A, -R readers). Only
-    # folders count, which also drops the README.txt that ImageNet-A/-R ship next to their class folders.
+    # Label = index of the wnid in the *sorted* folder list (CoOp's ImageNet, -Sketch, -A, -R
+    # readers). Only folders count, which also drops the README.txt that ImageNet-A/-R ship next to
+    # their class folders.
     items = []
     for label, wnid in enumerate(_subdirs(split_dir)):
         if wnid not in names:
@@ -354,33 +376,40 @@ def _read_imagenet(spec, ddir):
             raise FileNotFoundError(f"ImageNet {folder} folder not found: {split_dir}; {_howto(spec)}.")
         files = _listdir(split_dir)
         if files and not _subdirs(split_dir):
-            raise ValueError(f"{split_dir} is flat ({len(files)} files, no class folders). CoOp expects one "
-                             f"folder per wnid, like train/ (val/n01440764/ILSVRC2012_val_*.JPEG); move the val "
-                             f"images into wnid folders first (e.g. with the valprep.sh script used by PyTorch's "
-                             f"ImageNet example).")
+            raise ValueError(f"{split_dir} is flat ({len(files)} files, no class folders). CoOp "
+                             f"expects one folder per wnid, like train/ "
+                             f"(val/n01440764/ILSVRC2012_val_*.JPEG); move the val images into "
+                             f"wnid folders first (e.g. with the valprep.sh script used by "
+                             f"PyTorch's ImageNet example).")
         splits[name] = _read_wnid_folders(split_dir, folder, names, names_path)
     splits["val"] = []
     _check_nonempty(splits, os.path.join(image_root, "{train,val}"), ("train", "test"))
-    # Labels are folder indices computed separately for train/ and val/, so both must hold the same wnids.
+    # Labels are folder indices computed separately for train/ and val/, so both must hold the same
+    # wnids.
     train_wnids, val_wnids = _subdirs(os.path.join(image_root, "train")), _subdirs(os.path.join(image_root, "val"))
     if train_wnids != val_wnids:
         raise ValueError(f"{image_root}/train and {image_root}/val hold different class folders "
-                         f"({len(train_wnids)} vs {len(val_wnids)}); labels would not match between them.")
-    # No split file exists, so the cache key hashes what the sampler reads: classnames.txt + the sorted listing.
+                         f"({len(train_wnids)} vs {len(val_wnids)}); labels would not match "
+                         f"between them.")
+    # No split file exists, so the cache key hashes what the sampler reads: classnames.txt + the
+    # sorted listing.
     key = _sha256(_read_bytes(names_path), "\n".join(f"{d.impath}\t{d.label}" for d in splits["train"]))
     return splits, key
 
 
 def _read_imagenet_variant(spec, ddir):
-    """ImageNetV2 (folders 0..999 = line i of classnames.txt) and -Sketch/-A/-R (sorted wnid folders)."""
+    """ImageNetV2 (folders 0..999 = line i of classnames.txt) and -Sketch/-A/-R (sorted wnid
+    folders)."""
     names, names_path = _read_classnames(spec, ddir)
     image_root = _require_image_root(spec, ddir)
     if spec.reader == "imagenet_v2":
         wnids = list(names)
         absent = [str(y) for y in range(len(wnids)) if not os.path.isdir(os.path.join(image_root, str(y)))]
         if absent:
-            raise FileNotFoundError(f"{len(absent)} of {len(wnids)} class folders are missing under {image_root}: "
-                                    f"{', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}; {_howto(spec)}.")
+            raise FileNotFoundError(f"{len(absent)} of {len(wnids)} class folders are missing "
+                                    f"under {image_root}: "
+                                    f"{', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}; "
+                                    f"{_howto(spec)}.")
         test = [Datum(os.path.join(str(y), f), y, names[wnid])
                 for y, wnid in enumerate(wnids) for f in _listdir(os.path.join(image_root, str(y)))]
     else:
@@ -395,8 +424,9 @@ _READERS = {"json": _read_json, "fgvc": _read_fgvc, "imagenet": _read_imagenet,
 
 
 def read_splits(key, root, spec=None):
-    """Full train/val/test of one dataset (relative paths) and the split hash used to key the few-shot cache.
-    spec: the DatasetSpec of a dataset that is not in DATASETS (default DATASETS[key])."""
+    """Full train/val/test of one dataset (relative paths) and the split hash used to key the
+    few-shot cache. spec: the DatasetSpec of a dataset that is not in DATASETS (default
+    DATASETS[key])."""
     spec = spec or DATASETS[key]
     ddir = os.path.join(root, spec.dir)
     if not os.path.isdir(ddir):
@@ -405,45 +435,49 @@ def read_splits(key, root, spec=None):
         raise FileNotFoundError(f"Dataset folder not found: {ddir}{extra}. --dataset {key} expects "
                                 f"$DATA/{spec.dir} under --root; {_howto(spec)}.")
     splits, split_hash = _READERS[spec.reader](spec, ddir)
-    # Every class needs test images: one without any would be scored on nothing (with base-to-new, a new class set
-    # without test images fails after the whole training).
+    # Every class needs test images: one without any would be scored on nothing (with base-to-new, a
+    # new class set without test images fails after the whole training).
     untested = sorted({d.label for items in splits.values() for d in items} - {d.label for d in splits["test"]})
     if untested:
         names = {d.label: d.classname for items in splits.values() for d in items}
         test_source = {"json": spec.split_file, "fgvc": "images_variant_test.txt",
                        "imagenet": os.path.join(spec.image_dir, "val")}.get(spec.reader, spec.image_dir)
-        raise ValueError(f"{os.path.join(ddir, test_source)}: classes {[names[y] for y in untested][:10]} (labels "
-                         f"{untested[:10]}) have no test image; every class needs test images to be scored. Check "
-                         f"that the file / folders are complete.")
+        raise ValueError(f"{os.path.join(ddir, test_source)}: classes "
+                         f"{[names[y] for y in untested][:10]} (labels {untested[:10]}) have no "
+                         f"test image; every class needs test images to be scored. Check that the "
+                         f"file / folders are complete.")
     _check_distinct_names(splits, os.path.join(ddir, {"json": spec.split_file}.get(spec.reader, spec.dir)))
     return splits, split_hash
 
 
 def prompt_name(classname):
-    """A class name as CLIP reads it: every CoOp trainer writes "_" as a space, and CLIP's tokenizer lowercases and
-    collapses whitespace."""
+    """A class name as CLIP reads it: every CoOp trainer writes "_" as a space, and CLIP's tokenizer
+    lowercases and collapses whitespace."""
     return " ".join(classname.replace("_", " ").lower().split())
 
 
 def _check_distinct_names(splits, source):
-    """Two labels whose names CLIP reads alike ("Annual_Crop" and "annual crop") would get one prompt: the model
-    could never tell them apart, and training would sit at a loss of ln 2. Refused, naming both."""
+    """Two labels whose names CLIP reads alike ("Annual_Crop" and "annual crop") would get one
+    prompt: the model could never tell them apart, and training would sit at a loss of ln 2.
+    Refused, naming both."""
     first = {}
     for items in splits.values():
         for d in items:
             other = first.setdefault(prompt_name(d.classname), (d.label, d.classname))
             if other[0] != d.label:
-                raise ValueError(f"{source}: label {other[0]} {other[1]!r} and label {d.label} {d.classname!r} are "
-                                 f"the same class name to CLIP (case, '_' and spaces are not read), so their "
-                                 f"prompts would be identical. Rename one of them.")
+                raise ValueError(f"{source}: label {other[0]} {other[1]!r} and label {d.label} "
+                                 f"{d.classname!r} are the same class name to CLIP (case, '_' and "
+                                 f"spaces are not read), so their prompts would be identical. "
+                                 f"Rename one of them.")
 
 
 def split_fingerprint(name, root, spec=None):
-    """A short hash of what decides a dataset's split and class names under `root`, for a run's identity: the split
-    file(s) (split_zhou_*.json, which also holds the class names; FGVC's variants.txt and images_variant_*.txt;
-    ImageNet's and its variants' classnames.txt) and, where labels are class-folder indices (ImageNet, -Sketch, -A,
-    -R), the sorted class-folder names. Reads no image, so it is cheap enough to compute before deciding to skip a
-    finished run; a file that is missing raises read_splits' own message."""
+    """A short hash of what decides a dataset's split and class names under `root`, for a run's
+    identity: the split file(s) (split_zhou_*.json, which also holds the class names; FGVC's
+    variants.txt and images_variant_*.txt; ImageNet's and its variants' classnames.txt) and,
+    where labels are class-folder indices (ImageNet, -Sketch, -A, -R), the sorted class-folder
+    names. Reads no image, so it is cheap enough to compute before deciding to skip a finished
+    run; a file that is missing raises read_splits' own message."""
     key = name if spec is not None else resolve_name(name)
     spec = spec or DATASETS[key]
     root = os.path.abspath(os.path.expanduser(root))
@@ -464,20 +498,22 @@ def split_fingerprint(name, root, spec=None):
 
 
 def benchmark_fingerprint(benchmarks):
-    """split_fingerprint's counterpart for Benchmarks built in memory ({"base": Benchmark, ...}, as tests pass them):
-    their names, class names and items."""
+    """split_fingerprint's counterpart for Benchmarks built in memory ({"base": Benchmark, ...}, as
+    tests pass them): their names, class names and items."""
     return _sha256(*(json.dumps([k, b.name, b.classnames, [[d.impath, d.label] for d in b.train + b.val + b.test]])
                      for k, b in sorted(benchmarks.items())))
 
 
-# -----------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Few-shot sampling and base/new subsampling, exactly as Dassl/CoOp
 
 def generate_fewshot(items, num_shots):
-    """Dassl's generate_fewshot_dataset(..., repeat=False) on one data source, drawing from the global `random`.
+    """Dassl's generate_fewshot_dataset(..., repeat=False) on one data source, drawing from the
+    global `random`.
 
-    Labels are visited in first-appearance order (Dassl's defaultdict keeps insertion order), items within a label
-    keep the split order, and a label with fewer than num_shots items keeps all of them without a draw.
+    Labels are visited in first-appearance order (Dassl's defaultdict keeps insertion order), items
+    within a label keep the split order, and a label with fewer than num_shots items keeps all of
+    them without a draw.
     """
     by_label = {}
     for item in items:
@@ -489,7 +525,8 @@ def generate_fewshot(items, num_shots):
 
 
 def subsample_classes(*splits, subsample="all"):
-    """CoOp's subsample_classes: sorted labels of the first split, first ceil(n/2) = base, rest = new, relabelled."""
+    """CoOp's subsample_classes: sorted labels of the first split, first ceil(n/2) = base, rest =
+    new, relabelled."""
     if subsample == "all":
         return splits
     labels = sorted({d.label for d in splits[0]})
@@ -500,30 +537,33 @@ def subsample_classes(*splits, subsample="all"):
                  for items in splits)
 
 
-# -----------------------------------------------------------------------------
-# Few-shot cache: a record of each draw, JSON with relative paths, keyed by (dataset, shots, seed, split hash).
-# Dassl keys its pickles by (shots, seed) only, stores absolute paths and trusts them; here the draw is always made
-# (it takes milliseconds, ImageNet's about a second) and a record that differs from it is rewritten.
+# --------------------------------------------------------------------------------------------------
+# Few-shot cache: a record of each draw, JSON with relative paths, keyed by (dataset, shots, seed,
+# split hash). Dassl keys its pickles by (shots, seed) only, stores absolute paths and trusts them;
+# here the draw is always made (it takes milliseconds, ImageNet's about a second) and a record that
+# differs from it is rewritten.
 
 def _cache_path(ddir, key, shots, seed, split_hash):
     return os.path.join(ddir, FEWSHOT_CACHE_DIR, f"{key}-shot_{shots}-seed_{seed}-split_{split_hash}.json")
 
 
 def _load_cache(path, meta):
-    """The cached {train, val} as lists of [path, label, classname], or None where there is no readable cache."""
+    """The cached {train, val} as lists of [path, label, classname], or None where there is no
+    readable cache."""
     try:
         with open(path) as f:
             data = json.load(f)
         if any(data.get(k) != v for k, v in meta.items()):
             return None
         return {name: data[name] for name in ("train", "val") if name in data}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # e.g. a list, nested deep
+    # e.g. a list, nested deep
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
 def _write_cache(path, meta, sampled):
-    # Atomic (temp file + os.replace) so an interrupted or concurrent run never leaves half a file behind.
-    # A read-only $DATA (shared cluster storage) is normal: then we just don't cache.
+    # Atomic (temp file + os.replace) so an interrupted or concurrent run never leaves half a file
+    # behind. A read-only $DATA (shared cluster storage) is normal: then we just don't cache.
     data = dict(meta, **{k: [[d.impath, d.label, d.classname] for d in v] for k, v in sampled.items()})
     tmp = None
     try:
@@ -537,11 +577,12 @@ def _write_cache(path, meta, sampled):
             os.remove(tmp)
 
 
-# -----------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The one entry point train.py uses
 
 def load_benchmark(name, root, shots, seed, subsample="all", cache=True, spec=None):
-    """Read one dataset from the CoOp tree under `root` and return its few-shot, base/new-subsampled Benchmark.
+    """Read one dataset from the CoOp tree under `root` and return its few-shot, base/new-subsampled
+    Benchmark.
 
     shots: K images per class (>= 1), or None for the full training split (no draw, no cache).
     seed:  the run's seed. Right before the draw this function calls random.seed(seed) on Python's *global*
@@ -570,9 +611,11 @@ def load_benchmark(name, root, shots, seed, subsample="all", cache=True, spec=No
 
     if shots is not None and not spec.test_only:
         if seed is None or seed < 0:
-            # CPython's random.seed(-s) equals random.seed(s), and Dassl does not seed at all for s < 0.
+            # CPython's random.seed(-s) equals random.seed(s), and Dassl does not seed at all for s
+            # < 0.
             raise ValueError(f"--seed must be an int >= 0 when sampling shots (got {seed}).")
-        draws = ("train",) if spec.reader == "imagenet" else ("train", "val")  # CoOp never samples ImageNet val
+        # CoOp never samples ImageNet val
+        draws = ("train",) if spec.reader == "imagenet" else ("train", "val")
         meta = {"dataset": key, "shots": shots, "seed": seed, "split_hash": split_hash}
         path = _cache_path(ddir, key, shots, seed, split_hash)
         random.seed(seed)
@@ -581,8 +624,9 @@ def load_benchmark(name, root, shots, seed, subsample="all", cache=True, spec=No
             # second draw on the same stream, after train: keeps parity with Dassl's cached pickles
             sampled["val"] = generate_fewshot(val, min(shots, 4))
         if cache:
-            # The cache records the draw; it is never trusted: the draw is cheap, so it is always made, and a cache
-            # that says otherwise (edited, or written by other code) is replaced, with a word.
+            # The cache records the draw; it is never trusted: the draw is cheap, so it is always
+            # made, and a cache that says otherwise (edited, or written by other code) is replaced,
+            # with a word.
             rows = {k: [[d.impath, d.label, d.classname] for d in v] for k, v in sampled.items()}
             cached = _load_cache(path, meta)
             if cached != rows:
@@ -599,18 +643,21 @@ def load_benchmark(name, root, shots, seed, subsample="all", cache=True, spec=No
     train, val, test = ([Datum(os.path.join(image_root, d.impath), d.label, d.classname) for d in items]
                         for items in (train, val, test))
     source = os.path.join(ddir, spec.split_file)
-    if not test:  # read_splits gives every class test images, so only a subsample of no class gets here
-        raise ValueError(f"--dataset {key}: --subsample {subsample} selects no class of {source} (a dataset of one "
-                         f"class has no new classes); base-to-new needs at least two classes.")
-    # What the run will read, opened now (headers only, not pixels): a file that is no image or a decompression bomb
-    # stops the run here, named, rather than after the training.
+    # read_splits gives every class test images, so only a subsample of no class gets here
+    if not test:
+        raise ValueError(f"--dataset {key}: --subsample {subsample} selects no class of {source} "
+                         f"(a dataset of one class has no new classes); base-to-new needs at least "
+                         f"two classes.")
+    # What the run will read, opened now (headers only, not pixels): a file that is no image or a
+    # decompression bomb stops the run here, named, rather than after the training.
     check_image_headers(dict.fromkeys(d.impath for d in train + val + test), source)
     return Benchmark(key, train, val, test, _classnames(train, val, test), spec.template, source)
 
 
 def _classnames(*splits):
-    # Dassl builds label -> name from train_x; we take the first name seen over train, val, test (identical for
-    # the real splits) so that test-only variants work, and insist on labels 0..n-1 so index == label holds.
+    # Dassl builds label -> name from train_x; we take the first name seen over train, val, test
+    # (identical for the real splits) so that test-only variants work, and insist on labels 0..n-1
+    # so index == label holds.
     names = {}
     for items in splits:
         for d in items:
@@ -621,15 +668,17 @@ def _classnames(*splits):
     return [names[y].replace("_", " ") for y in range(len(names))]
 
 
-# -----------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Transforms and the torch Dataset
 
 def train_transform(resolution, min_scale=0.08):
-    """Dassl's train pipeline at `resolution` (224 for ViT-B/16): bicubic RandomResizedCrop(0.08-1) + flip.
+    """Dassl's train pipeline at `resolution` (224 for ViT-B/16): bicubic RandomResizedCrop(0.08-1)
+    + flip.
 
-    There is no Resize before the crop: Dassl skips it when random_resized_crop is configured. `min_scale` is Dassl's
-    INPUT.RRCROP_SCALE[0] (0.08, never overridden by the official configs); train.py raises it for very small
-    images (a crop of 8% of a 32-pixel image is 9 x 9 pixels, often without the object).
+    There is no Resize before the crop: Dassl skips it when random_resized_crop is configured.
+    `min_scale` is Dassl's INPUT.RRCROP_SCALE[0] (0.08, never overridden by the official configs);
+    train.py raises it for very small images (a crop of 8% of a 32-pixel image is 9 x 9 pixels,
+    often without the object).
     """
     return T.Compose([
         T.RandomResizedCrop(resolution, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -640,7 +689,8 @@ def train_transform(resolution, min_scale=0.08):
 
 
 def test_transform(resolution):
-    """Resize shorter side (bicubic) + CenterCrop, i.e. CLIP's own preprocess, at the model's input resolution."""
+    """Resize shorter side (bicubic) + CenterCrop, i.e. CLIP's own preprocess, at the model's input
+    resolution."""
     return T.Compose([
         T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(resolution),
@@ -670,10 +720,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def check_image_headers(paths, source):
-    """Open each image and read its header only (format and size; the pixels are not decoded), so that a file PIL
-    cannot read or an image larger than PIL's limit against decompression bombs (Image.MAX_IMAGE_PIXELS, which PIL
-    enforces with a warning, or an error from twice the limit) is named before a run trains, not when it is scored.
-    A file cut short after its header still gets through: finding that needs every image decoded."""
+    """Open each image and read its header only (format and size; the pixels are not decoded), so
+    that a file PIL cannot read or an image larger than PIL's limit against decompression bombs
+    (Image.MAX_IMAGE_PIXELS, which PIL enforces with a warning, or an error from twice the limit)
+    is named before a run trains, not when it is scored. A file cut short after its header still
+    gets through: finding that needs every image decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for path in paths:
@@ -681,25 +732,28 @@ def check_image_headers(paths, source):
                 with open(path, "rb") as f, Image.open(f):
                     pass
             except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-                raise ValueError(f"image {path} (listed in {source}) is too large to read safely: {e} Remove it from "
-                                 f"the split or replace it with a smaller copy.") from None
+                raise ValueError(f"image {path} (listed in {source}) is too large to read safely: "
+                                 f"{e} Remove it from the split or replace it with a smaller "
+                                 f"copy.") from None
             except OSError as e:
-                raise OSError(f"could not read image {path} (listed in {source}): {e}. Re-extract it or remove it "
-                              f"from the split.") from None
+                raise OSError(f"could not read image {path} (listed in {source}): {e}. Re-extract "
+                              f"it or remove it from the split.") from None
 
 
-# -----------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # `python data.py --check --root $DATA`: what is on disk, against the expected counts
 
 def check(root, names=None, out=print):
-    """Print one row per dataset (found / missing / error, counts found vs expected); return the rows."""
+    """Print one row per dataset (found / missing / error, counts found vs expected); return the
+    rows."""
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         what = "is not a folder" if os.path.exists(root) else "does not exist"
-        raise FileNotFoundError(f"--root {root} {what} (it should be the CoOp $DATA folder that holds caltech-101/, "
-                                f"eurosat/, imagenet/, ...)")
+        raise FileNotFoundError(f"--root {root} {what} (it should be the CoOp $DATA folder that "
+                                f"holds caltech-101/, eurosat/, imagenet/, ...)")
     rows, errors = [], []
-    from world import mini_world  # the world's datasets are read as CoOp's (imported here: it imports this file)
+    # the world's datasets are read as CoOp's (imported here: it imports this file)
+    from world import mini_world
     specs = dict(DATASETS, **mini_world.DATASETS)
     keys = [key if key in mini_world.DATASETS else resolve_name(key, also=mini_world.DATASETS)
             for key in (names or list(DATASETS))]  # an unknown name stops before the table
@@ -729,8 +783,8 @@ def check(root, names=None, out=print):
     out(f"root: {root}    (cells are found/expected)")
     out(f"{'dataset':<16} {'$DATA/<dir>':<22} {'status':<14} {'classes':>10} {'train':>16} {'val':>12} {'test':>12}")
     for r in rows:
-        out(f"{r['dataset']:<16} {r['dir']:<22} {r['status']:<14} {cell(r, 'classes'):>10} {cell(r, 'train'):>16} "
-            f"{cell(r, 'val'):>12} {cell(r, 'test'):>12}")
+        out(f"{r['dataset']:<16} {r['dir']:<22} {r['status']:<14} {cell(r, 'classes'):>10} "
+            f"{cell(r, 'train'):>16} {cell(r, 'val'):>12} {cell(r, 'test'):>12}")
     for e in errors:
         out(f"error: {e}")
     return rows
@@ -741,8 +795,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="CoOp dataset tree checks / few-shot split preview.",
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("--root", default=os.environ.get("DATA", "data"), help="the datasets' folder: the CoOp tree "
-                        "($DATA), where the mini world is also drawn (<root>/mini_world*); default: $DATA if set, "
-                        "else data")
+                        "($DATA), where the mini world is also drawn (<root>/mini_world*); "
+                        "default: $DATA if set, else data")
     parser.add_argument("--check", action="store_true", help="table of every dataset: found against expected class "
                         "and image counts; split files are validated (exit 1 on an error)")
     parser.add_argument("--dataset", nargs="*", help="restrict to these datasets, the mini world's included "
@@ -765,8 +819,9 @@ def main(argv=None):
     for name in args.dataset:
         world = mini_world.load_benchmark if name in mini_world.DATASETS else load_benchmark
         b = world(name, args.root, args.shots, args.seed, args.subsample)
-        print(f"{b.name}: {b.num_classes} classes, train {len(b.train)}, val {len(b.val)}, test {len(b.test)}; "
-              f"template {b.template!r}; first classes: {', '.join(b.classnames[:5])}")
+        print(f"{b.name}: {b.num_classes} classes, train {len(b.train)}, val {len(b.val)}, test "
+              f"{len(b.test)}; template {b.template!r}; first classes: "
+              f"{', '.join(b.classnames[:5])}")
     return 0
 
 

@@ -55,7 +55,7 @@ import torch.nn as nn
 
 import clip_layers
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config: one line per hyper-parameter, its source in brackets: [BASELINE-SRC] PromptSRC's IVLP
 # config, [PAPER], or [INFERRED] ours (explained in docs/isp_reconstruction.md, § in brackets).
 
@@ -97,8 +97,8 @@ class ISPConfig:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)}")
         if not _one_placeholder(self.sp_template):
-            raise ValueError(f"sp_template must hold exactly one {{}} (the class name), as in 'a photo of a {{}}.'; "
-                             f"got {self.sp_template!r}")
+            raise ValueError(f"sp_template must hold exactly one {{}} (the class name), as in 'a "
+                             f"photo of a {{}}.'; got {self.sp_template!r}")
 
 
 def _one_placeholder(template):
@@ -113,11 +113,12 @@ def _one_placeholder(template):
 
 PRESETS = {
     "isp": ISPConfig(),
-    "ivlp": ISPConfig(isp_self=False, isp_cross="none", sample_probing=False),  # PromptSRC's IVLP baseline
+    # PromptSRC's IVLP baseline
+    "ivlp": ISPConfig(isp_self=False, isp_cross="none", sample_probing=False),
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Structural prompt modules. Both only *read* the frozen tokens and return an update of the prompts;
 # the frozen tokens pass untouched: our reading of "the frozen features stay stable" (§1.3).
 
@@ -133,7 +134,8 @@ class SelfStructuralPrompt(nn.Module):
 
     def __init__(self, width, bottleneck):
         super().__init__()
-        self.ln = nn.LayerNorm(width)  # INFERRED: pre-LN, affine LN, bias-free projections (as written)
+        # INFERRED: pre-LN, affine LN, bias-free projections (as written)
+        self.ln = nn.LayerNorm(width)
         self.q = nn.Linear(width, bottleneck, bias=False)
         self.k = nn.Linear(width, bottleneck, bias=False)
         self.u = nn.Linear(width, bottleneck, bias=False)
@@ -144,8 +146,9 @@ class SelfStructuralPrompt(nn.Module):
         """P (B, n, d) prompts, X (B, N, d) frozen tokens, mask (B, n + N) bool, False = no edge.
         Returns (B, n, d)."""
         n = P.shape[1]
-        Z = self.ln(torch.cat([P, X], dim=1))             # text (C, L, 512) / vision (N, n + 197, 768)
-        q, k, u = self.q(Z[:, :n]), self.k(Z), self.u(Z)  # (B, n, d_s), (B, n + N, d_s), (B, n + N, d_s)
+        Z = self.ln(torch.cat([P, X], dim=1))  # text (C, L, 512) / vision (N, n + 197, 768)
+        # (B, n, d_s), (B, n + N, d_s), (B, n + N, d_s)
+        q, k, u = self.q(Z[:, :n]), self.k(Z), self.u(Z)
         a = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, n, n + N)   Eq. (SSP-2)
         if mask is not None:
             a = a.masked_fill(~mask[:, None, :], float("-inf"))
@@ -179,7 +182,7 @@ class CrossStructuralPrompt(nn.Module):
         return self.o(a.softmax(dim=-1) @ u)                  # (B, n, d_a)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sample probing (§5): loss coefficients from the frozen CLIP's probability of the true class
 
 class SampleProbe(nn.Module):
@@ -194,27 +197,30 @@ class SampleProbe(nn.Module):
     The frozen CLIP is passed in (ISP owns it), so that it is no submodule of this one.
     """
 
-    def __init__(self, clip_model, names, template, lam):
+    def __init__(self, clip_model, names, template, lam, engine=None):
         super().__init__()
-        self.lam = lam
+        self.lam, self.engine = lam, engine  # engine: as the ISP's (clip_layers.PromptMethod)
         ids = clip_layers.tokenize([template.format(name) for name in names])
         with torch.no_grad():
-            h = clip_layers.encode_text_ids(clip_model, ids.to(clip_model.logit_scale.device))  # (C, 512)
+            ids = ids.to(clip_model.logit_scale.device)
+            h = clip_layers.encode_text_ids(clip_model, ids, engine)                    # (C, 512)
         self.register_buffer("text_features", h / h.norm(dim=-1, keepdim=True), persistent=False)
 
     @torch.no_grad()
     def p_clip(self, clip_model, images, labels):
         """(N,) the frozen, un-prompted CLIP's probability of each image's true class: one no-grad
         pass of the image encoder per step (the crops are random, so it cannot be cached)."""
-        u = clip_layers.encode_image(clip_model, images)                       # (N, 512) no prompts
-        p = clip_layers.cosine_logits(u, self.text_features, clip_model.logit_scale).softmax(dim=-1)  # (N, C)
+        u = clip_layers.encode_image(clip_model, images, engine=self.engine)   # (N, 512) no prompts
+        # (N, C)
+        p = clip_layers.cosine_logits(u, self.text_features, clip_model.logit_scale).softmax(dim=-1)
         return p.gather(1, labels[:, None]).squeeze(1)                                      # (N,)
 
     def forward(self, clip_model, images, labels):
-        return 1 + self.lam * (1 - self.p_clip(clip_model, images, labels))       # (N,)  Eq. (SP-1)
+        d = 1 - self.p_clip(clip_model, images, labels)                           # (N,)  (§5.1)
+        return 1 + self.lam * d                                                   # (N,)  Eq. (SP-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model: IVLP's deep prompts, refined by the structural modules; sample probing for the loss
 
 class ISP(clip_layers.PromptMethod):
@@ -232,13 +238,13 @@ class ISP(clip_layers.PromptMethod):
     or to_official_fp16).
     """
 
-    def __init__(self, clip_model, classnames, cfg=None):
-        super().__init__(clip_model)
+    def __init__(self, clip_model, classnames, cfg=None, engine=None):
+        super().__init__(clip_model, engine)  # engine: clip_engine.Engine() for the speed-ups
         self.cfg = cfg = ISPConfig() if cfg is None else cfg
         n_layers = min(clip_layers.n_layers(self.clip))
         if cfg.depth > n_layers:
-            raise ValueError(f"ISP prompt depth must be in 1..{n_layers} for this CLIP (its layers); "
-                             f"got depth={cfg.depth}")
+            raise ValueError(f"ISP prompt depth must be in 1..{n_layers} for this CLIP (its "
+                             f"layers); got depth={cfg.depth}")
         Dt, Dv = clip_layers.widths(self.clip)                          # 512, 768
         n, J, dev = cfg.n_ctx, cfg.depth, self.clip.logit_scale.device
         names = [name.replace("_", " ") for name in classnames]  # as the official trainers do
@@ -258,12 +264,15 @@ class ISP(clip_layers.PromptMethod):
         with torch.no_grad():
             embeds = clip_layers.token_embedding(self.clip, ids)                      # (C, 77, 512)
         self.register_buffer("token_embeds", embeds, persistent=False)
-        self.register_buffer("eot", clip_layers.eot_index(ids), persistent=False)  # (C,) EOT positions
+        # (C,) EOT positions
+        self.register_buffer("eot", clip_layers.eot_index(ids), persistent=False)
 
         # Deep prompts P_t^l, P_v^l, l = 0..J-1 [BASELINE-SRC IVLP: independent per layer, branch].
         # Drawn on the CPU, then moved: a seed gives the same prompts on every device.
-        self.text_prompts = nn.Parameter((torch.randn(J, n, Dt) * cfg.prompt_std).to(dev))    # (J, n, 512)
-        self.vision_prompts = nn.Parameter((torch.randn(J, n, Dv) * cfg.prompt_std).to(dev))  # (J, n, 768)
+        # (J, n, 512)
+        self.text_prompts = nn.Parameter((torch.randn(J, n, Dt) * cfg.prompt_std).to(dev))
+        # (J, n, 768)
+        self.vision_prompts = nn.Parameter((torch.randn(J, n, Dv) * cfg.prompt_std).to(dev))
         if use_init:
             with torch.no_grad():
                 self.text_prompts[0] = embeds[0, 1:1 + n]                           # "a photo of a"
@@ -293,7 +302,7 @@ class ISP(clip_layers.PromptMethod):
         # h_c: frozen zero-shot text features of the class set, for p_clip (§5.1)
         self.probe = None
         if cfg.sample_probing:
-            self.probe = SampleProbe(self.clip, names, cfg.sp_template, cfg.sp_lambda)
+            self.probe = SampleProbe(self.clip, names, cfg.sp_template, cfg.sp_lambda, engine)
 
     def encode_classes(self):
         """Everything class-dependent that does not depend on images, for evaluation to compute once
@@ -310,7 +319,8 @@ class ISP(clip_layers.PromptMethod):
             # (as in CoOp/IVLP). Layers >= 1: IVLP *replaces* rows 1..n by the next prompts,
             # dropping the previous layer's prompt outputs; the frozen tokens (SOS, name, ".", EOT)
             # carry on.
-            P = x[:, 1:1 + n] if l == 0 else self.text_prompts[l].expand(x.shape[0], -1, -1)  # (C, n, 512)
+            # (C, n, 512)
+            P = x[:, 1:1 + n] if l == 0 else self.text_prompts[l].expand(x.shape[0], -1, -1)
             if self.self_text is not None:
                 X = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)       # (C, L - n, 512) frozen tokens
                 # Node j of [P; X] is text position j for j > n; positions after a class's own EOT
@@ -319,23 +329,27 @@ class ISP(clip_layers.PromptMethod):
                 mask = torch.arange(x.shape[1], device=x.device) <= self.eot[:, None]  # (C, L)
                 P = P + self.self_text[l](P, X, mask)                # Eq. (SSP): class-specific
             if self.cross_text is not None:
-                P = P + self.cross_text[l](P, self.vision_prompts[l])  # reads P_v^l: image-independent
+                # reads P_v^l: image-independent
+                P = P + self.cross_text[l](P, self.vision_prompts[l])
             return torch.cat([x[:, :1], P, x[:, 1 + n:]], dim=1)     # [SOS, P~, name, ., EOT, ..]
 
         emb = self.token_embeds
         P0 = self.text_prompts[0].expand(emb.shape[0], -1, -1)                  # (C, n, 512)
-        x = torch.cat([emb[:, :1], P0, emb[:, 1 + n:]], dim=1)  # (C, 77, 512) = [SOS, P^0, name, ., EOT, pad]
+        # (C, 77, 512) = [SOS, P^0, name, ., EOT, pad]
+        x = torch.cat([emb[:, :1], P0, emb[:, 1 + n:]], dim=1)
         summaries = self.cross_vision is not None
         # hook_rows: without the self module the hook writes rows 0..n the same way for every class.
         out = clip_layers.encode_text(self.clip, x, self.eot, text_hook, eot_rows=summaries,
-                                      hook_rows=1 + n if self.self_text is None else None)
+                                      hook_rows=1 + n if self.self_text is None else None,
+                                      engine=self.engine)
         return out if summaries else (out, None)
 
     def encode_images(self, images, summaries=None):
         """(N, 512) image features; summaries: S_t (C, layers, 512) from encode_classes, or None."""
         n, J = self.cfg.n_ctx, self.cfg.depth
 
-        def vision_hook(l, x):  # l = 0: (N, 197, 768) after pos-emb, before ln_pre; l >= 1: (N, 197 + n, 768)
+        # l = 0: (N, 197, 768) after pos-emb, before ln_pre; l >= 1: (N, 197 + n, 768)
+        def vision_hook(l, x):
             if l >= J:
                 return x
             # IVLP: the prompts go after the patches at layer 0 (no position embedding, through
@@ -352,14 +366,15 @@ class ISP(clip_layers.PromptMethod):
                 P = P + self.coupling[l](self.text_prompts[l])     # linear: (n, 512) -> (n, 768)
             return torch.cat([X, P], dim=1)                        # (N, 197 + n, 768)
 
-        return clip_layers.encode_image(self.clip, images, vision_hook)
+        return clip_layers.encode_image(self.clip, images, vision_hook, engine=self.engine)
 
     def forward(self, images, classes=None):
         """images (N, 3, 224, 224) -> fp32 logits (N, C). classes: the output of encode_classes(),
         computed here if None."""
         text_features, summaries = self.encode_classes() if classes is None else classes
         image_features = self.encode_images(images, summaries)                            # (N, 512)
-        return clip_layers.cosine_logits(image_features, text_features, self.clip.logit_scale)  # (N, C)
+        # (N, C)
+        return clip_layers.cosine_logits(image_features, text_features, self.clip.logit_scale)
 
     @torch.no_grad()
     def loss_weights(self, images, labels, logits=None):
@@ -367,7 +382,7 @@ class ISP(clip_layers.PromptMethod):
         return None if self.probe is None else self.probe(self.clip, images, labels)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     clip_model = clip_layers.random_clip("tiny")

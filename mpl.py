@@ -13,19 +13,21 @@ wrote into them is lost. MPL edits the prompt tokens of the vision sequence with
 the input of each deep layer: *remove* (O_rm) drops some of the tokens that the previous layer
 produced, *add* (O_add) appends new ones, and *carry* (O_cr) lets all the others go on, so the
 sequence can grow from layer to layer. The text side is MaPLe's: n_ctx learnable tokens right after
-SOS, replaced at every deep layer by new "compound" prompts; the vision tokens are linear projections
-of those text prompts (MaPLe's V-L coupling), so both towers learn from one set of prompts.
+SOS, replaced at every deep layer by new "compound" prompts; the vision tokens are linear
+projections of those text prompts (MaPLe's V-L coupling), so both towers learn from one set of
+prompts.
 
 MaPLe is a preset of the same class: n_add = 1 and n_rm = n_ctx remove exactly what the previous
 layer added and add as many, so every deep layer replaces its prompts and nothing is carried.
 
 Equation numbers: the paper's method section could not be read (only its abstract and third-party
-summaries), so the code cites the operations by their names (O_add, O_rm, O_cr) and the official code.
+summaries), so the code cites the operations by their names (O_add, O_rm, O_cr) and the official
+code.
 
-Left out on purpose: the Dassl trainer, YAML configs and the loss (train.py owns the loss, optimizer,
-schedule and precision; the official model returns the CE loss in training mode); the official
-`.half()` casts and hard-coded 512 / 768 widths (read from the model); ResNet backbones; fp16 master
-weights.
+Left out on purpose: the Dassl trainer, YAML configs and the loss (train.py owns the loss,
+optimizer, schedule and precision; the official model returns the CE loss in training mode); the
+official `.half()` casts and hard-coded 512 / 768 widths (read from the model); ResNet backbones;
+fp16 master weights.
 
 Shapes in comments are for ViT-B/16: text width 512, 77 tokens; vision width 768, 196 patches + CLS
 = 197 tokens. Letters: C classes (text sequences), N images, L sequence length.
@@ -39,7 +41,7 @@ import torch.nn as nn
 
 import clip_layers
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config: one line per hyper-parameter, its source in brackets. Defaults: the official MPL config
 # vit_b4_c1_add2_rm1.
 
@@ -65,10 +67,12 @@ class MPLConfig:
         if self.n_ctx < 1 or self.n_add < 1 or self.n_rm < 0 or self.depth < 1:
             # the official code crashes on n_add = 0 with depth > 1 (an empty cat)
             raise ValueError(f"MPL needs n_ctx >= 1, n_add >= 1, n_rm >= 0 and depth >= 1; got "
-                             f"n_ctx={self.n_ctx}, n_add={self.n_add}, n_rm={self.n_rm}, depth={self.depth}")
-        if self.n_rm > self.n_add * self.n_ctx:  # the official code asserts it: the sequence never shrinks
-            raise ValueError(f"MPL removes at most what it adds: n_rm={self.n_rm} > n_add * n_ctx = "
-                             f"{self.n_add * self.n_ctx}")
+                             f"n_ctx={self.n_ctx}, n_add={self.n_add}, n_rm={self.n_rm}, "
+                             f"depth={self.depth}")
+        # the official code asserts it: the sequence never shrinks
+        if self.n_rm > self.n_add * self.n_ctx:
+            raise ValueError(f"MPL removes at most what it adds: n_rm={self.n_rm} > n_add * n_ctx "
+                             f"= {self.n_add * self.n_ctx}")
 
 
 PRESETS = {
@@ -90,13 +94,13 @@ def maple(n_ctx=2, **changes):
 CROSS_DATASET = dict(depth=3)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Prompt learner: every learnable tensor, under the official parameter names
 
 class ModularPromptLearner(nn.Module):
     """The learnable prompts of MPL, under the official names: the `prompt_learner.*` keys of an
-    official checkpoint map one to one onto `state_dict()` (the token buffers are non-persistent, as
-    the official loader drops them).
+    official checkpoint map one to one onto `state_dict()` (the token buffers are non-persistent,
+    as the official loader drops them).
 
       ctx                       (n_ctx, 512)        text prompts of layer 0, from the embedding of "X"
       proj                      Linear(512 -> 768)  shallow vision prompts proj(ctx), added at layer 0
@@ -108,7 +112,8 @@ class ModularPromptLearner(nn.Module):
         super().__init__()
         text_width, vision_width = clip_layers.widths(clip_model)         # 512, 768
         n_layers = min(clip_layers.n_layers(clip_model))                  # 12
-        if depth > n_layers:  # the official code does not check this; its extra prompts would go unused
+        # the official code does not check this; its extra prompts would go unused
+        if depth > n_layers:
             raise ValueError(f"MPL prompt depth must be in 1..{n_layers} for this CLIP, got {depth}")
         # Not checked, as in the official code: with n_rm > n_ctx the first removal (layer 1) cuts
         # patch tokens, as only n_ctx prompt tokens sit at the end of the sequence then.
@@ -121,7 +126,8 @@ class ModularPromptLearner(nn.Module):
         random_ctx = None
         if x_placeholders:
             # MPL's text: n_ctx placeholder words before the template ("X a photo of a {class}.").
-            # Only the X positions learn, from the embedding of "X"; the template's words stay fixed.
+            # Only the X positions learn, from the embedding of "X"; the template's words stay
+            # fixed.
             words = " ".join(["X"] * n_ctx) + " " + ctx_init
         elif ctx_init and n_ctx <= 4:
             # MaPLe's rule: its text is "a photo of a {class}.", and ctx starts as the embeddings of
@@ -158,8 +164,9 @@ class ModularPromptLearner(nn.Module):
             [nn.ModuleList([copy.deepcopy(coupling) for _ in range(depth - 1)]) for _ in range(n_add)])
 
         # Frozen tokens around ctx, rebuilt from the class names in hand (never loaded).
-        self.register_buffer("token_sos", embedding[:, :1], persistent=False)             # (C, 1, 512)
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:], persistent=False)  # (C, 76 - n_ctx, 512)
+        self.register_buffer("token_sos", embedding[:, :1], persistent=False)  # (C, 1, 512)
+        # (C, 76 - n_ctx, 512)
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:], persistent=False)
         self.register_buffer("eot", clip_layers.eot_index(ids), persistent=False)         # (C,)
 
     def text_input(self):
@@ -173,11 +180,12 @@ class ModularPromptLearner(nn.Module):
         coupling: made from the text prompts, which so get gradients from both towers)."""
         tokens = [self.proj(self.ctx)]                                           # (n_ctx, 768)
         for l, text_prompt in enumerate(self.compound_prompts_text):
-            tokens.append(torch.cat([proj[l](text_prompt) for proj in self.txt2img_proj]))  # (n_add * n_ctx, 768)
+            # (n_add * n_ctx, 768)
+            tokens.append(torch.cat([proj[l](text_prompt) for proj in self.txt2img_proj]))
         return tokens
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model: frozen CLIP + the prompt learner, through clip_layers' hooks
 
 class MPL(clip_layers.PromptMethod):
@@ -189,8 +197,8 @@ class MPL(clip_layers.PromptMethod):
     to_official_fp16).
     """
 
-    def __init__(self, clip_model, classnames, cfg=None):
-        super().__init__(clip_model)
+    def __init__(self, clip_model, classnames, cfg=None, engine=None):
+        super().__init__(clip_model, engine)  # engine: clip_engine.Engine() for the speed-ups
         self.cfg = cfg = cfg if cfg is not None else MPLConfig()
         self.prompt_learner = ModularPromptLearner(self.clip, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
                                                    n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init,
@@ -204,13 +212,14 @@ class MPL(clip_layers.PromptMethod):
             if 1 <= layer < prompts.depth:
                 # Rows 1..n_ctx (right after SOS) are *replaced* by this layer's prompts: nothing is
                 # carried, and the text length never changes.
-                deep = prompts.compound_prompts_text[layer - 1].expand(x.shape[0], -1, -1)  # (C, n_ctx, 512)
-                x = torch.cat([x[:, :1], deep, x[:, 1 + prompts.n_ctx:]], dim=1)            # (C, L, 512)
+                # (C, n_ctx, 512)
+                deep = prompts.compound_prompts_text[layer - 1].expand(x.shape[0], -1, -1)
+                x = torch.cat([x[:, :1], deep, x[:, 1 + prompts.n_ctx:]], dim=1)  # (C, L, 512)
             return x
 
         # hook_rows: the hook writes rows 0..n_ctx only, the same prompts into every class.
         return clip_layers.encode_text(self.clip, prompts.text_input(), prompts.eot, text_hook,
-                                       hook_rows=1 + prompts.n_ctx)                # (C, 512)
+                                       hook_rows=1 + prompts.n_ctx, engine=self.engine)  # (C, 512)
 
     def encode_images(self, images):
         """(N, 512) image features; this is where MPL's add / remove / carry happen."""
@@ -221,7 +230,8 @@ class MPL(clip_layers.PromptMethod):
             if layer == 0:
                 # After the positional embedding and before ln_pre, as in the official code: the
                 # prompts have no position of their own, but they do go through ln_pre.
-                x = torch.cat([x, new_tokens[0].expand(x.shape[0], -1, -1)], dim=1)  # (N, 197 + n_ctx, 768)
+                # (N, 197 + n_ctx, 768)
+                x = torch.cat([x, new_tokens[0].expand(x.shape[0], -1, -1)], dim=1)
             elif layer < prompts.depth:
                 # O_rm: drop the *last* n_rm tokens, the previous layer's newest prompt outputs.
                 x = x[:, :x.shape[1] - prompts.n_rm]                            # (N, L - n_rm, 768)
@@ -229,7 +239,7 @@ class MPL(clip_layers.PromptMethod):
                 x = torch.cat([x, new_tokens[layer].expand(x.shape[0], -1, -1)], dim=1)
             return x                            # L_layer by default: 198, 199, ..., 206, 206, ...
 
-        return clip_layers.encode_image(self.clip, images, vision_hook)
+        return clip_layers.encode_image(self.clip, images, vision_hook, engine=self.engine)
 
     def forward(self, images, classes=None):
         """images (N, 3, 224, 224) -> fp32 logits (N, C). classes: the output of encode_classes(),
@@ -239,7 +249,7 @@ class MPL(clip_layers.PromptMethod):
         return clip_layers.cosine_logits(image_features, text_features, self.clip.logit_scale)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     clip_model = clip_layers.random_clip("tiny")

@@ -320,11 +320,6 @@ def match(expected, given, source, hint):
 # ----------------------------------------------------------------------------------------------------------------------
 # Ours: {"params": {name: tensor}, ...} written by train.py
 
-def trainable_state(model):
-    """The prompts of a method (clip_layers.PromptMethod.prompt_state_dict): its trainable tensors, copied."""
-    return model.prompt_state_dict()
-
-
 def load_trainable(model, params, source):
     """Load prompts read from a file into a method (possibly built for other class names): every trainable tensor must
     be given, with its shape and finite values (`match`, which names the file); nothing else may be."""

@@ -12,10 +12,15 @@ assert) is a bug and keeps its full traceback. `--debug` anywhere on the command
 error; it is taken out before the script reads its own flags.
 """
 import argparse
+import dataclasses
 import dis
+import math
 import os
 import re
 import sys
+import typing
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 
@@ -86,3 +91,75 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         value = action.default
         shown = "none" if value is None else " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.py's flags: the method's config as flags, and the values refused when the command is parsed
+
+def config_flags(parser, config):
+    """One flag per field of a method's config dataclass, e.g. --n-ctx, --isp-self/--no-isp-self. Its help is the
+    field's annotation in mpl.py / isp.py, `Annotated[type, "help [source]"]`, so the config stays the one place where
+    a setting is explained."""
+    hints = typing.get_type_hints(type(config), include_extras=True)
+    group = parser.add_argument_group(f"{type(config).__name__} (defaults: the preset)")
+    for f in dataclasses.fields(config):
+        kind, text = typing.get_args(hints[f.name])                      # Annotated[int, "help"] -> int, "help"
+        kw = dict(default=None, dest=f"cfg_{f.name}", help=f"{text} (preset: {getattr(config, f.name)!r})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw.update(type=kind, metavar=f.name.upper())
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_error_with_flags(message, config):
+    """A config's message with its field names written as their flags ("sp_lambda must be" -> "--sp-lambda must
+    be"), leaving quoted values alone."""
+    for f in dataclasses.fields(config):
+        message = re.sub(rf"(?<![\w'-]){f.name}(?![\w'])", "--" + f.name.replace("_", "-"), message)
+    return message
+
+
+def check_train_args(p, args, cpus, method_config, config):
+    """Values of train.py's flags that would fail only after training started, or silently do something else:
+    refused now, through the parser (`p.error`). method_config(args) builds the method's config, which checks its
+    own values; config: the preset, whose field names become flags in its messages."""
+    checks = [("--shots", args.shots, args.shots >= 1, "an integer >= 1"),
+              ("--seed", args.seed, 0 <= args.seed < 2 ** 32, f"an integer >= 0 and <= "
+                                                              f"{2 ** 32 - 1} (numpy's seeds; "
+                                                              f"Dassl does not seed for negative "
+                                                              f"seeds)"),
+              ("--epochs", args.epochs, args.epochs is None or args.epochs >= 0, "an integer >= 0"),
+              ("--lr", args.lr, args.lr is None or (math.isfinite(args.lr) and 0 < args.lr <= 1),
+               "a finite number > 0 and <= 1 (the recipes use 0.0025-0.0035; far larger rates "
+               "drive the prompts to inf or NaN)"),
+              ("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1, "an integer >= 1"),
+              ("--test-batch-size", args.test_batch_size, args.test_batch_size >= 1, "an integer >= 1"),
+              ("--momentum", args.momentum, 0 <= args.momentum < 1, "a number in [0, 1)"),
+              ("--weight-decay", args.weight_decay, math.isfinite(args.weight_decay) and args.weight_decay >= 0,
+               "a finite number >= 0"),
+              ("--crop-scale", args.crop_scale, 0 < args.crop_scale <= 1, "a fraction of the image area in (0, 1]"),
+              ("--text-chunk", args.text_chunk, args.text_chunk >= 0, "an integer >= 0 (0: all classes at once)"),
+              ("--threads", args.threads, args.threads is None or args.threads >= 1, "an integer >= 1"),
+              ("--workers", args.workers, args.workers is None or 0 <= args.workers <= cpus,
+               f"an integer in [0, {cpus}] (the CPUs this process may use)"),
+              ("--output", repr(args.output), args.output is None or args.output.strip() != "",
+               "a directory path (leave the flag out for the default)")]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            p.error(f"{flag} must be {expected}, got {value}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output, --overwrite starts it again: give one of them")
+    if args.resume and args.eval_only:
+        p.error("--resume continues training, --eval-only trains nothing: give one of them")
+    if args.precision == "amp" and not args.device.startswith("cuda"):
+        p.error(f"--precision amp is CUDA autocast with a loss scaler; on --device {args.device} "
+                f"use fp32 or bf16 (or fp16, the official pure-fp16 setting)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is visible to torch here (torch "
+                f"{torch.__version__}); use --device cpu")
+    try:
+        method_config(args)  # the config checks its own values, so a bad flag stops here, before anything loads
+    except ValueError as e:
+        p.error(config_error_with_flags(str(e), config))
+

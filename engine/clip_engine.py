@@ -1,24 +1,22 @@
 """
-The engine under clip_layers.py: exact speed-ups of its two encoders, each proven below and tested against the plain
-loops (test_clip_layers.py). clip_layers.encode_text / encode_image run through here when this file is beside it; a
-method never calls this file and never needs it.
+The engine under clip_layers.py: exact speed-ups of its two encoders, each proven below and tested
+against the plain loops (tests/test_clip_layers.py, test_methods.py). A method uses them when it is
+handed an engine, e.g. `mpl.MPL(clip_model, classnames, cfg, engine=Engine(text_chunk=128))` (as
+train.py's build_model does); clip_layers then calls `engine.encode_text` and, per vision block,
+`engine.vision_block`. A method never needs this file: without an engine the plain loops run.
 
   1. Text: the rows every class shares are encoded once (the shared prefix). Proof in `encode_text`.
-  2. Text: classes in chunks, with activation checkpointing while gradients are on (`over_class_chunks`): only one
-     chunk's activations are held at a time; the same numbers as one pass.
+  2. Text: classes in chunks, with activation checkpointing while gradients are on
+     (`over_class_chunks`): only one chunk's activations are held at a time; the same numbers.
   3. Vision: the last block computes only the CLS row, the only row CLIP reads out (`cls_block`).
-  4. The official path, for parity checks and bench.py's baseline: CLIP's stock blocks, sequence-first, over all 77
-     text positions, all classes in one pass, as the official MaPLe / MPL / PromptSRC code runs CLIP.
 
-Settings (`settings`: change them in a `with options(...)` block, or for a whole run as train.py's --text-chunk does):
-    text_chunk      classes per text pass (None: all at once)
-    shared_prefix   False: every class runs all of its text rows
-    official        True: the official path (4) instead of 1-3
+The official code's way of running CLIP (stock blocks, all 77 positions), which bench.py and the
+parity tests compare against, is bench.py's OfficialEngine.
 """
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,34 +26,43 @@ import clip_layers
 
 
 @dataclass
-class Settings:
-    text_chunk: int = 128
+class Engine:
+    """The speed-ups, with their two settings (both exact: they change memory and time only).
+
+    text_chunk:    classes per text pass (None: all at once); train.py's --text-chunk
+    shared_prefix: False: every class runs all of its text rows (bench.py --unshared)
+    """
+    text_chunk: Optional[int] = 128
     shared_prefix: bool = True
-    official: bool = False
 
+    def encode_text(self, clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
+        return encode_text(clip_model, x, eot, hook, hook_rows, eot_rows, self)
 
-settings = Settings()
+    def vision_block(self, block, x, last):
+        """One vision block: the last on the CLS row only (cls_block), the others as they are."""
+        return cls_block(block, x) if last else clip_layers.residual_block(block, x, causal=False)
 
-
-@contextmanager
-def options(**changes):
-    """`with clip_engine.options(official=True): ...` runs the block under other settings, then restores them."""
-    old = {k: getattr(settings, k) for k in changes}
-    for k, v in changes.items():
-        if not hasattr(settings, k):
-            raise TypeError(f"unknown clip_engine setting {k!r}; settings are {list(vars(settings))}")
-        setattr(settings, k, v)
-    try:
-        yield settings
-    finally:
-        for k, v in old.items():
-            setattr(settings, k, v)
+    @contextmanager
+    def options(self, **changes):
+        """`with engine.options(text_chunk=None): ...` runs the block under other settings, then
+        restores them (tests compare the settings on one model)."""
+        unknown = [k for k in changes if not hasattr(self, k)]
+        if unknown:
+            raise TypeError(f"unknown Engine settings {unknown}; they are text_chunk, shared_prefix")
+        old = {k: getattr(self, k) for k in changes}
+        for k, v in changes.items():
+            setattr(self, k, v)
+        try:
+            yield self
+        finally:
+            for k, v in old.items():
+                setattr(self, k, v)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Text
 
-def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
+def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False, settings=None):
     """clip_layers.encode_text (same arguments, same results), fast.
 
     Which rows are shared, and why it is exact. CLIP's text blocks are pre-LN residual blocks under a causal mask: the
@@ -77,8 +84,7 @@ def encode_text(clip_model, x, eot, hook=None, hook_rows=None, eot_rows=False):
     A hook without the promise may depend on which class a row is (ISP's self-structural module): it sees all classes,
     in order, unshared and unchunked.
     """
-    if settings.official:
-        return _official_text(clip_model, x, eot, hook, eot_rows)
+    settings = Engine() if settings is None else settings
     alike = hook is None or hook_rows is not None
     share = (0 if hook is None else hook_rows) if alike and settings.shared_prefix else None
     # One host read for every length below: the EOT positions and the run of leading rows equal in all classes.
@@ -227,25 +233,6 @@ def block_after_prefix(block, own, prefix, rows, eot_only=False):
 # ----------------------------------------------------------------------------------------------------------------------
 # Vision
 
-def encode_image(clip_model, images, hook=None):
-    """clip_layers.encode_image (same arguments, same results), with the last block on the CLS row only."""
-    v = clip_model.visual
-    x = clip_layers.patch_tokens(clip_model, images)                     # (N, 197, 768)
-    blocks = v.transformer.resblocks
-    for layer, block in enumerate(blocks):
-        if hook is not None:
-            x = hook(layer, x)                                            # (N, 197 + prompts at this layer, 768)
-        if layer == 0:
-            x = v.ln_pre(x)
-        if settings.official:
-            x = stock_block(block, x)
-        elif layer < len(blocks) - 1:
-            x = clip_layers.residual_block(block, x, causal=False)
-        else:
-            x = cls_block(block, x)                                       # (N, 1, 768)
-    return v.ln_post(x[:, 0]) @ v.proj.to(x.dtype)                        # (N, 512)
-
-
 def cls_block(block, x):
     """residual_block(block, x, causal=False)[:, :1]: after the last block CLIP reads only the CLS row, so only its
     output is computed. The other rows are needed only as keys and values; the output projection and the MLP, 3/4 of
@@ -259,22 +246,3 @@ def cls_block(block, x):
     y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)             # (N, 1, 768)
     out = x[:, :1] + F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
     return out + block.mlp(block.ln_2(out))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The official path: CLIP's stock blocks, sequence-first; for text all 77 positions, all classes in one pass
-
-def stock_block(block, x):
-    """CLIP's own ResidualAttentionBlock (nn.MultiheadAttention; for text its 77 x 77 causal mask), NLD -> LND -> NLD."""
-    return block(x.transpose(0, 1)).transpose(0, 1)
-
-
-def _official_text(clip_model, x, eot, hook, eot_rows):
-    x = x.to(clip_model.dtype) + clip_model.positional_embedding.to(clip_model.dtype)      # (C, 77, 512)
-    rows, summaries = torch.arange(x.shape[0], device=x.device), []
-    for layer, block in enumerate(clip_model.transformer.resblocks):
-        x = x if hook is None else hook(layer, x)
-        summaries.append(x[rows, eot])
-        x = stock_block(block, x)                                         # (C, 77, 512)
-    x = clip_model.ln_final(x[rows, eot]) @ clip_model.text_projection.to(x.dtype)        # (C, 512)
-    return (x, torch.stack(summaries, dim=1)) if eot_rows else x

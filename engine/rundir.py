@@ -36,14 +36,15 @@ IDENTITY_FLAGS = ("method", "dataset", "shots", "seed", "subsample", "epochs", "
                   "weight_decay", "crop_scale", "precision", "cross_dataset", "load")
 
 
-def identity(args, recipe, method_config, clip_fingerprint, data_fingerprint=None):
+def identity(args, recipe, method_config, clip_fingerprint, data_fingerprint=None, dataset=None):
     """The run's identity: the flags above with the recipe's values filled in (lr, epochs, batch size as used), the
     method's full config, a fingerprint of the CLIP weights and one of the dataset's split and class names (so the
-    same flags on another --root whose dataset differs are another run). --load is kept as its real path: the same
-    file named another way (a/../a, relative from elsewhere, through a symlink) is the same run."""
+    same flags on another --root whose dataset differs are another run; dataset: its name, if not --dataset's).
+    --load is kept as its real path: the same file named another way (a/../a, relative from elsewhere, through a
+    symlink) is the same run."""
     lr, epochs, batch_size = recipe
     out = {k: getattr(args, k) for k in IDENTITY_FLAGS}
-    out.update(dataset=args.dataset or "mini_world", lr=lr, epochs=epochs, batch_size=batch_size,
+    out.update(dataset=dataset or args.dataset, lr=lr, epochs=epochs, batch_size=batch_size,
                method_config=method_config, clip=clip_fingerprint, data=data_fingerprint,
                load=os.path.realpath(args.load) if args.load else args.load)
     return json.loads(json.dumps(out))  # plain JSON values: what results.json and the checkpoint hold

@@ -14,10 +14,12 @@ import copy
 import pytest
 import torch
 
+import bench
 from engine import clip_engine
 import clip_layers
 from conftest import spy_shared
 
+FAST = clip_engine.Engine()  # the engine train.py hands the methods
 TEXTS = ["a photo of a dog.", "a photo of a big red striped circle.", "x", "a centered satellite photo of sea."]
 
 
@@ -25,24 +27,22 @@ TEXTS = ["a photo of a dog.", "a photo of a big red striped circle.", "x", "a ce
 # The patched encoders equal stock CLIP
 
 @pytest.mark.parametrize("engine", [True, False])
-def test_patched_text_encoder_equals_stock(tiny, monkeypatch, engine):
-    if not engine:
-        monkeypatch.setattr(clip_layers, "_engine", None)
+def test_patched_text_encoder_equals_stock(tiny, engine):
     ids = clip_layers.tokenize(TEXTS)
-    with torch.no_grad():
-        ours, stock = clip_layers.encode_text_ids(tiny, ids), tiny.encode_text(ids)
+    with torch.no_grad():  # engine=None: the plain loop of clip_layers, as a copy without clip_engine.py runs it
+        ours = clip_layers.encode_text_ids(tiny, ids, clip_engine.Engine() if engine else None)
+        stock = tiny.encode_text(ids)
     assert ours.shape == (len(TEXTS), tiny.text_projection.shape[1])
     assert (ours - stock).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("engine", [True, False])
-def test_patched_image_encoder_equals_stock(tiny, monkeypatch, engine):
-    if not engine:  # the plain loop of clip_layers, as a copy of clip_layers.py without clip_engine.py runs it
-        monkeypatch.setattr(clip_layers, "_engine", None)
+def test_patched_image_encoder_equals_stock(tiny, engine):
     torch.manual_seed(0)
     images = torch.randn(5, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
-    with torch.no_grad():
-        ours, stock = clip_layers.encode_image(tiny, images), tiny.encode_image(images)
+    with torch.no_grad():  # engine=None: the plain loop of clip_layers, as a copy without clip_engine.py runs it
+        ours = clip_layers.encode_image(tiny, images, engine=clip_engine.Engine() if engine else None)
+        stock = tiny.encode_image(images)
     assert (ours - stock).abs().max() < 1e-5
 
 
@@ -59,8 +59,8 @@ def test_eot_cut_equals_full_77_tokens_with_prompts(tiny):
     eot = clip_layers.eot_index(ids)
     with torch.no_grad():
         cut = clip_layers.text_transformer(tiny, x, eot, hook=hook)
-        with clip_engine.options(official=True):  # all 77 positions through CLIP's stock blocks
-            full = clip_layers.encode_text(tiny, x, eot, hook=hook)
+        # all 77 positions through CLIP's stock blocks
+        full = clip_layers.encode_text(tiny, x, eot, hook=hook, engine=bench.OFFICIAL)
     assert (cut - full).abs().max() < 1e-5
     assert int(eot.max()) + 1 < 77 // 4  # and it really is a much shorter sequence
 
@@ -73,14 +73,14 @@ def test_image_hook_sees_every_layer_input(tiny):
         return torch.cat([x, x[:, :1]], dim=1) if layer == 0 else x  # append one token before ln_pre
 
     images = torch.randn(2, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
-    clip_layers.encode_image(tiny, images, hook=hook)
+    clip_layers.encode_image(tiny, images, hook=hook, engine=FAST)
     n_tok = tiny.visual.positional_embedding.shape[0]
     assert seen == [(0, n_tok)] + [(i, n_tok + 1) for i in range(1, len(tiny.visual.transformer.resblocks))]
 
 
 def test_zeroshot_equals_stock_clip_classifier(tiny):
     names = ["dog", "red circle", "sea"]
-    model = clip_layers.ZeroShotCLIP(tiny, names, "a photo of a {}.")
+    model = clip_layers.ZeroShotCLIP(tiny, names, "a photo of a {}.", engine=FAST)
     images = torch.randn(3, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
     with torch.no_grad():
         img = tiny.encode_image(images)
@@ -106,8 +106,9 @@ def test_chunked_text_encoding_equals_one_shot_with_gradients(tiny):
 
     grads, feats = [], []
     for chunk in (None, 4):
-        with clip_engine.options(text_chunk=chunk):
-            f = clip_layers.encode_text(tiny, clip_layers.token_embedding(tiny, ids), eot, hook=hook, hook_rows=3)
+        with FAST.options(text_chunk=chunk):
+            x = clip_layers.token_embedding(tiny, ids)
+            f = clip_layers.encode_text(tiny, x, eot, hook=hook, hook_rows=3, engine=FAST)
         (f ** 2).sum().backward()
         feats.append(f.detach())
         grads.append(prompt.grad.clone())
@@ -151,8 +152,8 @@ def test_shared_prefix_gradients_of_clip_itself(tiny, monkeypatch, chunk):
     for shared in (False, True):
         for p in text_params:
             p.grad = None
-        with clip_engine.options(text_chunk=chunk, shared_prefix=shared):
-            f = clip_layers.encode_text_ids(clip_model, ids)
+        with FAST.options(text_chunk=chunk, shared_prefix=shared):
+            f = clip_layers.encode_text_ids(clip_model, ids, FAST)
         (w * f).sum().backward()
         out[shared] = f.detach(), [p.grad.clone() for p in text_params]
         assert bool(calls) == shared
@@ -182,14 +183,16 @@ def test_shared_prefix_with_a_hook_needs_its_promise(tiny, monkeypatch):
     hook = deep_prompt_hook(prompt)
     calls = spy_shared(monkeypatch)
     with torch.no_grad():
-        with clip_engine.options(shared_prefix=False):
-            full = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True)
+        with FAST.options(shared_prefix=False):
+            full = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, engine=FAST)
         assert not calls
-        assert torch.equal(clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True)[0], full[0])  # no promise
+        no_promise = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, engine=FAST)
+        assert torch.equal(no_promise[0], full[0])
         assert not calls
-        assert torch.equal(clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, hook_rows=8)[0], full[0])
+        too_many = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, hook_rows=8, engine=FAST)
+        assert torch.equal(too_many[0], full[0])
         assert not calls                                                           # 8 rows > the 7 equal ones
-        shared = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, hook_rows=3)
+        shared = clip_layers.encode_text(tiny, x, eot, hook, eot_rows=True, hook_rows=3, engine=FAST)
         assert calls == [int((eot + 1 - 7).sum())] * len(tiny.transformer.resblocks)   # each class's own rows
         for a, b in zip(shared, full):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -198,7 +201,7 @@ def test_shared_prefix_with_a_hook_needs_its_promise(tiny, monkeypatch):
             return torch.cat([x, x[:, -1:]], dim=1)
 
         with pytest.raises(ValueError, match="changed the shared rows' shape"):
-            clip_layers.encode_text(tiny, x, eot, lengthening, hook_rows=3)
+            clip_layers.encode_text(tiny, x, eot, lengthening, hook_rows=3, engine=FAST)
 
 
 def test_last_vision_block_computes_the_cls_row_only(tiny, monkeypatch):
@@ -217,7 +220,33 @@ def test_last_vision_block_computes_the_cls_row_only(tiny, monkeypatch):
     monkeypatch.setattr(clip_engine, "cls_block", recording(stock_cls))
     images = torch.randn(2, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
     with torch.no_grad():
-        ours = clip_layers.encode_image(tiny, images)
+        ours = clip_layers.encode_image(tiny, images, engine=FAST)
         assert (ours - tiny.encode_image(images)).abs().max() < 1e-5
     n_tok = tiny.visual.positional_embedding.shape[0]
     assert shapes == [n_tok] * (len(tiny.visual.transformer.resblocks) - 1) + [1]
+
+
+def test_the_engine_is_an_argument_and_nothing_imports_it_behind_the_callers_back(tiny, monkeypatch):
+    """clip_layers, mpl and isp import no engine; a method without engine= runs the plain loops (no engine function
+    is called), and one handed clip_engine.Engine() runs the engine's shared prefix and CLS-only last block."""
+    import os
+    import subprocess
+    import sys
+    import mpl
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys, clip_layers, mpl, isp; print(sorted(m for m in sys.modules if m.split('.')[0] == 'engine'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    shared, cls = spy_shared(monkeypatch), []
+    stock_cls = clip_engine.cls_block
+    monkeypatch.setattr(clip_engine, "cls_block", lambda block, x: cls.append(1) or stock_cls(block, x))
+    images = torch.randn(2, 3, tiny.visual.input_resolution, tiny.visual.input_resolution)
+    cfg = mpl.PRESETS["maple"]
+    with torch.no_grad():
+        torch.manual_seed(0)  # the same initial prompts in both
+        plain = mpl.MPL(tiny, ["dog", "sea lion", "red circle"], cfg)(images)
+        assert shared == [] and cls == []
+        torch.manual_seed(0)
+        fast = mpl.MPL(tiny, ["dog", "sea lion", "red circle"], cfg, engine=clip_engine.Engine())(images)
+        assert shared and cls == [1]
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)

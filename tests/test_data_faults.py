@@ -14,11 +14,13 @@ import sys
 import textwrap
 import time
 import zlib
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from engine import checkpoints
+from engine import inputs
 import data
 from world import mini_world
 import train
@@ -166,7 +168,7 @@ def test_unknown_dataset_is_named_before_the_clip_loads(tmp_path):
 
 def test_protocol_of_an_unknown_dataset_is_named_before_the_clip_loads(tmp_path, monkeypatch):
     from tools import protocols
-    monkeypatch.setattr(train, "load_clip", lambda *a, **k: pytest.fail("CLIP loaded before the dataset was checked"))
+    monkeypatch.setattr(inputs, "clip_for", lambda *a, **k: pytest.fail("CLIP loaded before the dataset was checked"))
     with pytest.raises(ValueError, match=r"Unknown dataset 'eurosatt'.*Did you mean eurosat\?"):
         protocols.run_protocol("base2new", ["--method", "mpl"], ["eurosatt"], out=str(tmp_path))
 
@@ -313,4 +315,4 @@ def test_building_the_new_classes_before_training_changes_no_result(tmp_path, ti
     new = mini_world.load_benchmark("mini_world", str(root), 2, 1, "new")
     model = train.build_model(args, tiny, new.classnames, new.template)
     checkpoints.load_trainable(model, trained, "the base run's prompts")
-    assert train.evaluate(model, new.test, args, train.nullcontext) == b2n["accuracy"]["new"]
+    assert train.evaluate(model, new.test, args, nullcontext) == b2n["accuracy"]["new"]

@@ -7,12 +7,15 @@ without one.
     python -m pytest -q tests/test_precision.py
 """
 import hashlib
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 import data
+from engine import precision as engine_precision
 from engine import rundir
+from engine import run as engine_run
 import mpl
 import train
 from conftest import colour_benchmark, trainable
@@ -32,6 +35,14 @@ def build(method, clip, **changes):
     return r.model(clip, CLASSES, cfg)
 
 
+def unlocked_run(args, tmp_path, identity):
+    """The run train.train reports to (engine/run.py), in tmp_path, outside its lock and log."""
+    args.output = str(tmp_path)
+    run = engine_run.Run(args, train.recipe(args))
+    run.identity = identity
+    return run
+
+
 def quick(tmp_path, tiny, colours, *flags, method="maple", name="run"):
     argv = ["--method", method, "--subsample", "all", "--output", str(tmp_path / name), "--epochs", "2",
             "--depth", "2", *flags]
@@ -45,7 +56,7 @@ def quick(tmp_path, tiny, colours, *flags, method="maple", name="run"):
 def test_every_method_steps_under_cpu_bf16_autocast_with_fp32_masters_grads_and_logits(method, tiny):
     torch.manual_seed(0)
     model = build(method, tiny)
-    autocast, scaler, precision = train.precision_setup("bf16", "cpu", model)
+    autocast, scaler, precision = engine_precision.precision_setup("bf16", "cpu", model)
     assert precision == "bf16" and not scaler.is_enabled()
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
     model.train()
@@ -78,7 +89,7 @@ def test_fp32_turns_tf32_off(tiny):
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        train.precision_setup("fp32", "cpu", build("mpl", tiny))
+        engine_precision.precision_setup("fp32", "cpu", build("mpl", tiny))
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
@@ -140,13 +151,13 @@ def test_loader_pins_memory_only_for_cuda_and_keeps_its_workers(colours, monkeyp
 
 
 def test_the_loop_checks_finiteness_once_per_step_in_one_reduction(tmp_path, tiny, colours, monkeypatch):
-    calls, stock = [], train.all_finite
+    calls, stock = [], engine_run.all_finite
 
     def counting(tensors):
         calls.append(len(tensors))
         return stock(tensors)
-    monkeypatch.setattr(train, "all_finite", counting)
-    monkeypatch.setattr(train, "check_finite", lambda *a, **k: pytest.fail("check_finite on a finite step"))
+    monkeypatch.setattr(engine_run, "all_finite", counting)
+    monkeypatch.setattr(engine_run, "check_finite", lambda *a, **k: pytest.fail("check_finite on a finite step"))
     res = quick(tmp_path, tiny, colours)
     steps = 2 * (len(colours.train) // 4)
     n_params = len(trainable(train.build_model(train.get_args(["--method", "maple", "--depth", "2"]), tiny,
@@ -162,7 +173,7 @@ def test_loss_scaler_skips_are_reported_per_epoch(tmp_path, tiny, colours):
     model = train.build_model(args, tiny, colours.classnames, colours.template)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120, growth_interval=1000)  # too large for a few steps
     ident = {"test": 1}
-    sec, history = train.train(model, colours.train, args, str(tmp_path), train.nullcontext, scaler, ident)
+    sec, history = train.train(model, colours.train, args, unlocked_run(args, tmp_path, ident), nullcontext, scaler)
     model.eval()
     steps = len(colours.train) // 4
     assert [h["epoch"] for h in history] == [1, 2]
@@ -176,8 +187,8 @@ def test_fp32_run_reports_no_scaler_fields(tmp_path, tiny, colours):
     args = train.get_args(["--method", "maple", "--depth", "2", "--epochs", "1", "--device", "cpu"])
     args.workers = 0
     model = train.build_model(args, tiny, colours.classnames, colours.template)
-    _, _, history = (None, *train.train(model, colours.train, args, str(tmp_path), train.nullcontext,
-                                        torch.amp.GradScaler("cuda", enabled=False), {"test": 1}))
+    _, _, history = (None, *train.train(model, colours.train, args, unlocked_run(args, tmp_path, {"test": 1}),
+                                        nullcontext, torch.amp.GradScaler("cuda", enabled=False)))
     model.eval()
     assert set(history[0]) == {"epoch", "loss", "lr", "seconds"}
 
@@ -226,7 +237,7 @@ def test_every_method_steps_on_cuda(method, precision, tiny):
     clip = copy.deepcopy(tiny).cuda()
     torch.manual_seed(0)
     model = build(method, clip)
-    autocast, scaler, _ = train.precision_setup(precision, "cuda", model)
+    autocast, scaler, _ = engine_precision.precision_setup(precision, "cuda", model)
     images, labels = torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([0, 2], device="cuda")
     model.train()
     with autocast():

@@ -166,3 +166,15 @@ def test_transfer_protocols_list_one_command_per_seed(tmp_path, capsys):
     commands = capsys.readouterr().out.splitlines()
     assert [c.split("--seeds ")[1].split()[0] for c in commands] == ["1", "2", "3"]
     assert all("--datasets imagenet" in c and "--cross-dataset" in c for c in commands)
+
+
+def test_default_run_directory_names_the_dataset_method_shots_and_seed(tmp_path, tiny, colours, monkeypatch):
+    """Without --output a run writes into output/<dataset>/<method>[_xd]/shots<K>_seed<S> under the current folder;
+    no --dataset is the mini world's name there, as in its identity."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--method", "maple", "--subsample", "all", "--epochs", "1", "--depth", "2", "--shots", "3", "--seed", "7"]
+    res = train.main(argv, clip_model=tiny, benchmarks={"all": colours})
+    assert os.path.isfile(tmp_path / "output" / "mini_world" / "maple" / "shots3_seed7" / "results.json")
+    assert res["identity"]["dataset"] == "mini_world"
+    train.main(argv + ["--cross-dataset", "--dataset", "eurosat"], clip_model=tiny, benchmarks={"all": colours})
+    assert os.path.isfile(tmp_path / "output" / "eurosat" / "maple_xd" / "shots3_seed7" / "results.json")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def test_base_to_new_rebuilds_with_new_classnames(tmp_path, tiny, colours):
     args = train.get_args(["--method", "maple", "--depth", "2"])
     model = train.build_model(args, tiny, new.classnames, new.template)
     checkpoints.load_prompts(model, str(tmp_path / "b2n" / "checkpoint.pt"), "maple")
-    assert train.evaluate(model, new.test, argparse_ns(args), train.nullcontext) == n
+    assert train.evaluate(model, new.test, argparse_ns(args), nullcontext) == n
 
 
 def argparse_ns(args):

@@ -32,8 +32,8 @@ import time
 import numpy as np
 
 import data
-from world import mini_world
 from engine import cli
+from engine import inputs
 from engine import rundir
 import train
 
@@ -43,7 +43,7 @@ XD_SOURCE, XD_TARGETS = "imagenet", B2N[1:]       # cross-dataset: train on Imag
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # domain generalisation
 # The same three protocols in the built-in mini world (no download): mini_world.py's suite of four base-to-new
 # datasets (generic, fine-grained, texture, satellite), its cross-dataset target and its domain-shift target.
-WORLD = dict(b2n=list(mini_world.SUITE), source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
+WORLD = dict(b2n=list(inputs.WORLD_SUITE), source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
 
 
 def papers_datasets(argv, datasets=None, dataset=None):
@@ -51,7 +51,7 @@ def papers_datasets(argv, datasets=None, dataset=None):
     given on the command line (a CoOp tree). $DATA alone chooses nothing: like train.py, a protocol without --root or
     --datasets runs the mini world's analogues, drawn under --root's default ($DATA if set, else data)."""
     if datasets or dataset:
-        return not mini_world.is_world(datasets[0] if datasets else dataset)
+        return not inputs.is_world(datasets[0] if datasets else dataset)
     return any(a == "--root" or a.startswith("--root=") for a in argv)
 
 
@@ -65,11 +65,10 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     another process holds is left to it and collected at the end."""
     args = train.get_args(argv)
     for name in list(datasets or []) + list(targets or []):  # a misspelt name fails now, before CLIP is loaded
-        if not mini_world.is_world(name):
-            data.resolve_name(name, also=mini_world.DATASETS)
+        inputs.check_dataset_name(name)
     real = papers_datasets(argv, datasets, args.dataset)
     if clip_model is None:
-        clip_model = train.load_clip(args, real)
+        clip_model = inputs.clip_for(args, real)
     fingerprint = rundir.weights_fingerprint(clip_model)
     method = args.method + ("_xd" if args.cross_dataset else "")
     results, pending = [], []
@@ -253,7 +252,7 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
         (bm, bs), (nm, ns) = _mean_std(b), _mean_std(n)
         shown = labels[:-1] + (labels[-1] + (f" (= {shared})" if shared else ""),)
         lines.append("| " + " | ".join(shown) + f" | {bm:.2f} ± {bs:.2f} | {nm:.2f} ± {ns:.2f} | "
-                     f"{2 * bm * nm / (bm + nm):.2f} |")
+                     f"{train.hm(bm, nm):.2f} |")
     datasets_run = sorted({r["dataset"] for r in runs})
     text = (f"{method} ablation, base-to-new, {', '.join(datasets_run)}, seeds {', '.join(map(str, seeds))} "
             f"(mean +- std over seeds of the mean over datasets; HM of the means)\n\n" + "\n".join(lines))
@@ -372,7 +371,7 @@ def _mismatch(r, protocol, method_dir, dataset_dir, shots, seed):
 def _dataset_key(name):
     """The dataset a run directory names, as results.json records it (--dataset EuroSAT runs eurosat)."""
     try:
-        return name if mini_world.is_world(name) else data.resolve_name(name)
+        return name if inputs.is_world(name) else data.resolve_name(name)
     except (KeyError, ValueError):
         return name
 
@@ -489,7 +488,7 @@ def _no_published(method, datasets, anchors):
     """Why a method's column group has no published numbers beside it."""
     if " shots" in method:
         return f"{method}: no published numbers (the papers' numbers are 16-shot runs)"
-    if all(mini_world.is_world(d) for d in datasets):
+    if all(inputs.is_world(d) for d in datasets):
         return f"{method}: no published numbers for the mini world (its numbers are not comparable to the papers')"
     if not anchors:
         return f"{method}: no published numbers (only zero-shot CLIP, MaPLe and IVLP's are stored: ANCHORS)"
@@ -555,7 +554,7 @@ def _protocol_table(protocol, methods, sources, expected, csv_rows):
             if len(means) == len(order):
                 if protocol == "base2new":
                     b, n = np.mean([m["base"] for m in means.values()]), np.mean([m["new"] for m in means.values()])
-                    avg = dict(base=b, new=n, hm=2 * b * n / (b + n) if b + n else 0.0)
+                    avg = dict(base=b, new=n, hm=train.hm(b, n))
                 else:
                     avg = dict(all=float(np.mean([m["all"] for m in means.values()])))
                 pub_of["**average**"] = anchors.get("average") if len(means) == full else None

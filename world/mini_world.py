@@ -199,7 +199,7 @@ def _n_classes(cfg):
 DATASETS = {  # DatasetSpec(coop_name, section, dir, image_dir, split_file, reader, template, classes, train, val, test)
     name: data.DatasetSpec(SPLIT_FILE_NAMES[name], "(built in)", name, "images",
                            f"split_zhou_{SPLIT_FILE_NAMES[name]}.json", "json", cfg["template"], _n_classes(cfg),
-                           *(_n_classes(cfg) * n for n in cfg["split_sizes"]))
+                           *(_n_classes(cfg) * n for n in cfg["split_sizes"]), crop_scale=cfg["crop_scale"])
     for name, cfg in WORLD_DATASETS.items()}
 WORLD_SPLIT_FILES = {name: spec.split_file for name, spec in DATASETS.items()}
 WORLD_IMAGE_SIZE = 32  # pixels; equals the world CLIP's input resolution, so Resize + CenterCrop are no-ops

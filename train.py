@@ -106,8 +106,9 @@ def get_args(argv=None):
         "or CPU). amp: fp16 autocast + GradScaler (CUDA). fp16: the whole model in fp16 with plain "
         "SGD, as the official code runs (for parity checks)")
     add("--crop-scale", type=float, default=None, help="smallest area of the training "
-        "RandomResizedCrop (default: Dassl's 0.08 on the benchmarks; 0.5 in the mini world, whose "
-        "32-pixel images an 8%% crop reduces to 9 x 9 pixels)")
+        "RandomResizedCrop (default: the dataset's crop_scale: Dassl's 0.08 on the benchmarks; in "
+        "the mini world its own, world/mini_world.py: an 8%% crop reduces its 32-pixel images to "
+        "9 x 9 pixels)")
     add("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
         "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
     run_flags(p)  # the run directory's and the machine's: --output, --resume, --workers, ...

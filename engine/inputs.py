@@ -40,7 +40,7 @@ def check_dataset_name(name):
 def crop_scale(name):
     """The default smallest area of the training crops: the dataset's (data.DatasetSpec)."""
     if is_world(name):
-        return mini_world.DATASETS[name or DEFAULT_DATASET].crop_scale
+        return mini_world.train_crop_scale(name)  # its WORLD_DATASETS entry
     try:
         return data.DATASETS[data.resolve_name(name)].crop_scale
     except ValueError:  # an unknown name is said later, with the known ones (check_dataset)
@@ -55,7 +55,8 @@ def say_dataset(args):
               "--clip ViT-B/16")
     if is_world(args.dataset):
         print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel "
-              f"image (--crop-scale; Dassl's 0.08 on the benchmarks)")
+              f"image, then flips (the dataset's crop_scale, world/mini_world.py; --crop-scale; "
+              f"Dassl's 0.08 on the benchmarks)")
 
 
 def benchmark(args, subsample):

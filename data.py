@@ -553,12 +553,13 @@ def own_dataset(path):
             raise ValueError(f"{os.path.join(folder, 'template.txt')} must hold one line with one "
                              f"{{}} where the class name goes, like 'a photo of a {{}}.'; got "
                              f"{template[:80]!r}")
+    # no published counts (None: not test-only, and data.py --check shows what is there)
     spec = DatasetSpec(name, OWN, name, _image_dir(folder, split_file), split_file, "json",
-                       template, 0, 0, 0, 0)
+                       template, None, None, None, None)
     return name, os.path.dirname(folder), spec
 
 
-OWN_SPEC = DatasetSpec("", OWN, "", "", "", "json", "a photo of a {}.", 0, 0, 0, 0)
+OWN_SPEC = DatasetSpec("", OWN, "", "", "", "json", "a photo of a {}.", None, None, None, None)
 
 
 def _image_dir(folder, split_file):
@@ -866,7 +867,7 @@ def check(root, names=None, out=print):
     """Print one row per dataset (found / missing / error, counts found vs expected); return the
     rows."""
     root = os.path.abspath(os.path.expanduser(root))
-    if not os.path.isdir(root):
+    if not os.path.isdir(root) and not (names and all(is_path(n) for n in names)):
         what = "is not a folder" if os.path.exists(root) else "does not exist"
         raise FileNotFoundError(f"--root {root} {what} (it should be the CoOp $DATA folder that "
                                 f"holds caltech-101/, eurosat/, imagenet/, ...)")
@@ -874,19 +875,23 @@ def check(root, names=None, out=print):
     # the world's datasets are read as CoOp's (imported here: it imports this file)
     from world import mini_world
     specs = dict(DATASETS, **mini_world.DATASETS)
-    keys = [key if key in mini_world.DATASETS else resolve_name(key, also=mini_world.DATASETS)
-            for key in (names or list(DATASETS))]  # an unknown name stops before the table
-    for key in keys:
-        spec = specs[key]
+    # (key, root, spec) each; an unknown name stops before the table
+    entries = [own_dataset(name) if is_path(name) else
+               (lambda key: (key, root, specs[key]))(name if name in mini_world.DATASETS else
+                                                      resolve_name(name, also=mini_world.DATASETS))
+               for name in (names or list(DATASETS))]
+    for key, where, spec in entries:
         expected = {"classes": spec.classes, "train": spec.train, "val": spec.val, "test": spec.test}
         found = None
-        if not os.path.isdir(os.path.join(root, spec.dir)):
+        if not os.path.isdir(os.path.join(where, spec.dir)):
             status = "missing"
         else:
             try:
-                splits, _ = read_splits(key, root, spec)
+                splits, _ = read_splits(key, where, spec)
                 labels = {d.label for items in splits.values() for d in items}
                 found = {"classes": len(labels), **{k: len(v) for k, v in splits.items()}}
+                if spec.section == OWN:  # no published counts: what is there is what it has
+                    expected = found
                 status = "ok" if found == expected else "counts differ"
             except (OSError, ValueError) as e:
                 status = "error"
@@ -919,7 +924,8 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="table of every dataset: found against expected class "
                         "and image counts; split files are validated (exit 1 on an error)")
     parser.add_argument("--dataset", nargs="*", help="restrict to these datasets, the mini world's included "
-                        "(mini_world, mini_world_fine, ...: world/mini_world.py); default: CoOp's for --check")
+                        "(mini_world, mini_world_fine, ...: world/mini_world.py), or folders of your own "
+                        "(path/to/mydata: see the README); default: CoOp's for --check")
     parser.add_argument("--shots", type=int, default=16, help="preview: training images per class (few-shot draw)")
     parser.add_argument("--seed", type=int, default=1, help="preview: the seed of the few-shot draw")
     parser.add_argument("--subsample", default="all", choices=SUBSAMPLE_MODES,
@@ -936,8 +942,12 @@ def main(argv=None):
         parser.error("give --check, or --dataset NAME to preview its few-shot split")
     from world import mini_world
     for name in args.dataset:
-        world = mini_world.load_benchmark if name in mini_world.DATASETS else load_benchmark
-        b = world(name, args.root, args.shots, args.seed, args.subsample)
+        if is_path(name):
+            key, root, spec = own_dataset(name)
+            b = load_benchmark(key, root, args.shots, args.seed, args.subsample, spec=spec)
+        else:
+            world = mini_world.load_benchmark if name in mini_world.DATASETS else load_benchmark
+            b = world(name, args.root, args.shots, args.seed, args.subsample)
         print(f"{b.name}: {b.num_classes} classes, train {len(b.train)}, val {len(b.val)}, test "
               f"{len(b.test)}; template {b.template!r}; first classes: "
               f"{', '.join(b.classnames[:5])}")

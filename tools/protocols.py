@@ -89,18 +89,18 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     for seed in seeds:
         if protocol == "base2new":
             for d in datasets or (B2N if real else WORLD["b2n"]):
-                run_dir = run_path(out, "base2new", method, d, args.shots, seed)
+                run_dir = run_path(out, "base2new", method, inputs.name_of(d), args.shots, seed)
                 results.append(attempt((argv + ["--dataset", d, "--seed", str(seed), "--output", run_dir], run_dir,
                                         "base2new", None)))
         else:  # cross_dataset / domain_generalization: train once on the source, all classes, then transfer
             source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
-            src_dir = run_path(out, "source", method, source, args.shots, seed)
+            src_dir = run_path(out, "source", method, inputs.name_of(source), args.shots, seed)
             src = attempt((argv + ["--dataset", source, "--seed", str(seed), "--subsample", "all", "--output",
                                    src_dir], src_dir, "source", None), wait=True)  # the targets need its prompts
             targets = targets or {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
                                   "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
             for t in targets:
-                run_dir = run_path(out, protocol, method, t, args.shots, seed)
+                run_dir = run_path(out, protocol, method, inputs.name_of(t), args.shots, seed)
                 load = [] if args.method == "zeroshot" else \
                     ["--eval-only", "--load", os.path.join(src_dir, "checkpoint.pt")]  # the source's prompts
                 job = (argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all", *load, "--output", run_dir],
@@ -123,14 +123,14 @@ def pending_commands(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output
     commands = []
     for seed in seeds:
         if protocol == "base2new":
-            units = [(d, [run_path(out, "base2new", method, d, args.shots, seed)])
+            units = [(d, [run_path(out, "base2new", method, inputs.name_of(d), args.shots, seed)])
                      for d in datasets or (B2N if real else WORLD["b2n"])]
         else:
             source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
             targets = {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
                        "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
-            units = [(source, [run_path(out, "source", method, source, args.shots, seed)] +
-                      [run_path(out, protocol, method, t, args.shots, seed) for t in targets])]
+            units = [(source, [run_path(out, "source", method, inputs.name_of(source), args.shots, seed)] +
+                      [run_path(out, protocol, method, inputs.name_of(t), args.shots, seed) for t in targets])]
         for dataset, run_dirs in units:
             if not all(finished(r) for r in run_dirs):
                 words = ["python", "-m", "tools.protocols", protocol, *argv, "--datasets", dataset, "--seeds", str(seed),

@@ -1,8 +1,9 @@
 """
 One run's bookkeeping behind one object, so that train.py shows only the lesson. A run writes into
 its own directory: checkpoint.pt (only the trainable prompt parameters with their optimizer state,
-28-55 MB for MaPLe, MPL and ISP at ViT-B/16 (README), and where the run stands), train.log (what it printed) and results.json (the accuracies, per class too, and the
-history: per epoch the mean loss, LR and seconds). What the directory guarantees: docs/runs.md.
+28-55 MB for MaPLe, MPL and ISP at ViT-B/16 (README), and where the run stands), train.log (what
+it printed) and results.json (the accuracies, per class too, and the history: per epoch the mean
+loss, LR and seconds). What the directory guarantees: docs/runs.md.
 
     with Run(args, recipe) as run:       the directory (checked), its lock (rundir.RunLock), the log
       done = run.start(identity)         a finished run of these very settings: its results, or None

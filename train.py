@@ -317,6 +317,7 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
         args.workers = 4 if args.device.startswith("cuda") else 0
     if benchmarks is None:
         inputs.check_dataset(args)  # an unknown --dataset: said before CLIP loads
+        inputs.check_root(args.root, args.dataset)  # and a --root that is not there
     with Run(args, recipe(args), argv, dataset=inputs.dataset_name(args)) as run:
         t_start = time.time()
         random.seed(args.seed)

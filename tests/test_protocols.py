@@ -134,3 +134,20 @@ def test_ablation_list_prints_every_cells_runs(tmp_path, capsys):
     by_cell = {line.split("--output ")[1] for line in lines}
     assert out in by_cell and len(by_cell) == 5  # the (2, 1) cell is mpl's preset: base2new's own runs
     assert all("--n-add 1 --n-rm 2" not in line for line in lines)  # not a valid config: nothing to run
+
+
+@pytest.mark.parametrize("protocol", ["cross_dataset", "domain_generalization"])
+def test_transfer_protocols_without_cross_dataset_are_refused_naming_the_flag(protocol, monkeypatch, capsys):
+    """The transfer protocols train with the papers' --cross-dataset recipe; left out, the command says so instead of
+    running the base-to-new recipe. Zero-shot CLIP has no recipe to choose."""
+    ran = []
+    monkeypatch.setattr(protocols, "run_protocol", lambda *a, **k: ran.append(a[1]))
+    monkeypatch.setattr(protocols, "summarize", lambda *a, **k: None)
+    for flags in (["--list"], []):
+        with pytest.raises(SystemExit) as e:
+            protocols.main([protocol, "--method", "maple", "--output", "nowhere", *flags])
+        assert e.value.code == 2 and f"{protocol} is run with train.py's --cross-dataset recipe" in \
+            capsys.readouterr().err
+    protocols.main([protocol, "--method", "maple", "--cross-dataset", "--output", "nowhere"])
+    protocols.main([protocol, "--method", "zeroshot", "--output", "nowhere"])
+    assert ran == [["--method", "maple", "--cross-dataset"], ["--method", "zeroshot"]]

@@ -689,6 +689,15 @@ def main(argv=None):
                    "as commands, one a line, for a scheduler (GNU parallel, a SLURM array: see docs/runs.md)")
     args, run_flags = p.parse_known_args(argv)  # everything else goes to each run, as train.py flags
     run_flags += ["--steal-lock"] if args.steal_lock else []
+    if args.protocol in ("cross_dataset", "domain_generalization"):  # the papers' transfer recipe, asked for
+        seen = argparse.ArgumentParser(add_help=False)
+        seen.add_argument("--method", default="mpl")
+        seen.add_argument("--cross-dataset", action="store_true")
+        flags = seen.parse_known_args(run_flags)[0]
+        if not flags.cross_dataset and flags.method != "zeroshot":
+            p.error(f"{args.protocol} is run with train.py's --cross-dataset recipe (depth 3; MPL and MaPLe: lr "
+                    f"0.0026, 2 epochs), as in the papers: add --cross-dataset (flags such as --depth or --epochs "
+                    f"still override it)")
     if args.list:
         if args.protocol == "summary":
             p.error("--list lists the runs of a protocol or of an ablation; summary runs nothing")

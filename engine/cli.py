@@ -108,12 +108,13 @@ def is_user_error(e):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help with each flag's default after its help, as argparse.ArgumentDefaultsHelpFormatter writes it, unless the
-    help already says it (the word "default"); a list default is written as on the command line, no default as
+    help already says it (the word "default", or a method flag's "(preset: ...)": config_flags); a list default is written as on the command line, no default as
     "none", and a switch (a flag that takes no value) is off unless given. The description keeps its layout."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or "%(default)" in text or action.nargs == 0 or action.default == argparse.SUPPRESS:
+        said = "default" in text or "(preset: " in text
+        if said or action.nargs == 0 or action.default == argparse.SUPPRESS:
             return text
         if not action.option_strings and action.nargs not in ("?", "*"):
             return text  # a required positional argument

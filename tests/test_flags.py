@@ -251,3 +251,15 @@ def test_a_root_that_is_not_there_is_said_before_clip_loads(tmp_path, monkeypatc
         train.main(["--dataset", "EuroSAT", "--root", str(root), "--output", str(tmp_path / "run")])
     inputs.check_root(str(tmp_path / "new"), "mini_world_fine")  # drawn there
     inputs.check_root(str(tmp_path / "new"), None)
+
+
+def test_one_epoch_is_said_to_be_only_the_warm_up(tmp_path, tiny, colours, capsys):
+    """--epochs 1 trains at the warm-up's 1e-5 only: the run and --help say so; two epochs are no warm-up alone."""
+    run(tmp_path, tiny, colours, "--epochs", "1")
+    note = "note: --epochs 1 trains only the warm-up epoch, at a constant LR of 1e-05; the recipe's LR 0.0035 starts"
+    assert note in capsys.readouterr().out
+    run(tmp_path, tiny, colours, name="two")
+    assert "warm-up" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    assert "--epochs 1 learns next to nothing" in " ".join(capsys.readouterr().out.split())

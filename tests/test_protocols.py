@@ -151,3 +151,17 @@ def test_transfer_protocols_without_cross_dataset_are_refused_naming_the_flag(pr
     protocols.main([protocol, "--method", "maple", "--cross-dataset", "--output", "nowhere"])
     protocols.main([protocol, "--method", "zeroshot", "--output", "nowhere"])
     assert ran == [["--method", "maple", "--cross-dataset"], ["--method", "zeroshot"]]
+
+
+def test_a_protocol_on_a_root_that_is_not_there_says_so_before_clip_loads(tmp_path, monkeypatch):
+    from engine import inputs
+
+    def no_clip(*a, **k):
+        raise AssertionError("CLIP was loaded before the --root was checked")
+
+    monkeypatch.setattr(inputs, "clip_for", no_clip)
+    missing = str(tmp_path / "DATA")
+    for argv in (["base2new", "--root", missing], ["cross_dataset", "--cross-dataset", "--root", missing],
+                 ["base2new", "--datasets", "dtd", "--root", missing]):
+        with pytest.raises(FileNotFoundError, match=f"--root {missing} does not exist"):
+            protocols.main(argv + ["--method", "maple", "--output", str(tmp_path / "out")])

@@ -47,6 +47,23 @@ def check_dataset_name(name):
         data.resolve_name(name, also=mini_world.DATASETS)
 
 
+def check_root(root, name):
+    """A --root that is not a folder, for a CoOp dataset (read from there), said before CLIP loads.
+    The mini world is drawn there, so for it a new folder is fine."""
+    if is_world(name) or os.path.isdir(root):
+        return
+    try:
+        key = data.resolve_name(name)
+    except ValueError:  # not a built-in name: check_dataset says what it is
+        return
+    if key in data.DATASETS:
+        what = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise FileNotFoundError(f"--root {root} {what}: it is the folder of the CoOp datasets "
+                                f"(--dataset {key} is read from "
+                                f"{os.path.join(root, data.DATASETS[key].dir)}); give --root or "
+                                f"set $DATA")
+
+
 def crop_scale(name):
     """The default smallest area of the training crops: the dataset's (data.DatasetSpec)."""
     if is_world(name):

@@ -134,3 +134,34 @@ def test_ablation_list_prints_every_cells_runs(tmp_path, capsys):
     by_cell = {line.split("--output ")[1] for line in lines}
     assert out in by_cell and len(by_cell) == 5  # the (2, 1) cell is mpl's preset: base2new's own runs
     assert all("--n-add 1 --n-rm 2" not in line for line in lines)  # not a valid config: nothing to run
+
+
+@pytest.mark.parametrize("protocol", ["cross_dataset", "domain_generalization"])
+def test_transfer_protocols_without_cross_dataset_are_refused_naming_the_flag(protocol, monkeypatch, capsys):
+    """The transfer protocols train with the papers' --cross-dataset recipe; left out, the command says so instead of
+    running the base-to-new recipe. Zero-shot CLIP has no recipe to choose."""
+    ran = []
+    monkeypatch.setattr(protocols, "run_protocol", lambda *a, **k: ran.append(a[1]))
+    monkeypatch.setattr(protocols, "summarize", lambda *a, **k: None)
+    for flags in (["--list"], []):
+        with pytest.raises(SystemExit) as e:
+            protocols.main([protocol, "--method", "maple", "--output", "nowhere", *flags])
+        assert e.value.code == 2 and f"{protocol} is run with train.py's --cross-dataset recipe" in \
+            capsys.readouterr().err
+    protocols.main([protocol, "--method", "maple", "--cross-dataset", "--output", "nowhere"])
+    protocols.main([protocol, "--method", "zeroshot", "--output", "nowhere"])
+    assert ran == [["--method", "maple", "--cross-dataset"], ["--method", "zeroshot"]]
+
+
+def test_a_protocol_on_a_root_that_is_not_there_says_so_before_clip_loads(tmp_path, monkeypatch):
+    from engine import inputs
+
+    def no_clip(*a, **k):
+        raise AssertionError("CLIP was loaded before the --root was checked")
+
+    monkeypatch.setattr(inputs, "clip_for", no_clip)
+    missing = str(tmp_path / "DATA")
+    for argv in (["base2new", "--root", missing], ["cross_dataset", "--cross-dataset", "--root", missing],
+                 ["base2new", "--datasets", "dtd", "--root", missing]):
+        with pytest.raises(FileNotFoundError, match=f"--root {missing} does not exist"):
+            protocols.main(argv + ["--method", "maple", "--output", str(tmp_path / "out")])

@@ -689,6 +689,19 @@ def main(argv=None):
                    "as commands, one a line, for a scheduler (GNU parallel, a SLURM array: see docs/runs.md)")
     args, run_flags = p.parse_known_args(argv)  # everything else goes to each run, as train.py flags
     run_flags += ["--steal-lock"] if args.steal_lock else []
+    seen = argparse.ArgumentParser(add_help=False)  # the runs' flags that these checks read
+    seen.add_argument("--method", default="mpl")
+    seen.add_argument("--cross-dataset", action="store_true")
+    seen.add_argument("--root", default=os.environ.get("DATA", "data"))
+    flags = seen.parse_known_args(run_flags)[0]
+    transfer = args.protocol in ("cross_dataset", "domain_generalization")
+    if args.protocol != "summary" and not args.list and papers_datasets(run_flags, args.datasets):
+        inputs.check_root(flags.root, (args.datasets or [XD_SOURCE if transfer else B2N[0]])[0])  # before CLIP
+    if transfer:  # the papers' transfer recipe, asked for
+        if not flags.cross_dataset and flags.method != "zeroshot":
+            p.error(f"{args.protocol} is run with train.py's --cross-dataset recipe (depth 3; MPL and MaPLe: lr "
+                    f"0.0026, 2 epochs), as in the papers: add --cross-dataset (flags such as --depth or --epochs "
+                    f"still override it)")
     if args.list:
         if args.protocol == "summary":
             p.error("--list lists the runs of a protocol or of an ablation; summary runs nothing")

@@ -366,7 +366,8 @@ def test_transfer_targets_are_rescored_when_the_source_is_retrained(tmp_path, ti
 
 
 @pytest.mark.parametrize("flags, message", [(["--classes", "0"], "--classes must be >= 1"),
-                                            (["--precision", "bf16", "--device", "cpu"], "only fp32 runs")])
+                                            (["--precision", "fp16", "--device", "cpu"],
+                                             "--precision fp16: --device cpu runs fp32 bf16")])
 def test_bench_refuses_what_it_cannot_measure(flags, message, capsys):
     import bench
     with pytest.raises(SystemExit):

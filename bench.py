@@ -5,6 +5,7 @@ device in hand.
     python bench.py                                # every method, 10 and 100 classes (and 1000 on a GPU)
     python bench.py --methods mpl maple ivlp --classes 10 100 1000 --steps 2
     python bench.py --methods mpl --classes 10 100 --unshared     # also ours without the shared text prefix
+    python bench.py --methods mpl --classes 100 --precision bf16  # one precision (default: all the device runs)
 
 One step = forward of a batch of 4 images and the whole class set, cross-entropy, backward, at ViT-B/16 size with
 random weights (the speed does not depend on the values); its time is the fastest of --steps steps after a warm-up
@@ -23,6 +24,11 @@ random weights (the speed does not depend on the values); its time is the fastes
 Beside them: "text s", the text side of ours alone (the class set's features, forward and backward with a fixed
 gradient), and for ISP "probe s", sample probing's extra pass of the frozen image encoder (part of ours' step, not of
 the limit). Both ways compute the same logits (checked first).
+
+Precisions: every one the device runs unless --precision picks some (a CPU: fp32 and bf16 autocast; a GPU: fp32,
+bf16 and fp16 autocast), each a table of its own, then ours' step time in each against fp32's, from the same run. On
+a CPU the header says whether it has bf16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated, slower
+than fp32.
 
 Class names: synthetic, with the token lengths of OpenAI's 1000 ImageNet class names (NAME_TOKENS below: 1 to 11 BPE
 tokens, 2.16 on average), spread over the class count by quantile, so that 10, 100 or 1000 classes have ImageNet's
@@ -195,8 +201,7 @@ def measure(method, n_classes, official, steps, device, text_chunk, precision, a
     model = build(method, clip_model, n_classes, engine_for(official, text_chunk, shared_prefix)).to(device)
     r = clip_model.visual.input_resolution
     images, labels = torch.randn(4, 3, r, r, device=device), torch.arange(4, device=device) % n_classes
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if (cuda and dtype) else nullcontext
+    autocast = autocast_for(device, precision)
 
     def run(fn):
         def go():
@@ -232,6 +237,38 @@ def measure(method, n_classes, official, steps, device, text_chunk, precision, a
         probe()
         res["probe_sec"] = timed(probe, steps, cuda)
     return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precisions: fp32, and autocast to bf16 (CPU and GPU) or fp16 (GPU), as train.py's --precision
+
+def device_precisions(device):
+    """The precisions a device runs: bf16 autocast runs on every CPU (emulated where the CPU has no bf16
+    instructions), fp16 autocast only on CUDA here."""
+    return ["fp32", "bf16", "fp16"] if device.startswith("cuda") else ["fp32", "bf16"]
+
+
+def autocast_for(device, precision):
+    """A context-manager factory: torch.autocast to the precision's dtype on the device, or nothing for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX: /proc/cpuinfo's flags; None where it has none to
+    read), and the flags found. Without them bf16 matmuls are converted to fp32 and back, slower than fp32."""
+    try:
+        with open(CPUINFO) as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return None, []
+    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(found), found
 
 
 def check_same_logits(method, device, text_chunk, arch, n_classes=10):
@@ -283,7 +320,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed training steps per method and class count")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when a GPU is visible, else cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on CUDA")
+    p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="the precisions to time, each a table, then ours' step time per precision against fp32's "
+                        "(default: every one the device runs: fp32 bf16 on a CPU, fp32 bf16 fp16 on a GPU)")
     p.add_argument("--text-chunk", type=int, default=128, help="classes per text pass, as train.py's --text-chunk")
     p.add_argument("--arch", default="ViT-B/16", choices=list(clip_layers.RANDOM_CLIPS), help="tiny: a quick check")
     p.add_argument("--unshared", action="store_true",
@@ -300,19 +339,38 @@ def main(argv=None):
         p.error(f"--classes must be >= 1, got {args.classes}")
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.precision != "fp32" and not args.device.startswith("cuda"):
-        p.error(f"--precision {args.precision} is CUDA autocast; on --device {args.device} only fp32 runs")
+    precisions = args.precision or device_precisions(args.device)
+    wrong = [x for x in precisions if x not in device_precisions(args.device)]
+    if wrong:
+        p.error(f"--precision {' '.join(wrong)}: --device {args.device} runs {' '.join(device_precisions(args.device))}")
     if args.one:
         method, n, official, shared = args.one.split(",")
         print(json.dumps(measure(method, int(n), official == "1", args.steps, args.device, args.text_chunk,
-                                 args.precision, args.arch, shared_prefix=shared == "1")))
+                                 precisions[0], args.arch, shared_prefix=shared == "1")))
         return
     classes = sorted(args.classes or ([10, 100, 1000] if args.device.startswith("cuda") else [10, 100]))
+    if "bf16" in precisions and not args.device.startswith("cuda"):
+        native, flags = cpu_bf16()
+        print(f"CPU bf16: native ({', '.join(flags)})" if native else
+              "CPU bf16: this CPU has no bf16 instructions (no avx512_bf16 or amx_bf16 flag): bf16 is emulated, "
+              "expect it slower than fp32" if native is False else "CPU bf16: the CPU's flags could not be read")
+    ours = {precision: table(args, classes, precision) for precision in precisions}
+    if len(precisions) > 1:
+        print(f"ours' step time per precision, against fp32 ({args.device}, {args.arch}, in this run):")
+        for method, n in ours[precisions[0]]:
+            cells = [f"{x} {ours[x][method, n]:.3f} s" + (f" ({ours[precisions[0]][method, n] / ours[x][method, n]:.2f}x)"
+                                                          if x != precisions[0] else "")
+                     for x in precisions if (method, n) in ours[x]]
+            print(f"  {method:9s} {n:5d} classes: " + ", ".join(cells))
+
+
+def table(args, classes, precision):
+    """One precision's table (every method and class count); returns ours' seconds per step by (method, classes)."""
 
     def fresh(method, n, official, shared=True):
         """measure() in a fresh process (its own peak memory); None if it failed."""
         cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{method},{n},{int(official)},{int(shared)}",
-               "--steps", str(args.steps), "--device", args.device, "--precision", args.precision,
+               "--steps", str(args.steps), "--device", args.device, "--precision", precision,
                "--text-chunk", str(args.text_chunk), "--arch", args.arch]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -322,12 +380,12 @@ def main(argv=None):
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}, "
-          f"{torch.get_num_threads()} threads), {args.arch} random weights, batch 4, precision {args.precision}, "
+          f"{torch.get_num_threads()} threads), {args.arch} random weights, batch 4, precision {precision}, "
           f"text chunk {args.text_chunk}, torch {torch.__version__}")
     print(f"{'method':9s} {'classes':>7s} {'official s':>10s} {'ours s':>7s} {'speed-up':>8s} {'text s':>7s} "
           f"{'limit s':>7s} {'ours/limit':>10s} {'probe s':>7s} {'official MB':>11s} {'ours MB':>7s} {'base MB':>7s}"
           f"{' unshared s  text s' if args.unshared else ''}  max |logit diff|")
-    summary = []
+    summary, times = [], {}
     for method in args.methods:
         diff = check_same_logits(method, args.device, args.text_chunk, args.arch)
         official_points, memory_points, ours = [], [], {}
@@ -347,6 +405,7 @@ def main(argv=None):
             if u is None:
                 continue
             ours[n] = u
+            times[method, n] = u["sec"]
             a, b = line_fit(official_points) if official_points else (float("nan"), float("nan"))
             official_sec = o["sec"] if o else a + b * n
             mark = " " if o else "~"
@@ -376,6 +435,7 @@ def main(argv=None):
           "ISP's sample-probing pass, inside ours' step. MB: peak resident set during the steps (CPU) or peak "
           "allocated (GPU); base MB: the process with CLIP and the method built, before the first step."
           + (" unshared: ours with shared_prefix=False, its step and its text side." if args.unshared else ""))
+    return times
 
 
 if __name__ == "__main__":

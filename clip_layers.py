@@ -151,6 +151,41 @@ def patch_tokens(clip_model, images):
     return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (N, 197, 768)
 
 
+def class_names(classnames):
+    """The class names a method is built for, as a list: a non-empty list or tuple of non-empty
+    strings. One class is a list of one name; a bare string would be taken letter by letter."""
+    if isinstance(classnames, str) or not isinstance(classnames, (list, tuple)):
+        one = f" (for one class: [{classnames!r}])" if isinstance(classnames, str) else ""
+        raise TypeError(f"classnames must be a list of class names, not a "
+                        f"{type(classnames).__name__}{one}")
+    bad = [c for c in classnames if not isinstance(c, str) or not c.strip()]
+    if not classnames or bad:
+        raise ValueError(f"classnames must be non-empty strings, at least one; got "
+                         f"{'an empty list' if not classnames else f'{bad[:3]!r}'}")
+    return list(classnames)
+
+
+def check_images(clip_model, images):
+    """Images as this CLIP reads them: (N, 3, R, R), R its input resolution (224 for ViT-B/16)."""
+    R = clip_model.visual.input_resolution
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or \
+            tuple(images.shape[1:]) != (3, R, R):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images of shape {shape}: this CLIP reads (N, 3, {R}, {R}) tensors, "
+                         f"resized and normalised as clip.load's preprocess does")
+
+
+def check_classes(model, classes, kind):
+    """`classes` handed to a method's forward must be what its own encode_classes() returns."""
+    ok = isinstance(classes, tuple) and len(classes) == 2 if kind == "pair" else \
+        isinstance(classes, torch.Tensor) and classes.dim() == 2
+    if not ok:
+        what = "a (text features, summaries) pair" if kind == "pair" else "a (C, E) tensor"
+        raise TypeError(f"{type(model).__name__}: classes must be what this model's "
+                        f"encode_classes() returns, {what}; got a {type(classes).__name__} "
+                        f"(the class side of another method?)")
+
+
 def encode_image(clip_model, images, hook=None, engine=None):
     """Image features (N, E) from the CLS token, not normalised; hook(layer, x) edits the token
     sequence at the input of every layer. At layer 0 it sees the sequence after the positional
@@ -158,6 +193,7 @@ def encode_image(clip_model, images, hook=None, engine=None):
     vision prompts (no positional embedding, but through ln_pre). At layers >= 1 it sees the input
     of block `layer`. The sequence may grow or shrink between layers. engine: None, each block is
     residual_block; or an engine whose `vision_block(block, x, last)` runs it (the same numbers)."""
+    check_images(clip_model, images)
     v = clip_model.visual
     x = patch_tokens(clip_model, images)                                  # (N, 197, 768)
     blocks = v.transformer.resblocks
@@ -240,7 +276,7 @@ class ZeroShotCLIP(PromptMethod):
 
     def __init__(self, clip_model, classnames, template="a photo of a {}.", engine=None):
         super().__init__(clip_model, engine)
-        ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
+        ids = tokenize([template.format(c.replace("_", " ")) for c in class_names(classnames)])
         with torch.no_grad():
             ids = ids.to(clip_model.logit_scale.device)
             features = encode_text_ids(clip_model, ids, engine)                     # (C, 512)
@@ -250,6 +286,8 @@ class ZeroShotCLIP(PromptMethod):
         return self.text_features
 
     def forward(self, images, classes=None):
+        if classes is not None:
+            check_classes(self, classes, "tensor")
         classes = self.encode_classes() if classes is None else classes
         image_features = encode_image(self.clip, images, engine=self.engine)     # (N, 512)
         return cosine_logits(image_features, classes, self.clip.logit_scale)

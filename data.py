@@ -194,6 +194,8 @@ def _read_bytes(path):
 
 
 def _howto(spec):
+    if spec.section == OWN:
+        return "see 'Your own dataset' in the README"
     return f"see the {spec.section} section of CoOp's DATASETS.md"
 
 
@@ -237,7 +239,8 @@ def _check_nonempty(splits, source, names):
 
 def _read_json(spec, ddir):
     """split_zhou_*.json: {"train"|"val"|"test": [[relpath, label, classname], ...]}."""
-    what = f"{spec.split_file}, downloaded from the Google Drive link"
+    what = spec.split_file if spec.section == OWN else \
+        f"{spec.split_file}, downloaded from the Google Drive link"
     path = _require_file(spec, ddir, spec.split_file, what)
     raw = _read_bytes(path)
     fmt = 'CoOp\'s split format {"train": [[path, label, classname], ...], "val": [...], "test": [...]}'
@@ -505,6 +508,114 @@ def benchmark_fingerprint(benchmarks):
 
 
 # --------------------------------------------------------------------------------------------------
+# Your own dataset: --dataset PATH, a folder read as a CoOp dataset
+
+OWN = "your own dataset"  # DatasetSpec.section of a dataset named by its folder
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # any case
+
+
+def is_path(name):
+    """Whether a --dataset value names a folder of your own rather than a dataset: it holds a path
+    separator or starts with '.', or it is an existing folder and no dataset's name."""
+    if not isinstance(name, str):
+        return False
+    return os.sep in name or "/" in name or name.startswith(".") or \
+        (os.path.isdir(name) and _ALIASES.get(_normalise(name)) is None)
+
+
+def own_dataset(path):
+    """(key, root, spec) for `--dataset PATH`: a folder of your own, then read exactly as a CoOp
+    dataset is (its checks, the few-shot draw, the base/new split). The folder holds either
+      - one split file `split*.json` in CoOp's format ({"train" | "val" | "test": [[image path,
+        label, class name], ...]}), its paths relative to the folder or to one folder inside it
+        (as CoOp's eurosat/2750/), or
+      - one folder of images per class (PATH/<class name>/*.jpg): a split is made once, as CoOp
+        makes DTD's (make_split), written to PATH/split_<folder name>.json and read from then on.
+    An optional PATH/template.txt holds the prompt template (default "a photo of a {}.")."""
+    folder = os.path.abspath(os.path.expanduser(path)).rstrip(os.sep) or os.sep
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise FileNotFoundError(f"--dataset {path}: {folder} {what}; a dataset of your own is a "
+                                f"folder of class folders of images, or of images and a "
+                                f"split_*.json ({_howto(OWN_SPEC)})")
+    name = os.path.basename(folder)
+    splits = sorted(f for f in _listdir(folder) if f.startswith("split") and f.endswith(".json")
+                    and os.path.isfile(os.path.join(folder, f)))
+    if len(splits) > 1:
+        raise ValueError(f"--dataset {path}: {folder} holds {len(splits)} split files "
+                         f"({', '.join(splits)}); keep the one to use")
+    split_file = splits[0] if splits else make_split(folder, f"split_{name}.json")
+    template = "a photo of a {}."
+    if os.path.isfile(os.path.join(folder, "template.txt")):
+        with open(os.path.join(folder, "template.txt")) as f:
+            template = f.read().strip()
+        if template.count("{}") != 1 or "\n" in template:
+            raise ValueError(f"{os.path.join(folder, 'template.txt')} must hold one line with one "
+                             f"{{}} where the class name goes, like 'a photo of a {{}}.'; got "
+                             f"{template[:80]!r}")
+    # no published counts (None: not test-only, and data.py --check shows what is there)
+    spec = DatasetSpec(name, OWN, name, _image_dir(folder, split_file), split_file, "json",
+                       template, None, None, None, None)
+    return name, os.path.dirname(folder), spec
+
+
+OWN_SPEC = DatasetSpec("", OWN, "", "", "", "json", "a photo of a {}.", None, None, None, None)
+
+
+def _image_dir(folder, split_file):
+    """Where a split file's paths start: the folder itself, or the one folder inside it where the
+    first path exists (CoOp's datasets keep their images in one such folder)."""
+    try:
+        with open(os.path.join(folder, split_file)) as f:
+            first = json.load(f)["train"][0][0]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, RecursionError):
+        return ""  # the split's own reader says what is wrong with the file
+    if not isinstance(first, str) or os.path.isfile(os.path.join(folder, first)):
+        return ""
+    found = [d for d in _subdirs(folder) if os.path.isfile(os.path.join(folder, d, first))]
+    return found[0] if len(found) == 1 else ""
+
+
+def make_split(folder, split_file, p_train=0.5, p_val=0.2, seed=1):
+    """Split folder/<class>/<image> into train / val / test once, as CoOp's
+    DescribableTextures.read_and_split_data does (CoOp made its DTD split with it): the classes in
+    sorted order are labels 0..n-1; each class's images are shuffled (Python's random, seeded once
+    with `seed`, as a CoOp run is seeded before it builds its dataset) and cut into round(n * 0.5)
+    train, round(n * 0.2) val and the rest test images. Written in CoOp's split format; returns
+    split_file. Unlike CoOp, only image files count (IMAGE_EXTENSIONS; CoOp takes every file) and
+    they are sorted before the shuffle (CoOp shuffles os.listdir's order, which differs between file
+    systems)."""
+    classes = _subdirs(folder)
+    if len(classes) < 2:
+        raise ValueError(f"--dataset {folder}: no split_*.json and {len(classes)} class folder(s); "
+                         f"a dataset of your own needs a split file or at least two folders of "
+                         f"images, one per class ({_howto(OWN_SPEC)})")
+    rng = random.Random(seed)
+    split = {"train": [], "val": [], "test": []}
+    for label, c in enumerate(classes):
+        images = [f for f in _listdir(os.path.join(folder, c)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        rng.shuffle(images)
+        n_train, n_val = round(len(images) * p_train), round(len(images) * p_val)
+        if not (n_train > 0 and n_val > 0 and len(images) - n_train - n_val > 0):
+            raise ValueError(f"--dataset {folder}: class folder {c!r} holds {len(images)} images; "
+                             f"each class needs at least 4 (train, val and test get some)")
+        rows = [[f"{c}/{f}", label, c] for f in images]
+        split["train"] += rows[:n_train]
+        split["val"] += rows[n_train:n_train + n_val]
+        split["test"] += rows[n_train + n_val:]
+    path = os.path.join(folder, split_file)
+    try:
+        write_json(split, path)
+    except OSError as e:
+        raise OSError(f"--dataset {folder}: the split made from its class folders could not be "
+                      f"written to {path} ({e}); make the folder writable once, or copy it") from None
+    print(f"{path}: a split made from the class folders of {folder} ({len(classes)} classes, "
+          f"{len(split['train'])} / {len(split['val'])} / {len(split['test'])} train / val / test "
+          f"images); it is read from now on")
+    return split_file
+
+
+# --------------------------------------------------------------------------------------------------
 # Few-shot sampling and base/new subsampling, exactly as Dassl/CoOp
 
 def generate_fewshot(items, num_shots):
@@ -562,9 +673,17 @@ def _load_cache(path, meta):
 
 
 def _write_cache(path, meta, sampled):
-    # Atomic (temp file + os.replace) so an interrupted or concurrent run never leaves half a file
-    # behind. A read-only $DATA (shared cluster storage) is normal: then we just don't cache.
+    # A read-only $DATA (shared cluster storage) is normal: then we just don't cache.
     data = dict(meta, **{k: [[d.impath, d.label, d.classname] for d in v] for k, v in sampled.items()})
+    try:
+        write_json(data, path)
+    except OSError:
+        pass
+
+
+def write_json(data, path):
+    """Atomic (temp file + os.replace), so an interrupted or concurrent run never leaves half a file
+    behind; the folder is made if needed. Raises OSError."""
     tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -575,6 +694,7 @@ def _write_cache(path, meta, sampled):
     except OSError:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -747,7 +867,7 @@ def check(root, names=None, out=print):
     """Print one row per dataset (found / missing / error, counts found vs expected); return the
     rows."""
     root = os.path.abspath(os.path.expanduser(root))
-    if not os.path.isdir(root):
+    if not os.path.isdir(root) and not (names and all(is_path(n) for n in names)):
         what = "is not a folder" if os.path.exists(root) else "does not exist"
         raise FileNotFoundError(f"--root {root} {what} (it should be the CoOp $DATA folder that "
                                 f"holds caltech-101/, eurosat/, imagenet/, ...)")
@@ -755,19 +875,23 @@ def check(root, names=None, out=print):
     # the world's datasets are read as CoOp's (imported here: it imports this file)
     from world import mini_world
     specs = dict(DATASETS, **mini_world.DATASETS)
-    keys = [key if key in mini_world.DATASETS else resolve_name(key, also=mini_world.DATASETS)
-            for key in (names or list(DATASETS))]  # an unknown name stops before the table
-    for key in keys:
-        spec = specs[key]
+    # (key, root, spec) each; an unknown name stops before the table
+    entries = [own_dataset(name) if is_path(name) else
+               (lambda key: (key, root, specs[key]))(name if name in mini_world.DATASETS else
+                                                      resolve_name(name, also=mini_world.DATASETS))
+               for name in (names or list(DATASETS))]
+    for key, where, spec in entries:
         expected = {"classes": spec.classes, "train": spec.train, "val": spec.val, "test": spec.test}
         found = None
-        if not os.path.isdir(os.path.join(root, spec.dir)):
+        if not os.path.isdir(os.path.join(where, spec.dir)):
             status = "missing"
         else:
             try:
-                splits, _ = read_splits(key, root, spec)
+                splits, _ = read_splits(key, where, spec)
                 labels = {d.label for items in splits.values() for d in items}
                 found = {"classes": len(labels), **{k: len(v) for k, v in splits.items()}}
+                if spec.section == OWN:  # no published counts: what is there is what it has
+                    expected = found
                 status = "ok" if found == expected else "counts differ"
             except (OSError, ValueError) as e:
                 status = "error"
@@ -800,7 +924,8 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="table of every dataset: found against expected class "
                         "and image counts; split files are validated (exit 1 on an error)")
     parser.add_argument("--dataset", nargs="*", help="restrict to these datasets, the mini world's included "
-                        "(mini_world, mini_world_fine, ...: world/mini_world.py); default: CoOp's for --check")
+                        "(mini_world, mini_world_fine, ...: world/mini_world.py), or folders of your own "
+                        "(path/to/mydata: see the README); default: CoOp's for --check")
     parser.add_argument("--shots", type=int, default=16, help="preview: training images per class (few-shot draw)")
     parser.add_argument("--seed", type=int, default=1, help="preview: the seed of the few-shot draw")
     parser.add_argument("--subsample", default="all", choices=SUBSAMPLE_MODES,
@@ -817,8 +942,12 @@ def main(argv=None):
         parser.error("give --check, or --dataset NAME to preview its few-shot split")
     from world import mini_world
     for name in args.dataset:
-        world = mini_world.load_benchmark if name in mini_world.DATASETS else load_benchmark
-        b = world(name, args.root, args.shots, args.seed, args.subsample)
+        if is_path(name):
+            key, root, spec = own_dataset(name)
+            b = load_benchmark(key, root, args.shots, args.seed, args.subsample, spec=spec)
+        else:
+            world = mini_world.load_benchmark if name in mini_world.DATASETS else load_benchmark
+            b = world(name, args.root, args.shots, args.seed, args.subsample)
         print(f"{b.name}: {b.num_classes} classes, train {len(b.train)}, val {len(b.val)}, test "
               f"{len(b.test)}; template {b.template!r}; first classes: "
               f"{', '.join(b.classnames[:5])}")

@@ -47,7 +47,7 @@ patch tokens.
 """
 import math
 import string
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
@@ -191,8 +191,11 @@ class SampleProbe(nn.Module):
     class set), the un-prompted image features of the very view being trained on, and the weight
     formula:
 
-        p_clip,i = softmax_c(100 cos(CLIP_image(x_i), h_c))[y_i],   d_i = 1 - p_clip,i    (§5.1)
+        p_clip,i = softmax_c(s cos(CLIP_image(x_i), h_c))[y_i],   d_i = 1 - p_clip,i      (§5.1)
         w_i = 1 + lambda d_i                                                               (SP-1)
+
+    with s = exp(logit_scale), the frozen CLIP's own temperature: 100 for OpenAI's CLIP, about 30
+    for the mini world's.
 
     The frozen CLIP is passed in (ISP owns it), so that it is no submodule of this one.
     """
@@ -247,7 +250,8 @@ class ISP(clip_layers.PromptMethod):
                              f"layers); got depth={cfg.depth}")
         Dt, Dv = clip_layers.widths(self.clip)                          # 512, 768
         n, J, dev = cfg.n_ctx, cfg.depth, self.clip.logit_scale.device
-        names = [name.replace("_", " ") for name in classnames]  # as the official trainers do
+        # as the official trainers do
+        names = [name.replace("_", " ") for name in clip_layers.class_names(classnames)]
 
         # Class prompts "<ctx_init> <name>." [BASELINE-SRC PromptSRC IVLP]: rows 1..n are learnable.
         # With fewer learnable tokens than ctx_init words the remaining words stay fixed tokens (as
@@ -371,6 +375,8 @@ class ISP(clip_layers.PromptMethod):
     def forward(self, images, classes=None):
         """images (N, 3, 224, 224) -> fp32 logits (N, C). classes: the output of encode_classes(),
         computed here if None."""
+        if classes is not None:
+            clip_layers.check_classes(self, classes, "pair")
         text_features, summaries = self.encode_classes() if classes is None else classes
         image_features = self.encode_images(images, summaries)                            # (N, 512)
         # (N, C)
@@ -385,14 +391,31 @@ class ISP(clip_layers.PromptMethod):
 # --------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    import argparse
+    import torch.nn.functional as F
+    argparse.ArgumentParser(description="A smoke test of ISP and its IVLP preset on a tiny random "
+                            "CLIP (no download): trainable parameters, "
+                            "sample probing's loss weights, and 10 SGD steps on 8 random images, "
+                            "whose loss falls. Training on real data: train.py.").parse_args()
     clip_model = clip_layers.random_clip("tiny")
     classnames = ["cat", "dog", "sea lion"]
-    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
     for name, preset in PRESETS.items():
-        for cross in (CROSS_MODES if name == "isp" else (preset.isp_cross,)):
-            model = ISP(clip_model, classnames, replace(preset, isp_cross=cross))
+        torch.manual_seed(0)
+        model = ISP(clip_model, classnames, preset)
+        n_train = sum(p.numel() for p in model.prompt_state_dict().values())
+        w = model.loss_weights(images, labels)
+        print(f"{name}: {preset}\n  trainable parameters {n_train:,}; sample probing's weights "
+              f"{None if w is None else [round(v, 3) for v in w.tolist()]}")
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1,
+                                    momentum=0.9)
+        for step in range(10):
             logits = model(images)
             w = model.loss_weights(images, labels, logits)
-            n_train = sum(p.numel() for p in model.prompt_state_dict().values())
-            print(f"{name:5s} cross={cross}: logits {tuple(logits.shape)}, "
-                  f"weights {w if w is None else w.tolist()}, trainable {n_train:,}")
+            ce = F.cross_entropy(logits, labels, reduction="none")
+            loss = ce.mean() if w is None else (w * ce).mean()
+            if step in (0, 9):
+                print(f"  step {step + 1:2d}  loss {loss.item():.4f}")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()

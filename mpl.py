@@ -200,6 +200,7 @@ class MPL(clip_layers.PromptMethod):
     def __init__(self, clip_model, classnames, cfg=None, engine=None):
         super().__init__(clip_model, engine)  # engine: clip_engine.Engine() for the speed-ups
         self.cfg = cfg = cfg if cfg is not None else MPLConfig()
+        classnames = clip_layers.class_names(classnames)
         self.prompt_learner = ModularPromptLearner(self.clip, classnames, n_ctx=cfg.n_ctx, n_add=cfg.n_add,
                                                    n_rm=cfg.n_rm, depth=cfg.depth, ctx_init=cfg.ctx_init,
                                                    x_placeholders=cfg.x_placeholders)
@@ -244,6 +245,8 @@ class MPL(clip_layers.PromptMethod):
     def forward(self, images, classes=None):
         """images (N, 3, 224, 224) -> fp32 logits (N, C). classes: the output of encode_classes(),
         computed here if None."""
+        if classes is not None:
+            clip_layers.check_classes(self, classes, "tensor")
         text_features = self.encode_classes() if classes is None else classes   # (C, 512)
         image_features = self.encode_images(images)                              # (N, 512)
         return clip_layers.cosine_logits(image_features, text_features, self.clip.logit_scale)
@@ -252,11 +255,28 @@ class MPL(clip_layers.PromptMethod):
 # --------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    import argparse
+    import torch.nn.functional as F
+    argparse.ArgumentParser(description="A smoke test of MPL and its MaPLe preset on a tiny random "
+                            "CLIP (no download): the vision sequence's length at each layer, the "
+                            "trainable parameters, and 10 SGD steps on 8 random images, whose loss "
+                            "falls. Training on real data: train.py.").parse_args()
     clip_model = clip_layers.random_clip("tiny")
-    images = torch.randn(2, 3, 32, 32)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
     for preset, cfg in PRESETS.items():
+        torch.manual_seed(0)
         model = MPL(clip_model, ["cat", "dog", "sea lion"], cfg)
-        with torch.no_grad():
-            logits = model(images)
+        # 1 + 16 patches of the tiny CLIP, + n_ctx at layer 0, then + n_add * n_ctx - n_rm per layer
+        lengths = [17 + cfg.n_ctx + l * (cfg.n_add * cfg.n_ctx - cfg.n_rm) for l in range(cfg.depth)]
         n_train = sum(p.numel() for p in model.prompt_state_dict().values())
-        print(f"{preset}: {cfg}\n  logits {tuple(logits.shape)}, trainable parameters {n_train:,}")
+        print(f"{preset}: {cfg}\n  vision tokens at layers 0..{cfg.depth - 1}: {lengths}; "
+              f"trainable parameters {n_train:,}")
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1,
+                                    momentum=0.9)
+        for step in range(10):
+            loss = F.cross_entropy(model(images), labels)
+            if step in (0, 9):
+                print(f"  step {step + 1:2d}  loss {loss.item():.4f}")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()

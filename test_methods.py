@@ -15,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import os
 import typing
 import warnings
 from dataclasses import replace
@@ -952,6 +953,37 @@ def test_methods_refuse_what_is_no_vit_clip(method):
         method(scripted, CLASSES)
     with pytest.raises(TypeError, match=r"expected an OpenAI ViT CLIP \(.*as clip\.load returns.*\), got Linear"):
         method(torch.nn.Linear(2, 2), CLASSES)
+
+
+@pytest.mark.parametrize("method", [mpl.MPL, ISP, clip_layers.ZeroShotCLIP])
+def test_methods_check_what_a_copier_hands_them(method, tiny):
+    with pytest.raises(TypeError, match=r"classnames must be a list of class names, not a str \(for one "
+                                        r"class: \['cat'\]\)"):
+        method(tiny, "cat")
+    with pytest.raises(ValueError, match="classnames must be non-empty strings, at least one; got an empty"):
+        method(tiny, [])
+    with pytest.raises(ValueError, match=r"got \[''\]"):
+        method(tiny, ["dog", ""])
+    model = method(tiny, CLASSES)
+    with pytest.raises(ValueError, match=r"images of shape \(2, 3, 64, 64\): this CLIP reads \(N, 3, 32, 32\)"):
+        model(torch.zeros(2, 3, 64, 64))
+    others = {mpl.MPL: ISP, ISP: mpl.MPL, clip_layers.ZeroShotCLIP: ISP}
+    with torch.no_grad():
+        foreign = others[method](tiny, CLASSES).encode_classes()
+        with pytest.raises(TypeError, match=rf"{method.__name__}: classes must be what this model's "
+                                            r"encode_classes\(\) returns"):
+            model(torch.zeros(2, 3, 32, 32), foreign)
+        own = model.encode_classes()
+        assert torch.equal(model(torch.zeros(2, 3, 32, 32), own), model(torch.zeros(2, 3, 32, 32)))
+
+
+@pytest.mark.parametrize("name", ["mpl.py", "isp.py"])
+def test_method_files_answer_help(name):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, name, "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 0 and done.stdout.startswith("usage:") and "smoke test" in done.stdout
 
 
 def preset_model(clip_model, preset, names=NAMES, seed=0, engine=FAST):

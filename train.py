@@ -87,7 +87,8 @@ def get_args(argv=None):
     add("--subsample", default="base2new", choices=["base2new", "all", "base", "new"],
         help="base2new: train on base classes, test on base and new (default); all/base/new: "
         "train and test on those classes")
-    add("--epochs", type=int, default=None, help="default: the method's recipe")
+    add("--epochs", type=int, default=None, help=f"default: the method's recipe. Epoch 1 is the "
+        f"warm-up at a constant LR of {WARMUP_LR:g}, so --epochs 1 learns next to nothing")
     add("--lr", type=float, default=None, help="base learning rate; default: the method's recipe")
     add("--batch-size", type=int, default=None, help="default: the method's recipe (4)")
     add("--test-batch-size", type=int, default=100, help="images per evaluation batch")
@@ -193,6 +194,9 @@ def train(model, items, args, run, autocast, scaler):
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     start = run.restore(model, optimizer, scaler)  # --resume: the epoch to go on from; else 0
+    if epochs == 1:  # epoch 0 is the warm-up (get_lr)
+        print(f"note: --epochs 1 trains only the warm-up epoch, at a constant LR of {WARMUP_LR:g}; "
+              f"the recipe's LR {lr:g} starts with epoch 2")
     transform = data.train_transform(model.clip.visual.input_resolution, args.crop_scale)
     loader = make_loader(items, transform, batch_size, True, args.workers, args.device)
     for epoch in range(start, epochs):
@@ -317,6 +321,7 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
         args.workers = 4 if args.device.startswith("cuda") else 0
     if benchmarks is None:
         inputs.check_dataset(args)  # an unknown --dataset: said before CLIP loads
+        inputs.check_root(args.root, args.dataset)  # and a --root that is not there
     with Run(args, recipe(args), argv, dataset=inputs.dataset_name(args)) as run:
         t_start = time.time()
         random.seed(args.seed)

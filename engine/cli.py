@@ -10,6 +10,11 @@ of this project's own files raised on purpose, with a message written for the us
 held lock, a run of other settings). Anything else (an exception from inside a library, an AttributeError, a failed
 assert) is a bug and keeps its full traceback. `--debug` anywhere on the command line shows the traceback of every
 error; it is taken out before the script reads its own flags.
+
+Ctrl-C (KeyboardInterrupt) and SIGTERM (kill, a scheduler's time limit; made an exception here, Terminated, so that
+every `with` on the way out runs and a run directory's lock is released) also end in one line, with exit status 130 and
+143 as a shell reports a process ended by those signals: what is kept and how to go on, as a run (engine/run.py's Run)
+wrote it on the exception (`e.kept`), else only that it was interrupted.
 """
 import argparse
 import dataclasses
@@ -17,7 +22,10 @@ import dis
 import math
 import os
 import re
+import signal
 import sys
+import threading
+import traceback
 import typing
 
 import torch
@@ -25,19 +33,40 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread while cli.run runs. A KeyboardInterrupt, so that what cleans up after Ctrl-C
+    cleans up after it too (a DataLoader worker that receives it ends quietly, as on Ctrl-C)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run(main, argv=None):
     """sys.exit(main(argv)), errors for the user as one line. main returns an exit status, or anything else for 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         status = main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        if debug:
+            traceback.print_exc()
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        kept = getattr(e, "kept", None)
+        print(what + (f": {kept}" if kept else ""), file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)  # 128 + the signal's number, as a shell reports it
     except Exception as e:
         message = worker_message(e)
         if debug or not (is_user_error(e) if message is None else message[1]):
             raise
         print(f"error: {str(e) if message is None else message[0]}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if main_thread:  # (None: a handler not set from Python; the default then)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     sys.exit(status if isinstance(status, int) else 0)
 
 
@@ -79,12 +108,13 @@ def is_user_error(e):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help with each flag's default after its help, as argparse.ArgumentDefaultsHelpFormatter writes it, unless the
-    help already says it (the word "default"); a list default is written as on the command line, no default as
+    help already says it (the word "default", or a method flag's "(preset: ...)": config_flags); a list default is written as on the command line, no default as
     "none", and a switch (a flag that takes no value) is off unless given. The description keeps its layout."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or "%(default)" in text or action.nargs == 0 or action.default == argparse.SUPPRESS:
+        said = "default" in text or "(preset: " in text
+        if said or action.nargs == 0 or action.default == argparse.SUPPRESS:
             return text
         if not action.option_strings and action.nargs not in ("?", "*"):
             return text  # a required positional argument

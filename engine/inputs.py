@@ -1,12 +1,12 @@
 """
-What a run of train.py reads, from its flags: the dataset (a CoOp dataset under --root, or one of
-the built-in mini world's, drawn there first), the CLIP, checkpoints given with --load, and the
-identity of all of it (what the run computes; engine/rundir.py). tools/protocols.py uses it too.
+What a run of train.py reads, from its flags: the dataset (a CoOp dataset under --root, a folder of
+your own given as its path (data.own_dataset), or one of the built-in mini world's, drawn there
+first), the CLIP, checkpoints given with --load, and the identity of all of it (what the run
+computes; engine/rundir.py). tools/protocols.py uses it too.
 """
 import dataclasses
 import os
 
-import clip_layers
 import data
 from engine import checkpoints
 from engine import rundir
@@ -16,7 +16,15 @@ DEFAULT_DATASET = "mini_world"  # no --dataset: the built-in mini world, which n
 
 
 def dataset_name(args):
-    return args.dataset or DEFAULT_DATASET
+    return name_of(args.dataset)
+
+
+def name_of(dataset):
+    """The name a --dataset value runs under (run directories, results.json, tables): a dataset's own
+    name, or the folder's name for a dataset of your own (data.own_dataset)."""
+    if data.is_path(dataset):
+        return os.path.basename(os.path.abspath(os.path.expanduser(dataset)).rstrip(os.sep))
+    return dataset or DEFAULT_DATASET
 
 
 def is_world(name):
@@ -33,14 +41,35 @@ def check_dataset(args):
 
 
 def check_dataset_name(name):
-    if not is_world(name):
+    if data.is_path(name):
+        data.own_dataset(name)  # its folder read (and split once, if it has no split file)
+    elif not is_world(name):
         data.resolve_name(name, also=mini_world.DATASETS)
+
+
+def check_root(root, name):
+    """A --root that is not a folder, for a CoOp dataset (read from there), said before CLIP loads.
+    The mini world is drawn there, so for it a new folder is fine."""
+    if is_world(name) or os.path.isdir(root):
+        return
+    try:
+        key = data.resolve_name(name)
+    except ValueError:  # not a built-in name: check_dataset says what it is
+        return
+    if key in data.DATASETS:
+        what = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise FileNotFoundError(f"--root {root} {what}: it is the folder of the CoOp datasets "
+                                f"(--dataset {key} is read from "
+                                f"{os.path.join(root, data.DATASETS[key].dir)}); give --root or "
+                                f"set $DATA")
 
 
 def crop_scale(name):
     """The default smallest area of the training crops: the dataset's (data.DatasetSpec)."""
     if is_world(name):
         return mini_world.train_crop_scale(name)  # its WORLD_DATASETS entry
+    if data.is_path(name):
+        return data.DatasetSpec.crop_scale  # your own dataset: Dassl's
     try:
         return data.DATASETS[data.resolve_name(name)].crop_scale
     except ValueError:  # an unknown name is said later, with the known ones (check_dataset)
@@ -64,6 +93,9 @@ def benchmark(args, subsample):
     if is_world(args.dataset):
         return mini_world.load_benchmark(dataset_name(args), args.root, args.shots, args.seed,
                                          subsample)
+    if data.is_path(args.dataset):
+        key, root, spec = data.own_dataset(args.dataset)
+        return data.load_benchmark(key, root, args.shots, args.seed, subsample, spec=spec)
     return data.load_benchmark(args.dataset, args.root, args.shots, args.seed, subsample)
 
 
@@ -86,6 +118,8 @@ def data_fingerprint(args, benchmarks=None):
         name = dataset_name(args)
         mini_world.render_world(args.root, datasets=(name,))  # idempotent: a drawn world is checked
         return data.split_fingerprint(name, args.root, mini_world.DATASETS[name])
+    if data.is_path(args.dataset):
+        return data.split_fingerprint(*data.own_dataset(args.dataset))
     return data.split_fingerprint(args.dataset, args.root)
 
 

@@ -1,8 +1,9 @@
 """
 One run's bookkeeping behind one object, so that train.py shows only the lesson. A run writes into
-its own directory: checkpoint.pt (only the trainable prompt parameters, kilobytes, and where the
-run stands), train.log (what it printed) and results.json (the accuracies, per class too, and the
-history: per epoch the mean loss, LR and seconds). What the directory guarantees: docs/runs.md.
+its own directory: checkpoint.pt (only the trainable prompt parameters with their optimizer state,
+28-55 MB for MaPLe, MPL and ISP at ViT-B/16 (README), and where the run stands), train.log (what
+it printed) and results.json (the accuracies, per class too, and the history: per epoch the mean
+loss, LR and seconds). What the directory guarantees: docs/runs.md.
 
     with Run(args, recipe) as run:       the directory (checked), its lock (rundir.RunLock), the log
       done = run.start(identity)         a finished run of these very settings: its results, or None
@@ -13,12 +14,16 @@ history: per epoch the mean loss, LR and seconds). What the directory guarantees
       run.end_epoch(model, optimizer, scaler)   checkpoint.pt (atomic), history, the epoch's line
       run.finish(results, model, trained)  results.json (a run that trained nothing: its checkpoint too)
 
+Ctrl-C or SIGTERM (engine/cli.py) leaves the checkpoint of the last epoch that finished; the `with` releases the lock
+and writes on the exception what is kept and the command that goes on from it (interrupted), which cli.run prints.
+
 It knows train.py's flags (args) and a method's interface (prompt_state_dict), nothing of CLIP.
 """
 import dataclasses
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -29,6 +34,8 @@ from tqdm import tqdm
 
 from engine import checkpoints
 from engine import rundir
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder of train.py
 
 
 class Run:
@@ -41,6 +48,7 @@ class Run:
         self.checkpoint = os.path.join(self.dir, "checkpoint.pt")
         self.identity, self.ckpt, self.history, self.step_times = None, None, [], []
         self.scale = None
+        self.kept = None  # the epoch that checkpoint.pt holds, once this run wrote or resumed it
         self._stack = ExitStack()
 
     def __enter__(self):
@@ -51,7 +59,17 @@ class Run:
         return self
 
     def __exit__(self, *exc):
+        if isinstance(exc[1], KeyboardInterrupt) and getattr(exc[1], "kept", None) is None:
+            exc[1].kept = self.interrupted()  # Ctrl-C or SIGTERM: cli.run prints it
         return self._stack.__exit__(*exc)
+
+    def interrupted(self):
+        """What an interrupted run leaves, and how to go on, in words: the checkpoint of its last
+        finished epoch and the same command with --resume."""
+        if self.kept is None:
+            return "no epoch of this run finished, nothing new is saved; run the same command again"
+        return (f"{self.checkpoint} keeps epoch {self.kept} of {self.recipe[1]}; to go on from it: "
+                f"{resume_command(self.argv)}")
 
     def start(self, identity):
         """The run's identity known: the results of a finished run of these very settings (then
@@ -60,6 +78,7 @@ class Run:
         done = finished_run(self.dir, identity, self.args)
         if done is None and self.args.resume and os.path.exists(self.checkpoint):
             self.ckpt = resumable_checkpoint(self.checkpoint, identity)
+            self.kept = self.ckpt["epoch"]
         return done
 
     def config(self, model):
@@ -69,7 +88,14 @@ class Run:
     def restore(self, model, optimizer, scaler):
         """--resume: the prompts, momentum, loss scaler and RNG states of the checkpoint; returns
         the epoch to go on from (0 without one)."""
-        epoch = restore(self.ckpt, model, optimizer, scaler, self.checkpoint) if self.ckpt else 0
+        epoch, epochs = 0, self.recipe[1]
+        if self.ckpt:
+            epoch = restore(self.ckpt, model, optimizer, scaler, self.checkpoint)
+            print(f"--resume: {self.checkpoint} holds epoch {epoch} of {epochs}; "
+                  + (f"continuing with epoch {epoch + 1}" if epoch < epochs else
+                     "its training is done, it is evaluated"))
+        elif self.args.resume:
+            print(f"--resume: no {self.checkpoint} yet; starting with epoch 1")
         self.scale = scaler.get_scale() if scaler.is_enabled() else None  # amp: to count skips
         return epoch
 
@@ -108,6 +134,7 @@ class Run:
         epoch = self.epoch + 1
         save_checkpoint(self.checkpoint, model, self.args, self.recipe, self.identity, epoch,
                         optimizer, scaler)
+        self.kept = epoch
         remove_replaced_results(self.dir, self.args)
         loss = float("nan") if self.loss_sum is None else float(self.loss_sum) / len(self.loader)
         h = dict(epoch=epoch, loss=loss, lr=optimizer.param_groups[0]["lr"],
@@ -161,6 +188,18 @@ def run_flags(p):
         "for the mini world's small CLIP, else the cores not busy with other processes)")
     add("--debug", action="store_true", help="on an error, show Python's traceback, not only the "
         "one line `error: ...` (cli.py; any command line of this project takes it)")
+
+
+def resume_command(argv=None):
+    """The command line of this run (argv: train.py's flags, default the process's) with --resume in
+    place of --overwrite, as a POSIX shell reads it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse also takes a flag's unambiguous prefix (--overw)
+    argv = [a for a in argv if not (len(a) >= 4 and "--overwrite".startswith(a))]
+    argv += [] if "--resume" in argv else ["--resume"]
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == "train.py" else \
+        os.path.relpath(os.path.join(PROJECT, "train.py"))  # e.g. run by tools/protocols.py
+    return shlex.join(["python", script, *argv])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -131,6 +132,92 @@ def test_prompts_that_become_infinite_stop_the_run_and_are_not_saved(tmp_path, t
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["params"].values())
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: one line saying what is kept and how to go on, exit status 130 / 143, the lock released
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project folder
+TRAIN_PY = os.path.join(ROOT, "train.py")
+
+
+def checkpoint_epoch(path):
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except (OSError, RuntimeError, EOFError):  # not written yet
+        return None
+
+
+def test_ctrl_c_then_sigterm_of_train_py_keep_the_last_epoch_and_resume_from_it(tmp_path):
+    """A real run of the mini world (python train.py, its own process): Ctrl-C once an epoch is saved, then the
+    command the line names, which says where it continues, SIGTERM once it has saved a later epoch."""
+    import shlex
+    import signal
+    run_dir = tmp_path / "run"
+    flags = ["--method", "maple", "--depth", "2", "--shots", "1", "--epochs", "1000", "--root", str(tmp_path / "data"),
+             "--output", str(run_dir)]
+    command, kept = [sys.executable, TRAIN_PY, *flags], 0
+    for signum, status, said in ((signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143,
+                                                                                 "terminated (SIGTERM)")):
+        with open(tmp_path / "out.txt", "w") as out:
+            p = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 120
+            while (checkpoint_epoch(run_dir / "checkpoint.pt") or 0) <= kept and time.time() < deadline:
+                assert p.poll() is None, p.stderr.read()
+                time.sleep(0.05)
+            p.send_signal(signum)
+            rc, err = p.wait(timeout=60), p.stderr.read()
+        finally:
+            p.kill()
+            p.wait()
+        epoch = checkpoint_epoch(run_dir / "checkpoint.pt")
+        resume = f"python {TRAIN_PY} {shlex.join(flags)} --resume"
+        assert (rc, err) == (status, f"{said}: {run_dir}/checkpoint.pt keeps epoch {epoch} of 1000; to go on from "
+                                     f"it: {resume}\n")
+        assert epoch > kept and not (run_dir / ".lock").exists()
+        if signum == signal.SIGTERM:  # the resumed run said where it went on
+            assert (f"--resume: {run_dir}/checkpoint.pt holds epoch {kept} of 1000; continuing with epoch {kept + 1}"
+                    in (tmp_path / "out.txt").read_text())
+        command, kept = [sys.executable, *shlex.split(resume)[1:]], epoch  # the command it said, as it said it
+
+
+def test_an_interrupted_run_names_its_checkpoint_and_the_command_without_overwrite(tmp_path, tiny, colours,
+                                                                                   monkeypatch, capsys):
+    """Ctrl-C in the evaluation after the last epoch: --resume in place of --overwrite, which evaluates it; before an
+    epoch finished: nothing new is saved. The lock goes either way."""
+    from engine import cli
+    run(tmp_path, tiny, colours)
+    argv = ["--method", "maple", "--subsample", "all", "--output", str(tmp_path / "run"), "--epochs", "2",
+            "--depth", "2"]
+
+    def main(argv):
+        return train.main(argv, clip_model=tiny, benchmarks={"all": colours})
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    real = train.evaluate
+    monkeypatch.setattr(train, "evaluate", interrupt)
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, argv + ["--overwrite"])
+    script = os.path.relpath(TRAIN_PY)
+    assert e.value.code == 130 and capsys.readouterr().err == (
+        f"interrupted (Ctrl-C): {tmp_path}/run/checkpoint.pt keeps epoch 2 of 2; to go on from it: python {script} "
+        f"{' '.join(argv)} --resume\n")
+    assert files(tmp_path / "run") == ["checkpoint.pt", "train.log"]  # the old results went at the first epoch
+    monkeypatch.setattr(train, "evaluate", real)
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, argv + ["--resume"])
+    assert e.value.code == 0
+    assert f"{tmp_path}/run/checkpoint.pt holds epoch 2 of 2; its training is done, it is evaluated" in \
+        capsys.readouterr().out
+    monkeypatch.setattr(train, "train", interrupt)
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, ["--method", "maple", "--subsample", "all", "--output", str(tmp_path / "new")])
+    assert e.value.code == 130 and capsys.readouterr().err == (
+        "interrupted (Ctrl-C): no epoch of this run finished, nothing new is saved; run the same command again\n")
+    assert files(tmp_path / "new") == ["train.log"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,7 +366,8 @@ def test_transfer_targets_are_rescored_when_the_source_is_retrained(tmp_path, ti
 
 
 @pytest.mark.parametrize("flags, message", [(["--classes", "0"], "--classes must be >= 1"),
-                                            (["--precision", "bf16", "--device", "cpu"], "only fp32 runs")])
+                                            (["--precision", "fp16", "--device", "cpu"],
+                                             "--precision fp16: --device cpu runs fp32 bf16")])
 def test_bench_refuses_what_it_cannot_measure(flags, message, capsys):
     import bench
     with pytest.raises(SystemExit):

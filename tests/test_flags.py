@@ -231,3 +231,35 @@ def test_train_py_prints_a_user_error_as_one_line(tmp_path):
                         "--output", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert "no_such_clip.pt" in p.stderr
+
+
+@pytest.mark.parametrize("root_is", ["missing", "a file"])
+def test_a_root_that_is_not_there_is_said_before_clip_loads(tmp_path, monkeypatch, root_is):
+    """--dataset eurosat on a --root that does not exist (or is a file): said first, not after (or hidden behind) the
+    CLIP's loading; the mini world is drawn into a new --root, so there it is no error."""
+    from engine import inputs
+    root = tmp_path / "DATA"
+    if root_is == "a file":
+        root.write_text("not a folder")
+
+    def no_clip(*a, **k):
+        raise AssertionError("CLIP was loaded before the --root was checked")
+
+    monkeypatch.setattr(inputs, "clip_for", no_clip)
+    said = "is not a folder" if root_is == "a file" else "does not exist"
+    with pytest.raises(FileNotFoundError, match=f"--root {root} {said}: .*--dataset eurosat is read from {root}/eurosat"):
+        train.main(["--dataset", "EuroSAT", "--root", str(root), "--output", str(tmp_path / "run")])
+    inputs.check_root(str(tmp_path / "new"), "mini_world_fine")  # drawn there
+    inputs.check_root(str(tmp_path / "new"), None)
+
+
+def test_one_epoch_is_said_to_be_only_the_warm_up(tmp_path, tiny, colours, capsys):
+    """--epochs 1 trains at the warm-up's 1e-5 only: the run and --help say so; two epochs are no warm-up alone."""
+    run(tmp_path, tiny, colours, "--epochs", "1")
+    note = "note: --epochs 1 trains only the warm-up epoch, at a constant LR of 1e-05; the recipe's LR 0.0035 starts"
+    assert note in capsys.readouterr().out
+    run(tmp_path, tiny, colours, name="two")
+    assert "warm-up" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    assert "--epochs 1 learns next to nothing" in " ".join(capsys.readouterr().out.split())

@@ -121,3 +121,47 @@ def test_mpl_ablation_grid_skips_what_the_official_code_forbids(tmp_path, monkey
     assert "| 2 | 1 (= mpl) | 65.00 ± 1.00 | 40.00 ± 0.00 | 49.52 |" in text
     with pytest.raises(ValueError, match="no ablation for --method maple"):
         protocols.ablation_grid("maple", ["--method", "maple"])
+
+
+def test_ablation_list_prints_every_cells_runs(tmp_path, capsys):
+    """ablation --list: the base-to-new runs of each valid cell, into the cell's own --output (a preset's cell into
+    base2new's), so that a scheduler runs the grid; the ablation command then only reads them for its table."""
+    out = str(tmp_path / "runs")
+    assert protocols.main(["ablation", "--method", "mpl", "--list", "--seeds", "1", "2", "--output", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    suite = len(protocols.pending_commands("base2new", ["--method", "mpl"], None, [1], out))  # datasets of the suite
+    assert len(lines) == 5 * suite * 2 and all(line.startswith("python -m tools.protocols base2new") for line in lines)
+    by_cell = {line.split("--output ")[1] for line in lines}
+    assert out in by_cell and len(by_cell) == 5  # the (2, 1) cell is mpl's preset: base2new's own runs
+    assert all("--n-add 1 --n-rm 2" not in line for line in lines)  # not a valid config: nothing to run
+
+
+@pytest.mark.parametrize("protocol", ["cross_dataset", "domain_generalization"])
+def test_transfer_protocols_without_cross_dataset_are_refused_naming_the_flag(protocol, monkeypatch, capsys):
+    """The transfer protocols train with the papers' --cross-dataset recipe; left out, the command says so instead of
+    running the base-to-new recipe. Zero-shot CLIP has no recipe to choose."""
+    ran = []
+    monkeypatch.setattr(protocols, "run_protocol", lambda *a, **k: ran.append(a[1]))
+    monkeypatch.setattr(protocols, "summarize", lambda *a, **k: None)
+    for flags in (["--list"], []):
+        with pytest.raises(SystemExit) as e:
+            protocols.main([protocol, "--method", "maple", "--output", "nowhere", *flags])
+        assert e.value.code == 2 and f"{protocol} is run with train.py's --cross-dataset recipe" in \
+            capsys.readouterr().err
+    protocols.main([protocol, "--method", "maple", "--cross-dataset", "--output", "nowhere"])
+    protocols.main([protocol, "--method", "zeroshot", "--output", "nowhere"])
+    assert ran == [["--method", "maple", "--cross-dataset"], ["--method", "zeroshot"]]
+
+
+def test_a_protocol_on_a_root_that_is_not_there_says_so_before_clip_loads(tmp_path, monkeypatch):
+    from engine import inputs
+
+    def no_clip(*a, **k):
+        raise AssertionError("CLIP was loaded before the --root was checked")
+
+    monkeypatch.setattr(inputs, "clip_for", no_clip)
+    missing = str(tmp_path / "DATA")
+    for argv in (["base2new", "--root", missing], ["cross_dataset", "--cross-dataset", "--root", missing],
+                 ["base2new", "--datasets", "dtd", "--root", missing]):
+        with pytest.raises(FileNotFoundError, match=f"--root {missing} does not exist"):
+            protocols.main(argv + ["--method", "maple", "--output", str(tmp_path / "out")])

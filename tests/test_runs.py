@@ -85,7 +85,7 @@ def programs():
 
 
 @pytest.mark.parametrize("program", list(programs()))
-def test_every_flag_has_help_that_shows_its_default(program, monkeypatch):
+def test_every_flag_has_help_that_shows_its_one_default(program, monkeypatch):
     import argparse
     main, argv = programs()[program]
     parser = parser_of(main, argv, monkeypatch)
@@ -96,7 +96,8 @@ def test_every_flag_has_help_that_shows_its_default(program, monkeypatch):
         assert action.help, f"{program} {action.option_strings or action.dest}: no help"
         if action.option_strings and action.nargs != 0:  # a flag that takes a value (switches default to off)
             shown = formatter._expand_help(action)
-            assert "default" in shown or "preset" in shown, f"{program} {action.option_strings}: {shown}"
+            # one default: a method flag's is its preset's value, not also argparse's None
+            assert ("default" in shown) != ("(preset: " in shown), f"{program} {action.option_strings}: {shown}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

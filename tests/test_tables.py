@@ -84,3 +84,45 @@ def test_the_source_row_expects_the_seeds_of_its_table(tmp_path):
     put(out, "cross_dataset", "maple_xd", "eurosat", 1, source=("imagenet", 70.0), all=40.0)
     text = protocols.summarize(out, write=False, seeds=[1, 2])
     assert "| imagenet (source) | missing seed 2 |" in text
+
+
+class FakeAxes:
+    """What _bar_chart asks of matplotlib, recorded: a stand-in where matplotlib is not installed."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs)) or []
+
+
+def fake_matplotlib(monkeypatch, calls):
+    import sys
+    import types
+    import numpy
+    axes = FakeAxes(calls)
+    figure = types.SimpleNamespace(tight_layout=lambda: None, savefig=lambda f, **k: f.write(b"png"))
+    grid = lambda n: numpy.array([[axes] for _ in range(n)], dtype=object)  # noqa: E731
+    plt = types.SimpleNamespace(subplots=lambda n, *a, **k: (figure, grid(n)),
+                                close=lambda fig: None)
+    mpl = types.SimpleNamespace(use=lambda backend: None, pyplot=plt)
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+
+
+@pytest.mark.parametrize("seeds", [(1,), (1, 2)])
+def test_the_chart_starts_at_zero_and_shows_a_spread_only_over_seeds(tmp_path, monkeypatch, seeds):
+    calls = []
+    fake_matplotlib(monkeypatch, calls)
+    out = str(tmp_path)
+    for s in seeds:
+        put(out, "base2new", "zeroshot", "eurosat", s, base=42.8, new=40.0)
+        put(out, "base2new", "mpl", "eurosat", s, base=83.8 + s, new=61.0 + s)
+    protocols.summarize(out)
+    bars = [kwargs for name, _, kwargs in calls if name == "bar"]
+    assert bars and all((kwargs["yerr"] is None) == (len(seeds) == 1) for kwargs in bars)
+    assert all(args[0] == 0.0 for name, args, _ in calls if name == "set_ylim")
+    (title,) = [args[0] for name, args, _ in calls if name == "set_title"]
+    assert title == ("base2new: one seed" if len(seeds) == 1 else "base2new: mean over seeds, error bars ± std")

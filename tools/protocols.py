@@ -89,18 +89,18 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
     for seed in seeds:
         if protocol == "base2new":
             for d in datasets or (B2N if real else WORLD["b2n"]):
-                run_dir = run_path(out, "base2new", method, d, args.shots, seed)
+                run_dir = run_path(out, "base2new", method, inputs.name_of(d), args.shots, seed)
                 results.append(attempt((argv + ["--dataset", d, "--seed", str(seed), "--output", run_dir], run_dir,
                                         "base2new", None)))
         else:  # cross_dataset / domain_generalization: train once on the source, all classes, then transfer
             source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
-            src_dir = run_path(out, "source", method, source, args.shots, seed)
+            src_dir = run_path(out, "source", method, inputs.name_of(source), args.shots, seed)
             src = attempt((argv + ["--dataset", source, "--seed", str(seed), "--subsample", "all", "--output",
                                    src_dir], src_dir, "source", None), wait=True)  # the targets need its prompts
             targets = targets or {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
                                   "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
             for t in targets:
-                run_dir = run_path(out, protocol, method, t, args.shots, seed)
+                run_dir = run_path(out, protocol, method, inputs.name_of(t), args.shots, seed)
                 load = [] if args.method == "zeroshot" else \
                     ["--eval-only", "--load", os.path.join(src_dir, "checkpoint.pt")]  # the source's prompts
                 job = (argv + ["--dataset", t, "--seed", str(seed), "--subsample", "all", *load, "--output", run_dir],
@@ -123,14 +123,14 @@ def pending_commands(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output
     commands = []
     for seed in seeds:
         if protocol == "base2new":
-            units = [(d, [run_path(out, "base2new", method, d, args.shots, seed)])
+            units = [(d, [run_path(out, "base2new", method, inputs.name_of(d), args.shots, seed)])
                      for d in datasets or (B2N if real else WORLD["b2n"])]
         else:
             source = (datasets or [XD_SOURCE if real else WORLD["source"]])[0]
             targets = {"cross_dataset": XD_TARGETS if real else WORLD["xd"],
                        "domain_generalization": DG_TARGETS if real else WORLD["dg"]}[protocol]
-            units = [(source, [run_path(out, "source", method, source, args.shots, seed)] +
-                      [run_path(out, protocol, method, t, args.shots, seed) for t in targets])]
+            units = [(source, [run_path(out, "source", method, inputs.name_of(source), args.shots, seed)] +
+                      [run_path(out, protocol, method, inputs.name_of(t), args.shots, seed) for t in targets])]
         for dataset, run_dirs in units:
             if not all(finished(r) for r in run_dirs):
                 words = ["python", "-m", "tools.protocols", protocol, *argv, "--datasets", dataset, "--seeds", str(seed),
@@ -218,21 +218,21 @@ def on(flag):
 ABLATION_COLUMNS = {"isp": ("self-structural", "cross-structural", "sample probing"), "mpl": ("n_add", "n_rm")}
 
 
-def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
-    """A method's ablation grid (ablation_grid), each cell base-to-new on the same seeds and datasets, and one table
-    (<out>/ablation/ablation_<method>.md) of mean +- std over seeds (then the mean over datasets) and HM of the means.
-    A cell that is a preset (ISP's own; IVLP, which is ISP with every switch off) is that preset's base2new run
-    (<out>/base2new/<preset>/...), shared, not re-run."""
+def ablation_cells(argv, out="output"):
+    """The runs of a method's ablation grid (ablation_grid): per cell (row labels, the train.py flags of its
+    base-to-new runs, the --output they go to, the preset it is or None); flags None where the cell is not a valid
+    config. A cell that is a preset (ISP's own; IVLP, which is ISP with every switch off) is that preset's base2new
+    run (<out>/base2new/<preset>/...), shared, not re-run."""
     method = train.get_args(argv).method
     columns = ABLATION_COLUMNS[method]
 
     def preset(m):  # the flags of this ablation, but method m at its preset
         return train.get_args(argv + ["--method", m])
 
-    lines = ["| " + " | ".join(columns) + " | base | new | HM |", "|" + "---|" * (len(columns) + 3)]
+    cells = []
     for labels, flags in ablation_grid(method, argv):
         if flags is None:
-            lines.append("| " + " | ".join(labels) + " | not a valid config | | |")
+            cells.append((labels, None, None, None))
             continue
         # the presets whose config and recipe equal this cell's: the same config, recipe and seed compute the same run
         cell = train.get_args(argv + flags)
@@ -242,8 +242,22 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
         shared = method if method in same else (same[0] if same else None)
         cell_out = out if shared else os.path.join(out, "ablation", method, "_".join(
             f"{c.replace(' ', '-')}-{v}" for c, v in zip(columns, labels)))
-        runs = run_protocol("base2new", argv + ["--method", shared] if shared else argv + flags, datasets, seeds,
-                            cell_out, clip_model)
+        cells.append((labels, argv + ["--method", shared] if shared else argv + flags, cell_out, shared))
+    return cells
+
+
+def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=None):
+    """A method's ablation grid (ablation_cells), each cell base-to-new on the same seeds and datasets, and one table
+    (<out>/ablation/ablation_<method>.md) of mean +- std over seeds (then the mean over datasets) and HM of the
+    means."""
+    method = train.get_args(argv).method
+    columns = ABLATION_COLUMNS[method]
+    lines = ["| " + " | ".join(columns) + " | base | new | HM |", "|" + "---|" * (len(columns) + 3)]
+    for labels, run_argv, cell_out, shared in ablation_cells(argv, out):
+        if run_argv is None:
+            lines.append("| " + " | ".join(labels) + " | not a valid config | | |")
+            continue
+        runs = run_protocol("base2new", run_argv, datasets, seeds, cell_out, clip_model)
         by_seed = {}
         for r in runs:  # per seed the mean over datasets
             by_seed.setdefault(r["seed"], []).append(r["accuracy"])
@@ -259,6 +273,7 @@ def run_ablation(argv, datasets=None, seeds=(1, 2, 3), out="output", clip_model=
     print(text)
     os.makedirs(os.path.join(out, "ablation"), exist_ok=True)
     rundir.atomic_save((text + "\n").encode(), ablation_table_path(out, method), lambda b, f: f.write(b))
+    print(f"wrote {ablation_table_path(out, method)}")
     return text
 
 
@@ -476,6 +491,8 @@ def summarize(out_dir, write=True, seeds=None):
             rundir.atomic_save(content.encode(), os.path.join(out_dir, name), lambda b, f: f.write(b))
         for protocol, by_method in chart.items():
             _bar_chart(by_method, os.path.join(out_dir, f"summary_{protocol}.png"), protocol)
+        charts = [f"summary_{p}.png" for p in chart if os.path.exists(os.path.join(out_dir, f"summary_{p}.png"))]
+        print(f"wrote {', '.join(['summary.md', 'summary.csv'] + charts)} in {out_dir}")
     return text
 
 
@@ -605,8 +622,8 @@ def _diff(value, pub):
 
 def _bar_chart(chart, path, title):
     """One protocol's chart: per dataset (and the average) a bar per method with its value and the spread over seeds
-    (± std), one panel each for B, N and HM (base2new) or the accuracy (transfer), the axis zoomed to the values so
-    that close methods can be told apart. chart: {method: {dataset: {metric: (mean, std or None)}}}. matplotlib is
+    (± std, where there are several seeds), one panel each for B, N and HM (base2new) or the accuracy (transfer).
+    The bars start at 0, so that their heights compare; each carries its value. chart: {method: {dataset: {metric: (mean, std or None)}}}. matplotlib is
     optional."""
     try:
         import matplotlib
@@ -622,26 +639,32 @@ def _bar_chart(chart, path, title):
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7, 1.1 * len(rows) * max(1, len(chart)) ** 0.5),
                                                       3.2 * len(metrics)), squeeze=False)
     width = 0.8 / max(1, len(chart))
+    # a spread only where some value is over several seeds (one seed: no std, no error bars)
+    spread = any(v[1] is not None for values in chart.values() for by_metric in values.values()
+                 for v in by_metric.values())
     for ax, k in zip(axes[:, 0], metrics):
         shown = []
         for i, (method, values) in enumerate(chart.items()):
             xs = [j for j, d in enumerate(rows) if k in values.get(d, {})]
             means = [values[rows[j]][k][0] for j in xs]
             errs = [values[rows[j]][k][1] or 0.0 for j in xs]
-            bars = ax.bar([j - 0.4 + (i + 0.5) * width for j in xs], means, width, yerr=errs, capsize=3,
-                          label=method)
+            bars = ax.bar([j - 0.4 + (i + 0.5) * width for j in xs], means, width,
+                          yerr=errs if spread else None, capsize=3, label=method)
             ax.bar_label(bars, [f"{m:.1f}" for m in means], fontsize=7, padding=2)
-            shown += [m - e for m, e in zip(means, errs)] + [m + e for m, e in zip(means, errs)]
-        if shown:
-            low, high = min(shown), max(shown)
-            ax.set_ylim(max(0.0, low - 0.15 * (high - low) - 2), min(100.0, high + 0.15 * (high - low) + 2))
+            shown += [m + e for m, e in zip(means, errs)]
+        ax.set_ylim(0.0, min(100.0, 1.12 * max(shown, default=100.0)))  # bars from 0: their heights compare
         ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right")
         ax.set_ylabel(f"{names[k]} (%)")
-    axes[0, 0].set_title(f"{title}: mean over seeds, error bars ± std")
+    axes[0, 0].set_title(f"{title}: mean over seeds, error bars ± std" if spread else f"{title}: one seed")
     axes[0, 0].legend(bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     rundir.atomic_save(fig, path, lambda figure, f: figure.savefig(f, format="png", dpi=120))
     plt.close(fig)
+
+
+def check_ablation(p, run_flags):
+    if train.get_args(run_flags).method not in ABLATION_COLUMNS:
+        p.error("ablation switches a method's modules: give --method isp (2 x 2 x 2) or --method mpl (add/remove)")
 
 
 def main(argv=None):
@@ -666,19 +689,37 @@ def main(argv=None):
                    "as commands, one a line, for a scheduler (GNU parallel, a SLURM array: see docs/runs.md)")
     args, run_flags = p.parse_known_args(argv)  # everything else goes to each run, as train.py flags
     run_flags += ["--steal-lock"] if args.steal_lock else []
+    seen = argparse.ArgumentParser(add_help=False)  # the runs' flags that these checks read
+    seen.add_argument("--method", default="mpl")
+    seen.add_argument("--cross-dataset", action="store_true")
+    seen.add_argument("--root", default=os.environ.get("DATA", "data"))
+    flags = seen.parse_known_args(run_flags)[0]
+    transfer = args.protocol in ("cross_dataset", "domain_generalization")
+    if args.protocol != "summary" and not args.list and papers_datasets(run_flags, args.datasets):
+        inputs.check_root(flags.root, (args.datasets or [XD_SOURCE if transfer else B2N[0]])[0])  # before CLIP
+    if transfer:  # the papers' transfer recipe, asked for
+        if not flags.cross_dataset and flags.method != "zeroshot":
+            p.error(f"{args.protocol} is run with train.py's --cross-dataset recipe (depth 3; MPL and MaPLe: lr "
+                    f"0.0026, 2 epochs), as in the papers: add --cross-dataset (flags such as --depth or --epochs "
+                    f"still override it)")
     if args.list:
-        if args.protocol not in ("base2new", "cross_dataset", "domain_generalization"):
-            p.error(f"--list lists the runs of base2new, cross_dataset or domain_generalization, not {args.protocol}")
-        for command in pending_commands(args.protocol, run_flags, args.datasets, args.seeds or [1, 2, 3], args.output):
+        if args.protocol == "summary":
+            p.error("--list lists the runs of a protocol or of an ablation; summary runs nothing")
+        seeds = args.seeds or [1, 2, 3]
+        if args.protocol == "ablation":  # each valid cell's base-to-new runs; the table then only reads them
+            check_ablation(p, run_flags)
+            commands = [c for _, run_argv, cell_out, _ in ablation_cells(run_flags, args.output) if run_argv
+                        for c in pending_commands("base2new", run_argv, args.datasets, seeds, cell_out)]
+        else:
+            commands = pending_commands(args.protocol, run_flags, args.datasets, seeds, args.output)
+        for command in commands:
             print(command)
         return 0
     try:
         if args.protocol == "summary":
             summarize(args.dir or args.output, seeds=args.seeds)
         elif args.protocol == "ablation":
-            if train.get_args(run_flags).method not in ABLATION_COLUMNS:
-                p.error("ablation switches a method's modules: give --method isp (2 x 2 x 2) or --method mpl "
-                        "(add/remove)")
+            check_ablation(p, run_flags)
             run_ablation(run_flags, args.datasets, args.seeds or [1, 2, 3], args.output)
         else:
             seeds = args.seeds or [1, 2, 3]

@@ -1,6 +1,6 @@
 """A dataset of your own (data.own_dataset): a folder of class folders, split once exactly as CoOp's own code splits
 one, or a folder with a CoOp split file; then train.py, data.py --check and the protocols read it like any CoOp
-dataset. The split is compared with the output of CoOp's real read_and_split_data (tests/data/)."""
+dataset. The split is compared with the output of CoOp's real read_and_split_data (tests/fixtures/)."""
 import json
 import os
 
@@ -31,7 +31,7 @@ def image_folders(folder, n=8, size=32, seed=0):
 def test_the_split_is_coops_own(tmp_path):
     """make_split on the tree that CoOp's DescribableTextures.read_and_split_data split (random.seed(1), names
     sorted) writes exactly the split that CoOp's code wrote."""
-    with open(os.path.join(HERE, "data", "coop_read_and_split.json")) as f:
+    with open(os.path.join(HERE, "fixtures", "coop_read_and_split.json")) as f:
         golden = json.load(f)
     folder = tmp_path / "mydata"
     for c, files in golden["tree"].items():

@@ -523,6 +523,11 @@ def is_path(name):
         (os.path.isdir(name) and _ALIASES.get(_normalise(name)) is None)
 
 
+def own_folder(path):
+    """The absolute folder of `--dataset PATH`; its last part is the dataset's name."""
+    return os.path.abspath(os.path.expanduser(path)).rstrip(os.sep) or os.sep
+
+
 def own_dataset(path):
     """(key, root, spec) for `--dataset PATH`: a folder of your own, then read exactly as a CoOp
     dataset is (its checks, the few-shot draw, the base/new split). The folder holds either
@@ -532,7 +537,7 @@ def own_dataset(path):
       - one folder of images per class (PATH/<class name>/*.jpg): a split is made once, as CoOp
         makes DTD's (make_split), written to PATH/split_<folder name>.json and read from then on.
     An optional PATH/template.txt holds the prompt template (default "a photo of a {}.")."""
-    folder = os.path.abspath(os.path.expanduser(path)).rstrip(os.sep) or os.sep
+    folder = own_folder(path)
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise FileNotFoundError(f"--dataset {path}: {folder} {what}; a dataset of your own is a "
@@ -875,11 +880,13 @@ def check(root, names=None, out=print):
     # the world's datasets are read as CoOp's (imported here: it imports this file)
     from world import mini_world
     specs = dict(DATASETS, **mini_world.DATASETS)
-    # (key, root, spec) each; an unknown name stops before the table
-    entries = [own_dataset(name) if is_path(name) else
-               (lambda key: (key, root, specs[key]))(name if name in mini_world.DATASETS else
-                                                      resolve_name(name, also=mini_world.DATASETS))
-               for name in (names or list(DATASETS))]
+    def entry(name):  # (key, root, spec); an unknown name stops before the table
+        if is_path(name):
+            return own_dataset(name)
+        key = name if name in mini_world.DATASETS else resolve_name(name, also=mini_world.DATASETS)
+        return key, root, specs[key]
+
+    entries = [entry(name) for name in (names or list(DATASETS))]
     for key, where, spec in entries:
         expected = {"classes": spec.classes, "train": spec.train, "val": spec.val, "test": spec.test}
         found = None

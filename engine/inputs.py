@@ -23,7 +23,7 @@ def name_of(dataset):
     """The name a --dataset value runs under (run directories, results.json, tables): a dataset's own
     name, or the folder's name for a dataset of your own (data.own_dataset)."""
     if data.is_path(dataset):
-        return os.path.basename(os.path.abspath(os.path.expanduser(dataset)).rstrip(os.sep))
+        return os.path.basename(data.own_folder(dataset))
     return dataset or DEFAULT_DATASET
 
 

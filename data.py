@@ -656,8 +656,8 @@ def subsample_classes(*splits, subsample="all"):
 # --------------------------------------------------------------------------------------------------
 # Few-shot cache: a record of each draw, JSON with relative paths, keyed by (dataset, shots, seed,
 # split hash). Dassl keys its pickles by (shots, seed) only, stores absolute paths and trusts them;
-# here the draw is always made (it takes milliseconds, ImageNet's about a second) and a record that
-# differs from it is rewritten.
+# here the draw is always made (one pass over the training list, cheap next to a run) and a
+# record that differs from it is rewritten.
 
 def _cache_path(ddir, key, shots, seed, split_hash):
     return os.path.join(ddir, FEWSHOT_CACHE_DIR, f"{key}-shot_{shots}-seed_{seed}-split_{split_hash}.json")

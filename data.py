@@ -4,7 +4,9 @@ them.
 
 All of it in this single file: the 11 base-to-new datasets (ImageNet, Caltech101, OxfordPets, StanfordCars,
 Flowers102, Food101, FGVCAircraft, SUN397, DTD, EuroSAT, UCF101) and the four test-only ImageNet variants
-(V2, Sketch, A, R), read from an unchanged CoOp `$DATA` tree (as CoOp's DATASETS.md lays it out).
+(V2, Sketch, A, R), read from an unchanged CoOp `$DATA` tree (as CoOp's DATASETS.md lays it out);
+the built-in mini world's six (world/mini_world.py), drawn under --root the first time one is read;
+and a folder of your own (--dataset PATH).
 The point is comparability with the published tables, so the parts that decide *which* images a run sees
 are copies of Dassl's behaviour, not improvements on it:
 - the official split files (`split_zhou_*.json`, FGVC's variant files, ImageNet's `classnames.txt` + folders)
@@ -37,9 +39,12 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+
+from world import mini_world
 
 # --------------------------------------------------------------------------------------------------
 # Items and the benchmark container
@@ -91,6 +96,7 @@ class DatasetSpec:
     val: int            # ImageNet: 0, its val set is the test set
     test: int
     crop_scale: float = 0.08  # smallest area of the training RandomResizedCrop (Dassl's default)
+    clip: str = "ViT-B/16"    # the CLIP a run on it loads when no --clip is given
 
     @property
     def test_only(self):  # ImageNet-V2/-Sketch/-A/-R: a test split and nothing to train on
@@ -132,6 +138,14 @@ DATASETS = {
                               "imagenet_folders", "a photo of a {}.", 200, 0, 0, 30000),
 }
 
+# The built-in mini world (world/mini_world.py): small datasets in CoOp's layout and a small CLIP
+# of their own, so everything runs offline. read_splits reads them as it reads CoOp's;
+# load_benchmark and split_fingerprint draw one under `root` first if it is not there yet.
+BUILT_IN = "(built in)"  # DatasetSpec.section of the mini world's datasets
+WORLD = {name: DatasetSpec(section=BUILT_IN, clip=mini_world.WORLD_CLIP_PATH, **fields)
+         for name, fields in mini_world.SPECS.items()}
+ALL = {**DATASETS, **WORLD}  # every dataset known by name
+
 # not Dassl's "split_fewshot/", so its pickles are never overwritten
 FEWSHOT_CACHE_DIR = "split_fewshot_ref"
 SUBSAMPLE_MODES = ("all", "base", "new")
@@ -144,18 +158,16 @@ def _normalise(name):
 # Matching ignores case, "_" and "-", so CoOp's config names (OxfordPets, ImageNetV2, ...) and yaml
 # file names (imagenetv2, imagenet_sketch, ...) resolve by themselves; only the names that differ in
 # words need an entry.
-_ALIASES = {_normalise(k): k for k in DATASETS}
-_ALIASES.update({_normalise(s.coop_name): k for k, s in DATASETS.items()})
+_ALIASES = {_normalise(k): k for k in ALL}
+_ALIASES.update({_normalise(s.coop_name): k for k, s in ALL.items()})
 _ALIASES.update({"flowers102": "oxford_flowers"})  # DATASETS.md's heading for OxfordFlowers
 
 
-def resolve_name(name, also=()):
-    """Canonical DATASETS key for a --dataset value (canonical key or CoOp name, any case). also:
-    other names the caller accepts (the mini world's), listed among the known ones when `name` is
-    unknown."""
+def resolve_name(name):
+    """Canonical key of ALL for a --dataset value (canonical key or CoOp name, any case)."""
     key = _ALIASES.get(_normalise(str(name)))
     if key is None:
-        known = list(DATASETS) + list(also)
+        known = list(ALL)
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f" Did you mean {close[0]}?" if close else ""
         raise ValueError(f"Unknown dataset {name!r} (--dataset). Known datasets: "
@@ -196,6 +208,8 @@ def _read_bytes(path):
 def _howto(spec):
     if spec.section == OWN:
         return "see 'Your own dataset' in the README"
+    if spec.section == BUILT_IN:
+        return "the mini world draws it there (python -m world --render --root ROOT)"
     return f"see the {spec.section} section of CoOp's DATASETS.md"
 
 
@@ -428,9 +442,8 @@ _READERS = {"json": _read_json, "fgvc": _read_fgvc, "imagenet": _read_imagenet,
 
 def read_splits(key, root, spec=None):
     """Full train/val/test of one dataset (relative paths) and the split hash used to key the
-    few-shot cache. spec: the DatasetSpec of a dataset that is not in DATASETS (default
-    DATASETS[key])."""
-    spec = spec or DATASETS[key]
+    few-shot cache. spec: the DatasetSpec of a dataset that is not in ALL (default ALL[key])."""
+    spec = spec or ALL[key]
     ddir = os.path.join(root, spec.dir)
     if not os.path.isdir(ddir):
         extra = "" if os.path.isdir(root) else f" (--root {root} itself is not a folder)" if os.path.exists(root) \
@@ -481,9 +494,7 @@ def split_fingerprint(name, root, spec=None):
     where labels are class-folder indices (ImageNet, -Sketch, -A, -R), the sorted class-folder
     names. Reads no image, so it is cheap enough to compute before deciding to skip a finished
     run; a file that is missing raises read_splits' own message."""
-    key = name if spec is not None else resolve_name(name)
-    spec = spec or DATASETS[key]
-    root = os.path.abspath(os.path.expanduser(root))
+    key, root, spec = _find(name, root, spec)
     ddir = os.path.join(root, spec.dir)
     if not os.path.isdir(ddir):
         read_splits(key, root, spec)  # raises: the dataset folder is not under --root
@@ -500,6 +511,20 @@ def split_fingerprint(name, root, spec=None):
     return _sha256(*chunks)
 
 
+def _find(name, root, spec=None):
+    """(key, root, spec) of a dataset to read: `name` as its key when `spec` is given, else a
+    folder of your own (own_dataset) or a dataset known by name; a mini world dataset is drawn
+    under `root` first if it is not there yet (idempotent: a drawn one is only checked)."""
+    if spec is None and is_path(name):
+        return own_dataset(name)
+    key = name if spec is not None else resolve_name(name)
+    spec = spec or ALL[key]
+    root = os.path.abspath(os.path.expanduser(root))
+    if spec.section == BUILT_IN:
+        mini_world.render_world(root, datasets=(key,))
+    return key, root, spec
+
+
 def benchmark_fingerprint(benchmarks):
     """split_fingerprint's counterpart for Benchmarks built in memory ({"base": Benchmark, ...}, as
     tests pass them): their names, class names and items."""
@@ -512,6 +537,12 @@ def benchmark_fingerprint(benchmarks):
 
 OWN = "your own dataset"  # DatasetSpec.section of a dataset named by its folder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # any case
+
+
+def is_world(name):
+    """Whether --dataset names one of the mini world's datasets (None: the mini world, the
+    default)."""
+    return name is None or name in WORLD
 
 
 def is_path(name):
@@ -717,18 +748,18 @@ def load_benchmark(name, root, shots, seed, subsample="all", cache=True, spec=No
     subsample: "all" | "base" | "new", applied after sampling over all classes.
     Test-only variants (imagenet_v2/_sketch/_a/_r) return empty train/val and the full test set; `shots` is
     validated but unused, and subsample must be "all".
-    spec:  a DatasetSpec for a dataset in CoOp's layout that is not one of DATASETS (mini_world.py passes its own);
-           `name` is then used as its key as given.
+    name:  a dataset of ALL (CoOp's, or the mini world's: drawn under `root` first if it is not
+           there yet) or the folder of a dataset of your own (own_dataset; `root` is then unused).
+    spec:  a DatasetSpec for a dataset in CoOp's layout that is not one of ALL; `name` is then
+           used as its key as given.
     """
-    key = name if spec is not None else resolve_name(name)
-    spec = spec or DATASETS[key]
+    key, root, spec = _find(name, root, spec)
     if shots is not None and shots < 1:
         raise ValueError(f"--shots must be >= 1 (got {shots}); pass shots=None for the full training split.")
     if subsample not in SUBSAMPLE_MODES:
         raise ValueError(f"--subsample must be one of {SUBSAMPLE_MODES} (got {subsample!r}).")
     if spec.test_only and subsample != "all":
         raise ValueError(f"--dataset {key} is test-only (all classes); --subsample must be 'all' (got {subsample!r}).")
-    root = os.path.abspath(os.path.expanduser(root))
     ddir = os.path.join(root, spec.dir)
 
     splits, split_hash = read_splits(key, root, spec)
@@ -813,6 +844,15 @@ def train_transform(resolution, min_scale=0.08):
     ])
 
 
+def images_to_tensor(images):
+    """(N, H, W, 3) uint8 images already at CLIP's input size -> (N, 3, H, W) float, normalised as
+    CLIP's preprocess does."""
+    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def test_transform(resolution):
     """Resize shorter side (bicubic) + CenterCrop, i.e. CLIP's own preprocess, at the model's input
     resolution."""
@@ -877,14 +917,11 @@ def check(root, names=None, out=print):
         raise FileNotFoundError(f"--root {root} {what} (it should be the CoOp $DATA folder that "
                                 f"holds caltech-101/, eurosat/, imagenet/, ...)")
     rows, errors = [], []
-    # the world's datasets are read as CoOp's (imported here: it imports this file)
-    from world import mini_world
-    specs = dict(DATASETS, **mini_world.DATASETS)
     def entry(name):  # (key, root, spec); an unknown name stops before the table
         if is_path(name):
             return own_dataset(name)
-        key = name if name in mini_world.DATASETS else resolve_name(name, also=mini_world.DATASETS)
-        return key, root, specs[key]
+        key = resolve_name(name)
+        return key, root, ALL[key]
 
     entries = [entry(name) for name in (names or list(DATASETS))]
     for key, where, spec in entries:
@@ -947,14 +984,8 @@ def main(argv=None):
         return 1 if any(r["status"] == "error" for r in rows) else 0
     if not args.dataset:
         parser.error("give --check, or --dataset NAME to preview its few-shot split")
-    from world import mini_world
     for name in args.dataset:
-        if is_path(name):
-            key, root, spec = own_dataset(name)
-            b = load_benchmark(key, root, args.shots, args.seed, args.subsample, spec=spec)
-        else:
-            world = mini_world.load_benchmark if name in mini_world.DATASETS else load_benchmark
-            b = world(name, args.root, args.shots, args.seed, args.subsample)
+        b = load_benchmark(name, args.root, args.shots, args.seed, args.subsample)
         print(f"{b.name}: {b.num_classes} classes, train {len(b.train)}, val {len(b.val)}, test "
               f"{len(b.test)}; template {b.template!r}; first classes: "
               f"{', '.join(b.classnames[:5])}")

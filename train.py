@@ -39,8 +39,8 @@ import data
 import isp
 import mpl
 from engine import checkpoints, cli, clip_engine, inputs, rundir
-from engine.precision import precision_setup, resolve_precision
-from engine.run import Run, cpu_count, cpu_threads, run_flags, set_deterministic
+from engine.precision import PRECISION_HELP, PRECISIONS, precision_setup, resolve_precision
+from engine.run import Run, cpu_count, run_flags, set_deterministic
 
 # --------------------------------------------------------------------------------------------------
 # Methods and their training recipes. A prompt method is a model class and one of its file's
@@ -102,16 +102,11 @@ def get_args(argv=None):
         "official model.pth.tar-N of MPL (--method mpl), MaPLe (maple) or PromptSRC's IVLP (ivlp)")
     add("--eval-only", action="store_true", help="no training; evaluate (the prompts of --load)")
     add("--device", default=default_device(), help="default: cuda when a GPU is visible, else cpu")
-    add("--precision", default="auto", choices=["auto", "fp32", "bf16", "amp", "fp16"],
-        help="auto: fp32 on CPU, bf16 autocast on CUDA. fp32: TF32 off. bf16: bf16 autocast (CUDA "
-        "or CPU). amp: fp16 autocast + GradScaler (CUDA). fp16: the whole model in fp16 with plain "
-        "SGD, as the official code runs (for parity checks)")
+    add("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     add("--crop-scale", type=float, default=None, help="smallest area of the training "
-        "RandomResizedCrop (default: the dataset's crop_scale: Dassl's 0.08 on the benchmarks; in "
-        "the mini world its own, world/mini_world.py: an 8%% crop reduces its 32-pixel images to "
-        "9 x 9 pixels)")
-    add("--text-chunk", type=int, default=128, help="encode at most this many classes at a time, "
-        "with activation checkpointing (exact; saves memory for large class sets); 0: all at once")
+        "RandomResizedCrop (default: the dataset's: Dassl's 0.08 on the benchmarks, data.py)")
+    add("--text-chunk", type=int, default=128, help="encode at most this many classes at a time "
+        "(exact; saves memory for large class sets); 0: all at once")
     run_flags(p)  # the run directory's and the machine's: --output, --resume, --workers, ...
     # The method's own hyper-parameters become flags: a first look at --method, before --help.
     pre = argparse.ArgumentParser(add_help=False)
@@ -123,6 +118,8 @@ def get_args(argv=None):
     if args.crop_scale is None:
         args.crop_scale = inputs.crop_scale(args.dataset)  # the dataset's (data.DatasetSpec)
     cli.check_train_args(p, args, cpu_count(), method_config, config)
+    if args.workers is None:
+        args.workers = 4 if args.device.startswith("cuda") else 0
     return args
 
 
@@ -258,18 +255,14 @@ def hm(base, new):
 
 def base_to_new(args, run, clip_model, benchmarks=None):
     """Train on the base classes (or all / base / new), evaluate; returns (results, the model, whether
-    it trained)."""
+    it trained). `benchmarks`: {"base": Benchmark, "new": Benchmark} given by a test or a protocol."""
     train_on = "base" if args.subsample == "base2new" else args.subsample
-    given = benchmarks is not None
-    bench = benchmarks[train_on] if given else inputs.benchmark(args, train_on)
-    new = None
-    if args.subsample == "base2new":
-        new = benchmarks["new"] if given else inputs.benchmark(args, "new")
-    # The new classes' model is built now, so that a fault in them (a missing test image, a class
+    splits = [train_on] + (["new"] if args.subsample == "base2new" else [])
+    benches = {k: benchmarks[k] if benchmarks else inputs.benchmark(args, k) for k in splits}
+    # Both models are built now, so that a fault in the new classes (a missing test image, a class
     # name too long for CLIP) stops the run before the training, not after it.
-    new_model = build_for(args, clip_model, new) if new is not None else None
-    torch.manual_seed(args.seed)  # prompt initialisation draws from the torch RNG
-    model = build_for(args, clip_model, bench).to(args.device)
+    models = {k: build_for(args, clip_model, benches[k], seed=args.seed) for k in reversed(splits)}
+    bench, model = benches[train_on], models[train_on].to(args.device)
     autocast, scaler, precision = precision_setup(args.precision, args.device, model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method} on {bench.name} ({train_on} classes): {len(bench.classnames)} classes, "
@@ -279,49 +272,42 @@ def base_to_new(args, run, clip_model, benchmarks=None):
     sec_per_step, history = None, []
     trains = not args.eval_only and recipe(args)[1] > 0 and n_trainable > 0
     if trains:
-        if not bench.train:
-            raise ValueError(f"--dataset {bench.name} has no training images (a test-only set): "
-                             f"evaluate prompts trained elsewhere with --eval-only --load "
-                             f"CHECKPOINT, or use --method zeroshot")
+        inputs.check_trainable(bench)  # a test-only set has nothing to train on
         if args.deterministic:
             set_deterministic()
         sec_per_step, history = train(model, bench.train, args, run, autocast, scaler)
 
-    per_class = {train_on: {}, "new": {}}
-    acc = {train_on: evaluate(model, bench.test, args, autocast, per_class[train_on])}
-    if new is not None:  # the same prompts, in the model of the new class names
-        new_model.to(args.device)
-        checkpoints.load_trainable(new_model, model.prompt_state_dict(),
-                                   "the prompts trained on the base classes")
-        precision_setup(precision, args.device, new_model)
-        acc["new"] = evaluate(new_model, new.test, args, autocast, per_class["new"])
+    acc, per_class = {}, {}
+    for k in splits:  # the same prompts, in the model of each class set
+        if k != train_on:
+            checkpoints.load_trainable(models[k].to(args.device), model.prompt_state_dict(),
+                                       "the prompts trained on the base classes")
+            precision_setup(precision, args.device, models[k])
+        by_label = {}
+        acc[k] = evaluate(models[k], benches[k].test, args, autocast, by_label)
+        per_class[k] = {benches[k].classnames[label]: v for label, v in by_label.items()}
+    if "new" in acc:
         acc["hm"] = hm(acc["base"], acc["new"])
     print(f"{args.method} {bench.name} seed {args.seed}: "
           + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
-    names = {train_on: bench.classnames, "new": new.classnames if new is not None else []}
-    per_class = {split: {names[split][label]: v for label, v in per_class[split].items()}
-                 for split in acc if split in per_class}
     results = dict(method=args.method, dataset=bench.name, seed=args.seed, shots=args.shots,
                    subsample=args.subsample, accuracy=acc, config=run.config(model),
                    identity=run.identity, trainable_params=n_trainable, sec_per_step=sec_per_step,
                    precision=precision, device=args.device, load_sha256=load_sha256,
                    history=history, per_class_accuracy=per_class)
     if args.method != "zeroshot" and benchmarks is None and inputs.is_world(args.dataset):
-        results["zeroshot"] = zero_shot(args, clip_model, autocast, bench, new)  # cheap here
+        results["zeroshot"] = zero_shot(args, clip_model, autocast, benches)  # cheap here
     return results, model, trains
 
 
 def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     """Run one (method, dataset, seed). Tests and protocol scripts may pass the CLIP model and the
-    benchmarks in (`benchmarks`: {"base": Benchmark, "new": Benchmark} or {"all": ...}); otherwise
-    they are loaded from the flags. One process per run directory: a second one started on the
-    same directory stops with rundir.Locked."""
+    benchmarks in; otherwise they are loaded from the flags. One process per run directory: a
+    second one started on the same directory stops with rundir.Locked."""
     args = get_args(argv)
-    if args.workers is None:
-        args.workers = 4 if args.device.startswith("cuda") else 0
     if benchmarks is None:
-        inputs.check_dataset(args)  # an unknown --dataset: said before CLIP loads
-        inputs.check_root(args.root, args.dataset)  # and a --root that is not there
+        inputs.check_dataset(args)  # an unknown --dataset, a --root that is not there: said now,
+        inputs.check_root(args.root, args.dataset)  # before CLIP loads
     with Run(args, recipe(args), argv, dataset=inputs.dataset_name(args)) as run:
         t_start = time.time()
         random.seed(args.seed)
@@ -329,10 +315,7 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
         torch.manual_seed(args.seed)
         clip_model = clip_model if clip_model is not None else inputs.clip_for(args)
         fingerprint = rundir.weights_fingerprint(clip_model)  # before any precision change
-        if not args.device.startswith("cuda"):
-            threads, why = cpu_threads(args.threads, clip_layers.widths(clip_model)[1])
-            torch.set_num_threads(threads)
-            print(f"CPU threads: {threads} ({why})")
+        run.use_cpu_threads(clip_model)  # on the CPU: --threads, or what suits this CLIP's width
         if benchmarks is None:
             inputs.say_dataset(args)  # the mini world without --dataset, and its crops
         done = run.start(run_identity(args, clip_model, fingerprint, benchmarks))
@@ -346,24 +329,25 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
 # --------------------------------------------------------------------------------------------------
 # The model of a class set, zero-shot CLIP beside the run, the run's identity
 
-def build_for(args, clip_model, b):
-    """The model of benchmark b's class set; a class whose prompt does not fit CLIP's context is
-    named, with the file that defines it."""
+def build_for(args, clip_model, b, seed=None):
+    """The model of benchmark b's class set (its prompts initialised from torch's RNG, seeded with
+    `seed` first if given); a class whose prompt does not fit CLIP's context is named, with the file
+    that defines it."""
+    if seed is not None:
+        torch.manual_seed(seed)
     try:
         return build_model(args, clip_model, b.classnames, b.template)
     except ValueError as e:
         raise inputs.class_name_error(e, b, clip_model.positional_embedding.shape[0]) from None
 
 
-def zero_shot(args, clip_model, autocast, bench, new):
+def zero_shot(args, clip_model, autocast, benches):
     """Zero-shot CLIP's accuracy on the same split, printed beside the run's."""
     zs = {}
-    train_on = "base" if args.subsample == "base2new" else args.subsample
-    for split, b in ((train_on, bench), ("new", new)):
-        if b is not None:
-            engine = clip_engine.Engine(text_chunk=args.text_chunk or None)
-            model = clip_layers.ZeroShotCLIP(clip_model, b.classnames, b.template, engine=engine)
-            zs[split] = evaluate(model.to(args.device), b.test, args, autocast)
+    for split, b in benches.items():
+        engine = clip_engine.Engine(text_chunk=args.text_chunk or None)
+        model = clip_layers.ZeroShotCLIP(clip_model, b.classnames, b.template, engine=engine)
+        zs[split] = evaluate(model.to(args.device), b.test, args, autocast)
     if "new" in zs:
         zs["hm"] = hm(zs["base"], zs["new"])
     print("zero-shot CLIP (same split): " + "  ".join(f"{k} {v:.2f}" for k, v in zs.items()))

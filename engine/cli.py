@@ -1,5 +1,5 @@
 """
-How the command-line entry points end (train.py, protocols.py, data.py, mini_world.py, bench.py):
+How the command-line entry points end (train.py, protocols.py, data.py, python -m world, bench.py):
 
     if __name__ == "__main__":
         cli.run(main)

@@ -1,8 +1,8 @@
 """
-What a run of train.py reads, from its flags: the dataset (a CoOp dataset under --root, a folder of
-your own given as its path (data.own_dataset), or one of the built-in mini world's, drawn there
-first), the CLIP, checkpoints given with --load, and the identity of all of it (what the run
-computes; engine/rundir.py). tools/protocols.py uses it too.
+What a run of train.py reads, from its flags: the dataset (whatever data.py's table or a folder
+of your own names: a CoOp dataset under --root, a built-in mini world dataset, drawn there first,
+or your own), the CLIP, checkpoints given with --load, and the identity of all of it (what the
+run computes; engine/rundir.py). tools/protocols.py uses it too.
 """
 import dataclasses
 import os
@@ -10,7 +10,6 @@ import os
 import data
 from engine import checkpoints
 from engine import rundir
-from world import mini_world
 
 DEFAULT_DATASET = "mini_world"  # no --dataset: the built-in mini world, which needs no download
 
@@ -29,10 +28,7 @@ def name_of(dataset):
 
 def is_world(name):
     """Whether --dataset names one of the mini world's datasets (None: the mini world)."""
-    return mini_world.is_world(name)
-
-
-WORLD_SUITE = mini_world.SUITE  # the mini world's four base-to-new datasets
+    return data.is_world(name)
 
 
 def check_dataset(args):
@@ -43,8 +39,8 @@ def check_dataset(args):
 def check_dataset_name(name):
     if data.is_path(name):
         data.own_dataset(name)  # its folder read (and split once, if it has no split file)
-    elif not is_world(name):
-        data.resolve_name(name, also=mini_world.DATASETS)
+    elif name is not None:
+        data.resolve_name(name)
 
 
 def check_root(root, name):
@@ -66,12 +62,10 @@ def check_root(root, name):
 
 def crop_scale(name):
     """The default smallest area of the training crops: the dataset's (data.DatasetSpec)."""
-    if is_world(name):
-        return mini_world.train_crop_scale(name)  # its WORLD_DATASETS entry
     if data.is_path(name):
         return data.DatasetSpec.crop_scale  # your own dataset: Dassl's
     try:
-        return data.DATASETS[data.resolve_name(name)].crop_scale
+        return data.ALL[data.resolve_name(name_of(name))].crop_scale
     except ValueError:  # an unknown name is said later, with the known ones (check_dataset)
         return data.DatasetSpec.crop_scale
 
@@ -90,23 +84,28 @@ def say_dataset(args):
 
 def benchmark(args, subsample):
     """The few-shot draw over all classes, then the class subsample (data.py)."""
-    if is_world(args.dataset):
-        return mini_world.load_benchmark(dataset_name(args), args.root, args.shots, args.seed,
-                                         subsample)
-    if data.is_path(args.dataset):
-        key, root, spec = data.own_dataset(args.dataset)
-        return data.load_benchmark(key, root, args.shots, args.seed, subsample, spec=spec)
-    return data.load_benchmark(args.dataset, args.root, args.shots, args.seed, subsample)
+    return data.load_benchmark(args.dataset or DEFAULT_DATASET, args.root, args.shots, args.seed,
+                               subsample)
 
 
-def clip_for(args, real=None):
-    """--clip if given; else ViT-B/16 for a real dataset and the mini world's CLIP in the mini world
-    (real: which of the two, when the caller knows better than --dataset)."""
+def check_trainable(bench):
+    """A benchmark to train on has training images (a test-only set has none)."""
+    if not bench.train:
+        raise ValueError(f"--dataset {bench.name} has no training images (a test-only set): "
+                         f"evaluate prompts trained elsewhere with --eval-only --load "
+                         f"CHECKPOINT, or use --method zeroshot")
+
+
+def clip_for(args, dataset=None):
+    """--clip if given; else the CLIP of the dataset (data.DatasetSpec.clip: ViT-B/16, or the
+    mini world's own); `dataset`: the one whose CLIP to take, when the caller knows better than
+    --dataset (a protocol's first dataset)."""
+    name = dataset if dataset is not None else args.dataset
     if args.clip:
         return checkpoints.load_clip(args.clip, args.device)
-    if real if real is not None else not is_world(args.dataset):
-        return checkpoints.load_clip("ViT-B/16", args.device)
-    return mini_world.load_world_clip(device=args.device)
+    if data.is_path(name):
+        return checkpoints.load_clip(data.DatasetSpec.clip, args.device)
+    return checkpoints.load_clip(data.ALL[data.resolve_name(name_of(name))].clip, args.device)
 
 
 def data_fingerprint(args, benchmarks=None):
@@ -114,13 +113,7 @@ def data_fingerprint(args, benchmarks=None):
     yet; or of the Benchmarks passed in."""
     if benchmarks is not None:
         return data.benchmark_fingerprint(benchmarks)
-    if is_world(args.dataset):
-        name = dataset_name(args)
-        mini_world.render_world(args.root, datasets=(name,))  # idempotent: a drawn world is checked
-        return data.split_fingerprint(name, args.root, mini_world.DATASETS[name])
-    if data.is_path(args.dataset):
-        return data.split_fingerprint(*data.own_dataset(args.dataset))
-    return data.split_fingerprint(args.dataset, args.root)
+    return data.split_fingerprint(args.dataset or DEFAULT_DATASET, args.root)
 
 
 def run_identity(args, recipe, cfg, precision, clip_fingerprint, benchmarks=None):

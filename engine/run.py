@@ -81,6 +81,14 @@ class Run:
             self.kept = self.ckpt["epoch"]
         return done
 
+    def use_cpu_threads(self, clip_model):
+        """On the CPU, the threads torch uses (--threads, else cpu_threads' choice for this CLIP),
+        said in the log."""
+        if not self.args.device.startswith("cuda"):
+            threads, why = cpu_threads(self.args.threads, clip_model.visual.conv1.out_channels)
+            torch.set_num_threads(threads)
+            print(f"CPU threads: {threads} ({why})")
+
     def config(self, model):
         """The flags, the recipe as used and the model's config, as plain values."""
         return plain_config(self.args, self.recipe, model)

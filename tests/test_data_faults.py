@@ -44,7 +44,7 @@ def run_world(root, tmp_path, tiny, *flags):
                        "--output", str(tmp_path / "run"), *flags], clip_model=tiny)
 
 
-NEW = mini_world.base_new_labels(mini_world.DATASETS["mini_world"].classes)[1]  # mini_world's new labels, 18..35
+NEW = mini_world.base_new_labels(data.WORLD["mini_world"].classes)[1]  # mini_world's new labels, 18..35
 
 
 def png_header(width, height):
@@ -150,7 +150,7 @@ def test_read_only_root_is_named_and_a_drawn_world_still_reads(tmp_path, small_w
         with pytest.raises(OSError, match=r"--root .*empty: cannot draw the mini world's mini_world there .*"
                                           r"give --root a folder this process can write"):
             mini_world.render_world(empty, datasets=("mini_world",))
-        bench = mini_world.load_benchmark("mini_world", str(drawn), shots=2, seed=1, subsample="base")
+        bench = data.load_benchmark("mini_world", str(drawn), shots=2, seed=1, subsample="base")
         assert len(bench.classnames) == 18
     finally:
         monkeypatch.undo()
@@ -312,7 +312,7 @@ def test_building_the_new_classes_before_training_changes_no_result(tmp_path, ti
     assert b2n["accuracy"]["base"] == base["accuracy"]["base"]
     args = train.get_args(flags)
     args.workers = 0
-    new = mini_world.load_benchmark("mini_world", str(root), 2, 1, "new")
+    new = data.load_benchmark("mini_world", str(root), 2, 1, "new")
     model = train.build_model(args, tiny, new.classnames, new.template)
     checkpoints.load_trainable(model, trained, "the base run's prompts")
     assert train.evaluate(model, new.test, args, nullcontext) == b2n["accuracy"]["new"]

@@ -202,20 +202,20 @@ def test_cli_keeps_the_traceback_of_a_bug():
             cli.run(main, [])
 
 
-ENTRY_POINTS = ("train.py", "tools/protocols.py", "data.py", "world/mini_world.py", "bench.py")
+ENTRY_POINTS = ("train.py", "tools/protocols.py", "data.py", "world/__main__.py", "bench.py")
 
 
 def test_entry_points_print_one_line_errors(tmp_path, capsys):
     """Each command line's user errors through cli.run: a missing CLIP file, a missing dataset, a --root that is a
     file; and every entry point's `__main__` is cli.run(main)."""
     import data
-    from world import mini_world
+    import world.__main__ as world_cli
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     no_clip = str(tmp_path / "no_such_clip.pt")
     for main, argv in ((protocols.main, ["base2new", "--clip", no_clip, "--output", str(tmp_path / "out")]),
                        (data.main, ["--root", str(tmp_path / "no_such_root"), "--dataset", "eurosat"]),
-                       (mini_world.main, ["--render", "--root", str(a_file / "inside")])):
+                       (world_cli.main, ["--render", "--root", str(a_file / "inside")])):
         with pytest.raises(SystemExit) as e:
             cli.run(main, argv)
         err = capsys.readouterr().err

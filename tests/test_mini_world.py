@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import clip_layers
 from conftest import SMALL_WORLD
+import data
+import world.__main__ as world_cli
 from world import mini_world, pretrain, report
 
 SMALL = SMALL_WORLD  # the sizes conftest's small_world fixture draws
@@ -81,7 +83,7 @@ def test_split_json_schema_and_counts(tmp_path, small_world):
     folders = mini_world.render_world(tmp_path)
     n_classes = {"mini_world": 36, "mini_world_fine": 16, "mini_world_texture": 8, "mini_world_satellite": 16,
                  "mini_world_xd": 24, "mini_world_shift": 36}
-    assert set(folders) == set(n_classes) and all(mini_world.DATASETS[n].classes == k for n, k in n_classes.items())
+    assert set(folders) == set(n_classes) and all(data.WORLD[n].classes == k for n, k in n_classes.items())
     for name, folder in folders.items():
         with open(os.path.join(folder, mini_world.WORLD_SPLIT_FILES[name])) as f:
             split = json.load(f)
@@ -267,11 +269,14 @@ def test_the_shipped_world_clip_meets_the_worlds_targets(tmp_path, model, capsys
 
 
 def test_the_training_crop_is_the_datasets_own(monkeypatch):
-    """train.py's --crop-scale default in the world is the dataset's crop_scale (world/mini_world.py), not the method's;
-    the benchmarks keep Dassl's 0.08, and a flag given wins."""
+    """train.py's --crop-scale default in the world is the dataset's crop_scale (world/mini_world.py, through data.py's
+    table), not the method's; the benchmarks keep Dassl's 0.08, and a flag given wins."""
+    import dataclasses
     import train
-    monkeypatch.setitem(mini_world.WORLD_DATASETS["mini_world_fine"], "crop_scale", 0.7)
+    assert all(data.WORLD[n].crop_scale == cfg["crop_scale"] for n, cfg in mini_world.WORLD_DATASETS.items())
+    monkeypatch.setitem(data.ALL, "mini_world_fine", dataclasses.replace(data.ALL["mini_world_fine"], crop_scale=0.7))
     assert train.get_args(["--dataset", "mini_world_fine"]).crop_scale == 0.7
+    monkeypatch.setitem(mini_world.WORLD_DATASETS["mini_world_fine"], "crop_scale", 0.7)
     for method in ("mpl", "isp"):
         assert train.get_args(["--method", method]).crop_scale == mini_world.WORLD_DATASETS["mini_world"]["crop_scale"]
     assert train.get_args(["--dataset", "eurosat"]).crop_scale == 0.08
@@ -389,14 +394,14 @@ def test_pretrain_writes_beside_the_shipped_weights_and_weights_selects_what_loa
     monkeypatch.setattr(mini_world, "load_world_clip", lambda path: calls.append(("load", path)))
     monkeypatch.setattr(mini_world, "render_world", lambda root: None)
     monkeypatch.setattr(report, "world_report", lambda model, root: None)
-    mini_world.main(["--pretrain"])
+    world_cli.main(["--pretrain"])
     assert calls == [("write", mini_world.NEW_CLIP_PATH), ("load", mini_world.NEW_CLIP_PATH)]
     assert os.path.dirname(mini_world.NEW_CLIP_PATH) == os.path.dirname(mini_world.WORLD_CLIP_PATH)
     assert mini_world.NEW_CLIP_PATH != mini_world.WORLD_CLIP_PATH
     calls.clear()
-    mini_world.main(["--pretrain", "--weights", str(tmp_path / "w.pt")])
-    mini_world.main(["--report"])
-    mini_world.main(["--report", "--weights", str(tmp_path / "w.pt")])
+    world_cli.main(["--pretrain", "--weights", str(tmp_path / "w.pt")])
+    world_cli.main(["--report"])
+    world_cli.main(["--report", "--weights", str(tmp_path / "w.pt")])
     assert calls == [("write", str(tmp_path / "w.pt")), ("load", str(tmp_path / "w.pt")),
                      ("load", mini_world.WORLD_CLIP_PATH), ("load", str(tmp_path / "w.pt"))]
 

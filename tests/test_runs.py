@@ -78,10 +78,10 @@ def programs():
     import bench
     import data
     from tools import protocols
-    from world import mini_world
+    import world.__main__ as world_cli
     return {"train.py": (train.get_args, []), "train.py --method isp": (train.get_args, ["--method", "isp"]),
             "data.py": (data.main, []), "bench.py": (bench.main, []), "protocols.py": (protocols.main, ["summary"]),
-            "mini_world.py": (mini_world.main, [])}
+            "python -m world": (world_cli.main, [])}
 
 
 @pytest.mark.parametrize("program", list(programs()))
@@ -117,13 +117,13 @@ def test_data_check_reads_the_mini_world(tmp_path, capsys):
 
 def test_every_program_takes_its_root_from_data_the_same_way(monkeypatch):
     import data
-    from world import mini_world
+    import world.__main__ as world_cli
     for value, expected in (("/somewhere/DATA", "/somewhere/DATA"), (None, "data")):
         if value is None:
             monkeypatch.delenv("DATA", raising=False)
         else:
             monkeypatch.setenv("DATA", value)
-        for main, argv in ((train.get_args, []), (data.main, []), (mini_world.main, [])):
+        for main, argv in ((train.get_args, []), (data.main, []), (world_cli.main, [])):
             assert parser_of(main, argv, monkeypatch).get_default("root") == expected
 
 

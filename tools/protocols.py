@@ -41,9 +41,11 @@ B2N = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers
        "sun397", "dtd", "eurosat", "ucf101"]                         # base-to-new: 11 datasets
 XD_SOURCE, XD_TARGETS = "imagenet", B2N[1:]       # cross-dataset: train on ImageNet, test the other 10
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # domain generalisation
-# The same three protocols in the built-in mini world (no download): mini_world.py's suite of four base-to-new
-# datasets (generic, fine-grained, texture, satellite), its cross-dataset target and its domain-shift target.
-WORLD = dict(b2n=list(inputs.WORLD_SUITE), source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
+# The same three protocols in the built-in mini world (no download): its suite of four base-to-new datasets
+# (generic, fine-grained, texture, satellite: world/mini_world.py), its cross-dataset target and its domain-shift
+# target.
+WORLD = dict(b2n=["mini_world", "mini_world_fine", "mini_world_texture", "mini_world_satellite"],
+             source="mini_world", xd=["mini_world_xd"], dg=["mini_world_shift"])
 
 
 def papers_datasets(argv, datasets=None, dataset=None):
@@ -68,7 +70,7 @@ def run_protocol(protocol, argv, datasets=None, seeds=(1, 2, 3), out="output", c
         inputs.check_dataset_name(name)
     real = papers_datasets(argv, datasets, args.dataset)
     if clip_model is None:
-        clip_model = inputs.clip_for(args, real)
+        clip_model = inputs.clip_for(args, (datasets or [B2N[0] if real else WORLD["source"]])[0])
     fingerprint = rundir.weights_fingerprint(clip_model)
     method = args.method + ("_xd" if args.cross_dataset else "")
     results, pending = [], []

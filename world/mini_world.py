@@ -3,14 +3,15 @@ The mini world: a procedurally drawn benchmark suite and a small CLIP pre-traine
 prompt-learning pipeline (few-shot sampling, base-to-new, cross-dataset and domain-shift evaluation) runs offline,
 without CLIP's weights or any download, on a laptop CPU. It is what `python train.py --method mpl --shots 16` runs.
 
-    python -m world.mini_world --render --root data    # draw the datasets (train.py draws the one it needs on first use)
-    python -m world.mini_world --report --root data    # the world's targets on its CLIP: zero-shot, frames, probes
-    python -m world.mini_world --pretrain              # re-train the CLIP (world/pretrain.py) into a new file
+    python -m world --render --root data    # draw the datasets (train.py draws the one it needs on first use)
+    python -m world --report --root data    # the world's targets on its CLIP: zero-shot, frames, probes
+    python -m world --pretrain              # re-train the CLIP (world/pretrain.py) into a new file
 
 A class is a combination of attribute words, e.g. "red striped circle". Images of one class vary in position, size,
 rotation, shade, pattern scale and angle, background and noise, so telling classes apart is a real (small) recognition
 task. The datasets are written to disk in CoOp's layout (a `split_zhou_*.json` next to an `images/` folder) and read by
-data.py's loader like any CoOp dataset.
+data.py's loader like any CoOp dataset: data.py's table lists them (data.WORLD, from SPECS below) and draws one under
+--root the first time it is read. This file imports nothing of the project but clip_layers, so data.py can import it.
 
 The suite: four base-to-new datasets, each a miniature of a kind of benchmark dataset
 -------------------------------------------------------------------------------------
@@ -67,7 +68,6 @@ ViT-B/16, 12 layers per tower, 32 x 32 images in 4 x 4 patches, shipped in asset
 Deliberately left out: realism. This is a toy to check that code runs and that prompts learn what the papers say they
 learn; its numbers say nothing about the real benchmarks.
 """
-import argparse
 import colorsys
 import contextlib
 import hashlib
@@ -87,7 +87,6 @@ except ImportError:
     fcntl = None
 
 import clip_layers
-import data
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary. Every word here is a plain English word that OpenAI's BPE tokenizer knows.
@@ -194,14 +193,15 @@ def _n_classes(cfg):
     return math.prod(len(cfg[k + "s"]) for k in cfg["named"])
 
 
-# The same datasets as CoOp datasets: data.py reads them like any other split_zhou_*.json tree (expected counts:
-# classes, train, val, test images, from split_sizes above).
-DATASETS = {  # DatasetSpec(coop_name, section, dir, image_dir, split_file, reader, template, classes, train, val, test)
-    name: data.DatasetSpec(SPLIT_FILE_NAMES[name], "(built in)", name, "images",
-                           f"split_zhou_{SPLIT_FILE_NAMES[name]}.json", "json", cfg["template"], _n_classes(cfg),
-                           *(_n_classes(cfg) * n for n in cfg["split_sizes"]), crop_scale=cfg["crop_scale"])
-    for name, cfg in WORLD_DATASETS.items()}
-WORLD_SPLIT_FILES = {name: spec.split_file for name, spec in DATASETS.items()}
+# The same datasets as CoOp datasets, as the fields of data.DatasetSpec (data.WORLD): data.py reads them like any other
+# split_zhou_*.json tree (expected counts: classes, and train, val, test images from split_sizes above).
+SPECS = {name: dict(coop_name=SPLIT_FILE_NAMES[name], dir=name, image_dir="images",
+                    split_file=f"split_zhou_{SPLIT_FILE_NAMES[name]}.json", reader="json", template=cfg["template"],
+                    classes=_n_classes(cfg), **dict(zip(("train", "val", "test"),
+                                                        (_n_classes(cfg) * n for n in cfg["split_sizes"]))),
+                    crop_scale=cfg["crop_scale"])
+         for name, cfg in WORLD_DATASETS.items()}
+WORLD_SPLIT_FILES = {name: spec["split_file"] for name, spec in SPECS.items()}
 WORLD_IMAGE_SIZE = 32  # pixels; equals the world CLIP's input resolution, so Resize + CenterCrop are no-ops
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges and stripes without any extra dependency
 WORLD_VERSION = 3  # bump whenever rendering changes, so render_world() re-renders stale folders
@@ -465,8 +465,10 @@ def _read_manifest(path):
 def _ours(out, name):
     """Does `out` hold only what render_world and the few-shot caches write, or our manifest? Anything else means it is
     someone's folder, which we never touch."""
-    return os.path.exists(os.path.join(out, "world_manifest.json")) or set(os.listdir(out)) <= {
-        "images", WORLD_SPLIT_FILES[name], "world_manifest.json", data.FEWSHOT_CACHE_DIR, "split_fewshot"}
+    # split_fewshot*: data.py's few-shot caches (split_fewshot_ref/) and Dassl's (split_fewshot/)
+    return os.path.exists(os.path.join(out, "world_manifest.json")) or all(
+        f in ("images", WORLD_SPLIT_FILES[name], "world_manifest.json") or f.startswith("split_fewshot")
+        for f in os.listdir(out))
 
 
 @contextlib.contextmanager
@@ -488,7 +490,7 @@ def _draw_lock(root, name):
                                          ) from None
             raise type(e)(f"--root {root}: cannot draw the mini world's {name} there ({e.strerror or e}); give "
                           f"--root a folder this process can write, or draw the world once where it can ("
-                          f"python -m world.mini_world --render --root FOLDER) and point --root at it") from None
+                          f"python -m world --render --root FOLDER) and point --root at it") from None
         if fcntl is None:  # no flock on this system: draw unguarded
             break
         try:
@@ -600,14 +602,6 @@ WORLD_CLIP_PATH = os.path.join(PROJECT, "assets", "mini_world_clip.pt")  # shipp
 NEW_CLIP_PATH = os.path.join(PROJECT, "assets", "mini_world_clip.new.pt")  # where --pretrain writes unless told
 
 
-def images_to_tensor(images):
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float, normalised as CLIP's preprocess does (images are already at size)."""
-    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def load_world_clip(path=None, device="cpu"):
     """The shipped world CLIP, through CLIP's own loading path, as a frozen fp32 model in eval mode."""
     state_dict = torch.load(path or WORLD_CLIP_PATH, map_location="cpu", weights_only=True)
@@ -621,52 +615,3 @@ def load_world_clip(path=None, device="cpu"):
 def read_world_split(root, name):
     with open(os.path.join(root, name, WORLD_SPLIT_FILES[name])) as f:
         return json.load(f)
-
-
-def train_crop_scale(name):
-    """The smallest crop area of world dataset `name`'s training augmentation (its crop_scale; None: mini_world)."""
-    return WORLD_DATASETS[name or "mini_world"]["crop_scale"]
-
-
-def is_world(name):
-    """True for the world's dataset names (and for no --dataset at all, which means the mini world)."""
-    return name is None or name in DATASETS
-
-
-def load_benchmark(name, root, shots, seed, subsample="all"):
-    """data.load_benchmark for a world dataset, drawn under `root` first if it is not there yet (idempotent)."""
-    render_world(root, datasets=(name,))
-    return data.load_benchmark(name, root, shots, seed, subsample, spec=DATASETS[name])
-
-
-def main(argv=None):
-    from engine import cli
-    p = argparse.ArgumentParser(prog="python -m world.mini_world", description=__doc__,
-                                formatter_class=cli.HelpFormatter)
-    p.add_argument("--root", default=os.environ.get("DATA", "data"), help="where the world's datasets are drawn, as "
-                   "train.py's --root (<root>/mini_world*); default: $DATA if set, else data")
-    p.add_argument("--render", action="store_true", help="draw the world's datasets under --root")
-    p.add_argument("--pretrain", action="store_true", help="pre-train a world CLIP (world/pretrain.py) into --weights, "
-                   f"by default {os.path.relpath(NEW_CLIP_PATH, PROJECT)} beside the shipped weights, never over them "
-                   "unless --weights names them, then print its report (--report)")
-    p.add_argument("--report", action="store_true", help="the report of --weights (world/report.py): zero-shot "
-                   "accuracy, the datasets' own templates, 1/4/16-shot and all-image linear probes, the targets met")
-    p.add_argument("--weights", help="the world CLIP file to read (--report; default: the shipped "
-                   f"{os.path.relpath(WORLD_CLIP_PATH, PROJECT)}) or to write (--pretrain)")
-    args = p.parse_args(argv)
-    if not (args.render or args.pretrain or args.report):
-        p.error("give --render, --pretrain or --report")
-    weights = args.weights or (NEW_CLIP_PATH if args.pretrain else WORLD_CLIP_PATH)
-    if args.pretrain:
-        from world import pretrain  # the caption grammar and the training loop: only needed here
-        pretrain.pretrain_world_clip(weights)
-    render_world(args.root)
-    if args.pretrain or args.report:
-        from world import report  # zero-shot, frames and probes: only needed here
-        report.world_report(load_world_clip(weights), args.root)
-    return 0
-
-
-if __name__ == "__main__":
-    from engine import cli  # one line `error: ...` for the user's errors, a traceback for bugs
-    cli.run(main)

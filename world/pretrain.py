@@ -1,9 +1,9 @@
 """
 Pre-training the mini world's CLIP: the caption grammar and the contrastive loop that wrote assets/mini_world_clip.pt.
-Only `python -m world.mini_world --pretrain` needs this file; drawing the datasets and loading the shipped CLIP are in
+Only `python -m world --pretrain` needs this file; drawing the datasets and loading the shipped CLIP are in
 world/mini_world.py.
 
-    python -m world.mini_world --pretrain    # writes assets/mini_world_clip.new.pt (or --weights), not the shipped one
+    python -m world --pretrain    # writes assets/mini_world_clip.new.pt (or --weights), not the shipped one
 
 The world's CLIP: a miniature of ViT-B/16 where its shape decides what prompt methods can do
 ---------------------------------------------------------------------------------------------
@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 
 import clip_layers
+from data import images_to_tensor
 from engine import rundir
 from world.mini_world import (BASIC_COLOURS, NEW_CLIP_PATH, SHADE_FAMILY, TEXTURE, WORLD_COLOURS, WORLD_IMAGE_SIZE,
-                              WORLD_PATTERNS, WORLD_SHAPES, images_to_tensor, render_image)
+                              WORLD_PATTERNS, WORLD_SHAPES, render_image)
 
 PRETRAIN_STREAM_ID = 100  # the pre-training images come from their own seed stream, never from a benchmark split
 

@@ -1,9 +1,9 @@
 """
 The mini world's report: what its frozen CLIP knows before any prompt method runs, checked against the targets the
-world was designed to meet (world/mini_world.py's header). Only `python -m world.mini_world --report` (and
+world was designed to meet (world/mini_world.py's header). Only `python -m world --report` (and
 `--pretrain`, after training) needs this file.
 
-    python -m world.mini_world --report --root data
+    python -m world --report --root data
 
 Per dataset: zero-shot top-1 with "a photo of a {}." on base, new and all classes, zero-shot on base with the dataset's
 own template (CoOp gives each benchmark one), and linear probes on the frozen image features of the base classes with
@@ -18,8 +18,8 @@ from PIL import Image
 
 import clip_layers
 import data
-from world.mini_world import (DATASETS, SUITE, WORLD_DATASETS, WORLD_SPLIT_FILES, base_new_labels, images_to_tensor,
-                              read_world_split, train_crop_scale)
+from data import WORLD as DATASETS, images_to_tensor
+from world.mini_world import SUITE, WORLD_DATASETS, WORLD_SPLIT_FILES, base_new_labels, read_world_split
 
 # -----------------------------------------------------------------------------
 # Zero-shot accuracy
@@ -137,7 +137,7 @@ def dataset_report(model, root, name):
         # training augmentation (the views training sees; mean of AUG_DRAWS draws)
         train = encode_split(model, root, name, "train")
         row["train"] = zero_shot_accuracy(model, root, name, classes="base", encoded=train)
-        augment = data.train_transform(model.visual.input_resolution, train_crop_scale(name))
+        augment = data.train_transform(model.visual.input_resolution, DATASETS[name].crop_scale)
         row["aug"] = sum(zero_shot_accuracy(model, root, name, classes="base", encoded=encode_split(
             model, root, name, "train", transform=augment, seed=seed)) for seed in AUG_DRAWS) / len(AUG_DRAWS)
         train_x, train_y, _ = subset(train, "base")

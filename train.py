@@ -77,8 +77,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     add = p.add_argument
     add("--method", default="mpl", choices=list(RECIPES), help="which method")
-    add("--dataset", default=None, help="a CoOp dataset (eurosat, imagenet, ...; see data.py); "
-        "default: the built-in mini world (world/mini_world.py), which needs no download")
+    add("--dataset", default=None, help="a dataset of data.py's table (eurosat, imagenet, ..., "
+        "mini_world_fine, ...) or the folder of your own (path/to/mydata: see the README); "
+        "default: the built-in mini world, which needs no download")
     add("--root", default=os.environ.get("DATA", "data"), help="the datasets' folder: the CoOp "
         "tree ($DATA), where the mini world is also drawn (<root>/mini_world*); default: $DATA if "
         "set, else data")
@@ -152,11 +153,11 @@ def recipe(args):
             args.batch_size if args.batch_size is not None else r.batch_size)
 
 
-def build_model(args, clip_model, classnames, template):
-    """The method on the frozen CLIP, its encoders run by the engine: exact speed-ups of
-    clip_layers' plain loops (engine/clip_engine.py), the same numbers."""
+def build_model(args, clip_model, classnames, template, method=None):
+    """The method (default --method) on the frozen CLIP, its encoders run by the engine: exact
+    speed-ups of clip_layers' plain loops (engine/clip_engine.py), the same numbers."""
     engine = clip_engine.Engine(text_chunk=args.text_chunk or None)  # classes per text pass
-    if args.method == "zeroshot":
+    if (method or args.method) == "zeroshot":
         return clip_layers.ZeroShotCLIP(clip_model, classnames, template, engine=engine)
     return RECIPES[args.method].model(clip_model, classnames, method_config(args), engine=engine)
 
@@ -345,8 +346,7 @@ def zero_shot(args, clip_model, autocast, benches):
     """Zero-shot CLIP's accuracy on the same split, printed beside the run's."""
     zs = {}
     for split, b in benches.items():
-        engine = clip_engine.Engine(text_chunk=args.text_chunk or None)
-        model = clip_layers.ZeroShotCLIP(clip_model, b.classnames, b.template, engine=engine)
+        model = build_model(args, clip_model, b.classnames, b.template, "zeroshot")
         zs[split] = evaluate(model.to(args.device), b.test, args, autocast)
     if "new" in zs:
         zs["hm"] = hm(zs["base"], zs["new"])

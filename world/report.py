@@ -160,6 +160,8 @@ def report_targets(rows):
     names = [name for name in SUITE if name in rows]
     mean = lambda key: sum(rows[n][key] for n in names) / len(names)
     gain = lambda name, key: rows[name][key] - rows[name]["base"]  # over zero-shot on base
+    # over zero-shot on base with the dataset's own template: CoOp's baseline, what prompts must beat
+    over_own = lambda name, key: rows[name][key] - rows[name]["own"]
     framed = [name for name in names if DATASETS[name].template != GENERIC_TEMPLATE]
     inf = float("inf")
     targets = [  # (description, value, lowest allowed, highest allowed)
@@ -170,9 +172,10 @@ def report_targets(rows):
         *[(f"{name}: its own frame minus the generic one, base >= 5", gain(name, "own"), 5, inf) for name in framed],
         ("probe on all train images minus zero-shot, base, suite average >= 15", mean("probe all") - mean("base"),
          15, inf),
-        *[(f"{name}: probe on all train images minus zero-shot, base >= 3", gain(name, "probe all"), 3, inf)
-          for name in names],
-        *[(f"{name}: 16-shot probe minus zero-shot, base >= -2", gain(name, "probe 16"), -2, inf) for name in names],
+        *[(f"{name}: probe on all train images minus zero-shot with its own template, base >= 3",
+           over_own(name, "probe all"), 3, inf) for name in names],
+        *[(f"{name}: 16-shot probe minus zero-shot with its own template, base >= -2", over_own(name, "probe 16"),
+           -2, inf) for name in names],
         *[(f"{name}: zero-shot on augmented minus clean training views, base >= -{AUG_TOLERANCE:g}",
            rows[name]["aug"] - rows[name]["train"], -AUG_TOLERANCE, inf) for name in names],
     ]

@@ -256,7 +256,7 @@ def hm(base, new):
 
 def base_to_new(args, run, clip_model, benchmarks=None):
     """Train on the base classes (or all / base / new), evaluate; returns (results, the model, whether
-    it trained). `benchmarks`: {"base": Benchmark, "new": Benchmark} given by a test or a protocol."""
+    it trained). `benchmarks`: {"base": Benchmark, "new": Benchmark} from a test or a protocol."""
     train_on = "base" if args.subsample == "base2new" else args.subsample
     splits = [train_on] + (["new"] if args.subsample == "base2new" else [])
     benches = {k: benchmarks[k] if benchmarks else inputs.benchmark(args, k) for k in splits}

@@ -259,10 +259,15 @@ def base_to_new(args, run, clip_model, benchmarks=None):
     it trained). `benchmarks`: {"base": Benchmark, "new": Benchmark} from a test or a protocol."""
     train_on = "base" if args.subsample == "base2new" else args.subsample
     splits = [train_on] + (["new"] if args.subsample == "base2new" else [])
-    benches = {k: benchmarks[k] if benchmarks else inputs.benchmark(args, k) for k in splits}
-    # Both models are built now, so that a fault in the new classes (a missing test image, a class
-    # name too long for CLIP) stops the run before the training, not after it.
-    models = {k: build_for(args, clip_model, benches[k], seed=args.seed) for k in reversed(splits)}
+    benches = {k: benchmarks[k] if benchmarks is not None else inputs.benchmark(args, k)
+               for k in splits}
+    # Both models are built now, the new classes' first, so that a fault in them (a missing test
+    # image, a class name too long for CLIP) stops the run before the training, not after it.
+    models = {}
+    for k in reversed(splits):
+        if k == train_on:
+            torch.manual_seed(args.seed)  # prompt initialisation draws from the torch RNG
+        models[k] = build_for(args, clip_model, benches[k])
     bench, model = benches[train_on], models[train_on].to(args.device)
     autocast, scaler, precision = precision_setup(args.precision, args.device, model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -296,7 +301,7 @@ def base_to_new(args, run, clip_model, benchmarks=None):
                    identity=run.identity, trainable_params=n_trainable, sec_per_step=sec_per_step,
                    precision=precision, device=args.device, load_sha256=load_sha256,
                    history=history, per_class_accuracy=per_class)
-    if args.method != "zeroshot" and benchmarks is None and inputs.is_world(args.dataset):
+    if args.method != "zeroshot" and benchmarks is None and data.is_world(args.dataset):
         results["zeroshot"] = zero_shot(args, clip_model, autocast, benches)  # cheap here
     return results, model, trains
 
@@ -330,12 +335,9 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
 # --------------------------------------------------------------------------------------------------
 # The model of a class set, zero-shot CLIP beside the run, the run's identity
 
-def build_for(args, clip_model, b, seed=None):
-    """The model of benchmark b's class set (its prompts initialised from torch's RNG, seeded with
-    `seed` first if given); a class whose prompt does not fit CLIP's context is named, with the file
-    that defines it."""
-    if seed is not None:
-        torch.manual_seed(seed)
+def build_for(args, clip_model, b):
+    """The model of benchmark b's class set; a class whose prompt does not fit CLIP's context is
+    named, with the file that defines it."""
     try:
         return build_model(args, clip_model, b.classnames, b.template)
     except ValueError as e:

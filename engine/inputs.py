@@ -26,11 +26,6 @@ def name_of(dataset):
     return dataset or DEFAULT_DATASET
 
 
-def is_world(name):
-    """Whether --dataset names one of the mini world's datasets (None: the mini world)."""
-    return data.is_world(name)
-
-
 def check_dataset(args):
     """An unknown --dataset, said before CLIP loads."""
     check_dataset_name(args.dataset)
@@ -46,7 +41,7 @@ def check_dataset_name(name):
 def check_root(root, name):
     """A --root that is not a folder, for a CoOp dataset (read from there), said before CLIP loads.
     The mini world is drawn there, so for it a new folder is fine."""
-    if is_world(name) or os.path.isdir(root):
+    if data.is_world(name) or os.path.isdir(root):
         return
     try:
         key = data.resolve_name(name)
@@ -60,12 +55,18 @@ def check_root(root, name):
                                 f"set $DATA")
 
 
+def spec_of(name):
+    """The DatasetSpec whose defaults a run on --dataset takes (crop_scale, clip): its entry in
+    data.py's table, or for a folder of your own the defaults (Dassl's crops, ViT-B/16)."""
+    if data.is_path(name):
+        return data.OWN_SPEC
+    return data.ALL[data.resolve_name(name_of(name))]
+
+
 def crop_scale(name):
     """The default smallest area of the training crops: the dataset's (data.DatasetSpec)."""
-    if data.is_path(name):
-        return data.DatasetSpec.crop_scale  # your own dataset: Dassl's
     try:
-        return data.ALL[data.resolve_name(name_of(name))].crop_scale
+        return spec_of(name).crop_scale
     except ValueError:  # an unknown name is said later, with the known ones (check_dataset)
         return data.DatasetSpec.crop_scale
 
@@ -76,7 +77,7 @@ def say_dataset(args):
         print("no --dataset given: running in the built-in mini world (world/mini_world.py). For "
               "the real benchmark: python train.py --method mpl --dataset eurosat --root $DATA "
               "--clip ViT-B/16")
-    if is_world(args.dataset):
+    if data.is_world(args.dataset):
         print(f"mini world: training crops keep at least {args.crop_scale:.0%} of the 32-pixel "
               f"image, then flips (the dataset's crop_scale, world/mini_world.py; --crop-scale; "
               f"Dassl's 0.08 on the benchmarks)")
@@ -101,11 +102,7 @@ def clip_for(args, dataset=None):
     mini world's own); `dataset`: the one whose CLIP to take, when the caller knows better than
     --dataset (a protocol's first dataset)."""
     name = dataset if dataset is not None else args.dataset
-    if args.clip:
-        return checkpoints.load_clip(args.clip, args.device)
-    if data.is_path(name):
-        return checkpoints.load_clip(data.DatasetSpec.clip, args.device)
-    return checkpoints.load_clip(data.ALL[data.resolve_name(name_of(name))].clip, args.device)
+    return checkpoints.load_clip(args.clip or spec_of(name).clip, args.device)
 
 
 def data_fingerprint(args, benchmarks=None):

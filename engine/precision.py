@@ -8,9 +8,9 @@ import torch
 import clip_layers
 
 PRECISIONS = ["auto", "fp32", "bf16", "amp", "fp16"]
-PRECISION_HELP = ("auto: fp32 on CPU, bf16 autocast on CUDA. fp32: TF32 off. bf16: bf16 autocast (CUDA or "
-        "CPU). amp: fp16 autocast + GradScaler (CUDA). fp16: the whole model in fp16 with plain "
-        "SGD, as the official code runs (for parity checks)")
+PRECISION_HELP = ("auto: fp32 on CPU, bf16 autocast on CUDA. fp32: TF32 off. bf16: bf16 autocast "
+                  "(CUDA or CPU). amp: fp16 autocast + GradScaler (CUDA). fp16: the whole model in "
+                  "fp16 with plain SGD, as the official code runs (for parity checks)")
 
 
 def resolve_precision(precision, device):

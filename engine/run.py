@@ -32,6 +32,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from tqdm import tqdm
 
+import clip_layers
 from engine import checkpoints
 from engine import rundir
 
@@ -85,7 +86,7 @@ class Run:
         """On the CPU, the threads torch uses (--threads, else cpu_threads' choice for this CLIP),
         said in the log."""
         if not self.args.device.startswith("cuda"):
-            threads, why = cpu_threads(self.args.threads, clip_model.visual.conv1.out_channels)
+            threads, why = cpu_threads(self.args.threads, clip_layers.widths(clip_model)[1])
             torch.set_num_threads(threads)
             print(f"CPU threads: {threads} ({why})")
 

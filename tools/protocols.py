@@ -53,7 +53,7 @@ def papers_datasets(argv, datasets=None, dataset=None):
     given on the command line (a CoOp tree). $DATA alone chooses nothing: like train.py, a protocol without --root or
     --datasets runs the mini world's analogues, drawn under --root's default ($DATA if set, else data)."""
     if datasets or dataset:
-        return not inputs.is_world(datasets[0] if datasets else dataset)
+        return not data.is_world(datasets[0] if datasets else dataset)
     return any(a == "--root" or a.startswith("--root=") for a in argv)
 
 
@@ -388,7 +388,7 @@ def _mismatch(r, protocol, method_dir, dataset_dir, shots, seed):
 def _dataset_key(name):
     """The dataset a run directory names, as results.json records it (--dataset EuroSAT runs eurosat)."""
     try:
-        return name if inputs.is_world(name) else data.resolve_name(name)
+        return name if data.is_world(name) else data.resolve_name(name)
     except (KeyError, ValueError):
         return name
 
@@ -507,7 +507,7 @@ def _no_published(method, datasets, anchors):
     """Why a method's column group has no published numbers beside it."""
     if " shots" in method:
         return f"{method}: no published numbers (the papers' numbers are 16-shot runs)"
-    if all(inputs.is_world(d) for d in datasets):
+    if all(data.is_world(d) for d in datasets):
         return f"{method}: no published numbers for the mini world (its numbers are not comparable to the papers')"
     if not anchors:
         return f"{method}: no published numbers (only zero-shot CLIP, MaPLe and IVLP's are stored: ANCHORS)"

@@ -18,7 +18,7 @@ from PIL import Image
 
 import clip_layers
 import data
-from data import WORLD as DATASETS, images_to_tensor
+from data import WORLD, images_to_tensor
 from world.mini_world import SUITE, WORLD_DATASETS, WORLD_SPLIT_FILES, base_new_labels, read_world_split
 
 # -----------------------------------------------------------------------------
@@ -130,14 +130,14 @@ def dataset_report(model, root, name):
     test = encode_split(model, root, name, "test")
     for classes in ("base", "new", "all"):
         row[classes] = zero_shot_accuracy(model, root, name, classes=classes, encoded=test)
-    row["own"] = zero_shot_accuracy(model, root, name, classes="base", template=DATASETS[name].template,
+    row["own"] = zero_shot_accuracy(model, root, name, classes="base", template=WORLD[name].template,
                                     encoded=test)
     if WORLD_DATASETS[name]["split_sizes"][0]:
         # the training images the prompts learn from, as the frozen CLIP reads them: clean, and through the dataset's
         # training augmentation (the views training sees; mean of AUG_DRAWS draws)
         train = encode_split(model, root, name, "train")
         row["train"] = zero_shot_accuracy(model, root, name, classes="base", encoded=train)
-        augment = data.train_transform(model.visual.input_resolution, DATASETS[name].crop_scale)
+        augment = data.train_transform(model.visual.input_resolution, WORLD[name].crop_scale)
         row["aug"] = sum(zero_shot_accuracy(model, root, name, classes="base", encoded=encode_split(
             model, root, name, "train", transform=augment, seed=seed)) for seed in AUG_DRAWS) / len(AUG_DRAWS)
         train_x, train_y, _ = subset(train, "base")
@@ -162,7 +162,7 @@ def report_targets(rows):
     gain = lambda name, key: rows[name][key] - rows[name]["base"]  # over zero-shot on base
     # over zero-shot on base with the dataset's own template: CoOp's baseline, what prompts must beat
     over_own = lambda name, key: rows[name][key] - rows[name]["own"]
-    framed = [name for name in names if DATASETS[name].template != GENERIC_TEMPLATE]
+    framed = [name for name in names if WORLD[name].template != GENERIC_TEMPLATE]
     inf = float("inf")
     targets = [  # (description, value, lowest allowed, highest allowed)
         ("zero-shot base, suite average, in [55, 75]", mean("base"), 55, 75),
@@ -202,7 +202,7 @@ def world_report(model, root):
     for name, row in rows.items():
         print(f"{name:22s} " + " ".join(f"{row[c]:6.1f}" if c in row else f"{'-':>6s}" for c in cols) + " "
               + " ".join(f"{row[p]:9.1f}" if p in row else f"{'-':>9s}" for p in probes)
-              + f"  {DATASETS[name].template!r}")
+              + f"  {WORLD[name].template!r}")
     suite = [rows[n] for n in SUITE if n in rows]
     if len(suite) == len(SUITE):
         print(f"{'suite average':22s} " + " ".join(f"{sum(r[k] for r in suite) / len(suite):6.1f}" for k in cols)

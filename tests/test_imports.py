@@ -11,7 +11,9 @@ def project_modules():
     """{module name: path} of every .py file of the project (tests included)."""
     mods = {}
     for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if d not in SKIP and not d.startswith(".")]
+        # not the data or run folders, nor a virtual environment of any name (it holds pyvenv.cfg)
+        dirs[:] = [d for d in dirs if d not in SKIP and not d.startswith(".")
+                   and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
         for f in files:
             if f.endswith(".py"):
                 rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")

@@ -29,8 +29,8 @@ def cpu_defaults(monkeypatch):
     """The tests mean the CPU, also where a GPU is visible: --device defaults to cpu (and so --workers to 0) in every
     train.get_args, so train.main and the protocols never move the shared tiny CLIP to CUDA, and a fault planted in a
     dataset's __getitem__ runs in this process. Tests for CUDA give --device cuda and skip without a GPU."""
-    import train  # (imported here: conftest is loaded before the test files choose what they import)
-    monkeypatch.setattr(train, "default_device", lambda: "cpu")
+    import engine.run  # (imported here: conftest is loaded before the test files choose what they import)
+    monkeypatch.setattr(engine.run, "default_device", lambda: "cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

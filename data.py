@@ -21,11 +21,11 @@ and are never touched here).
 Usage:
     bench = load_benchmark("eurosat", root="$DATA", shots=16, seed=1, subsample="base")
     res = clip_model.visual.input_resolution          # 224 for ViT-B/16; a tiny test CLIP may use 32
-    train_set = ImageDataset(bench.train, train_transform(res))
+    loader = make_loader(bench.train, train_transform(res), batch_size=4, train=True, workers=0)
     python data.py --check --root $DATA               # what is on disk, against the expected counts
 
-Left out: no dataset downloading, no split generation, no Dassl `repeat=True` sampling, no data
-loaders (train.py builds those), no reading of Dassl's pickles.
+Left out: no dataset downloading, no split generation, no Dassl `repeat=True` sampling, no reading
+of Dassl's pickles.
 """
 
 import argparse
@@ -882,6 +882,15 @@ class ImageDataset(torch.utils.data.Dataset):
         except (OSError, Image.DecompressionBombError) as e:  # PIL's messages do not say which file
             raise OSError(f"could not read image {d.impath}: {e}. Re-extract or remove it from the split.") from e
         return image, d.label, index
+
+
+def make_loader(items, transform, batch_size, train, workers, device="cpu"):
+    """train.py's loader: shuffled with drop_last when training (Dassl's; kept when fewer images than
+    a batch), in order for a test."""
+    return torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=batch_size,
+                                       shuffle=train, drop_last=train and len(items) >= batch_size,
+                                       num_workers=workers, pin_memory=device.startswith("cuda"),
+                                       persistent_workers=workers > 0)
 
 
 def check_image_headers(paths, source):

@@ -6,28 +6,22 @@ plain loop.
     python train.py --method mpl --dataset eurosat --root $DATA --clip ViT-B/16   # the paper's
     python train.py --method isp --help                 # every flag, the method's included
 
-Methods (all presets of two files plus zero-shot):
-    zeroshot  CLIP with CoOp's hand-written template of the dataset, no training
-    mpl       Modular Prompt Learning (mpl.py), official vit_b4_c1_add2_rm1 recipe
-    maple     MaPLe = mpl.py with one add and n_ctx removes per layer (each deep layer replaces them)
-    isp       Integrated Structural Prompts + sample probing (isp.py), PromptSRC's recipe
-    ivlp      IVLP deep prompts = isp.py with its structural modules and sample probing off
+Methods, all presets of two files plus zero-shot: zeroshot (CLIP with CoOp's template of the
+dataset), mpl (mpl.py, the official add2/rm1 recipe), maple (mpl.py: one add and n_ctx removes per
+layer), isp (isp.py with sample probing, PromptSRC's recipe), ivlp (isp.py, both switched off).
 
 The recipe is the papers' (Dassl's trainer as the official configs set it): SGD (momentum 0.9,
 weight decay 5e-4), a per-epoch cosine schedule after one warm-up epoch at a constant 1e-5,
 drop_last, the last-epoch model, top-1 micro accuracy. `--subsample base2new` (the default) trains
 on the base classes, then evaluates the same prompts on the base test set and, rebuilt with the new
-class names, on the new test set, and reports HM = 2BN / (B + N).
-
-Not here: multi-GPU, config files, a trainer registry. The run directory (lock, log, checkpoints,
-resume, results.json) is engine/run.py's Run; whole protocols are tools/protocols.py.
+class names, on the new test set, and reports HM = 2BN / (B + N). The run directory (lock, log,
+checkpoints, resume, results.json) is engine/run.py's Run; whole protocols are tools/protocols.py.
 """
 import argparse
 import dataclasses
 import math
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -39,7 +33,7 @@ import data
 import isp
 import mpl
 from engine import checkpoints, cli, clip_engine, inputs, rundir
-from engine.precision import PRECISION_HELP, PRECISIONS, precision_setup, resolve_precision
+from engine.precision import precision_setup
 from engine.run import Run, cpu_count, run_flags, set_deterministic
 
 # --------------------------------------------------------------------------------------------------
@@ -60,12 +54,11 @@ class Recipe:
 MPL_XD = dict(mpl.CROSS_DATASET, lr=0.0026, epochs=2)  # the official _cross_datasets configs
 RECIPES = {
     "zeroshot": Recipe(),
-    # MPL configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml (+ _cross_datasets: depth 3, lr 0.0026, 2 ep.)
+    # MPL configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml (+ _cross_datasets: depth 3, lr .0026, 2 ep)
     "mpl": Recipe(mpl.MPL, mpl.PRESETS["mpl"], lr=0.0035, epochs=5, cross_dataset=MPL_XD),
     # MaPLe vit_b16_c2_ep5_batch4_2ctx.yaml (+ _cross_datasets)
     "maple": Recipe(mpl.MPL, mpl.PRESETS["maple"], lr=0.0035, epochs=5, cross_dataset=MPL_XD),
-    # INFERRED (docs/isp_reconstruction.md §6): PromptSRC's vit_b16_c2_ep20_batch4_4+4ctx
-    # (_cross_datasets: depth 3)
+    # INFERRED (docs/isp_reconstruction.md §6): PromptSRC's vit_b16_c2_ep20_batch4_4+4ctx (+ _xd)
     "isp": Recipe(isp.ISP, isp.PRESETS["isp"], lr=0.0025, epochs=20, cross_dataset=dict(depth=3)),
     # PromptSRC's IVLP 4+4 baseline, the same recipe
     "ivlp": Recipe(isp.ISP, isp.PRESETS["ivlp"], lr=0.0025, epochs=20, cross_dataset=dict(depth=3)),
@@ -77,22 +70,18 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     add = p.add_argument
     add("--method", default="mpl", choices=list(RECIPES), help="which method")
-    add("--dataset", default=None, help="a dataset of data.py's table (eurosat, imagenet, ..., "
-        "mini_world_fine, ...) or the folder of your own (path/to/mydata: see the README); "
-        "default: the built-in mini world, which needs no download")
-    add("--root", default=os.environ.get("DATA", "data"), help="the datasets' folder: the CoOp "
-        "tree ($DATA), where the mini world is also drawn (<root>/mini_world*); default: $DATA if "
-        "set, else data")
+    add("--dataset", default=None, help="a dataset of data.py's table (eurosat, ..., mini_world_"
+        "fine) or a folder of your own (README); default: the built-in mini world, no download")
+    add("--root", default=os.environ.get("DATA", "data"), help="the CoOp datasets' folder, where "
+        "the mini world is drawn too (<root>/mini_world*); default: $DATA if set, else data")
     add("--shots", type=int, default=16, help="training images per class (Dassl few-shot draw)")
     add("--seed", type=int, default=1, help="the papers use seeds 1, 2, 3")
-    add("--subsample", default="base2new", choices=["base2new", "all", "base", "new"],
-        help="base2new: train on base classes, test on base and new (default); all/base/new: "
-        "train and test on those classes")
+    add("--subsample", default="base2new", choices=["base2new", "all", "base", "new"], help="base"
+        "2new: train on base classes, test on base and new; all/base/new: those classes only")
     add("--epochs", type=int, default=None, help=f"default: the method's recipe. Epoch 1 is the "
         f"warm-up at a constant LR of {WARMUP_LR:g}, so --epochs 1 learns next to nothing")
     add("--lr", type=float, default=None, help="base learning rate; default: the method's recipe")
     add("--batch-size", type=int, default=None, help="default: the method's recipe (4)")
-    add("--test-batch-size", type=int, default=100, help="images per evaluation batch")
     add("--momentum", type=float, default=0.9, help="SGD momentum")
     add("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     add("--cross-dataset", action="store_true", help="the cross-dataset / domain-generalisation "
@@ -102,19 +91,11 @@ def get_args(argv=None):
     add("--load", default=None, help="initialise the prompts from a checkpoint: ours, or an "
         "official model.pth.tar-N of MPL (--method mpl), MaPLe (maple) or PromptSRC's IVLP (ivlp)")
     add("--eval-only", action="store_true", help="no training; evaluate (the prompts of --load)")
-    add("--device", default=default_device(), help="default: cuda when a GPU is visible, else cpu")
-    add("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     add("--crop-scale", type=float, default=None, help="smallest area of the training "
         "RandomResizedCrop (default: the dataset's: Dassl's 0.08 on the benchmarks, data.py)")
-    add("--text-chunk", type=int, default=128, help="encode at most this many classes at a time "
-        "(exact; saves memory for large class sets); 0: all at once")
-    run_flags(p)  # the run directory's and the machine's: --output, --resume, --workers, ...
-    # The method's own hyper-parameters become flags: a first look at --method, before --help.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="mpl", choices=list(RECIPES))
-    config = RECIPES[pre.parse_known_args(argv)[0].method].config
-    if config is not None:
-        cli.config_flags(p, config)  # one flag per field, its help the field's annotation
+    run_flags(p)  # where and how the run computes and is kept: --device, --precision, --output..
+    config = RECIPES[cli.peek(argv, "--method", default="mpl", choices=list(RECIPES))].config
+    cli.config_flags(p, config)  # the method's hyper-parameters: a flag per field of its config
     args = p.parse_args(argv)
     if args.crop_scale is None:
         args.crop_scale = inputs.crop_scale(args.dataset)  # the dataset's (data.DatasetSpec)
@@ -124,20 +105,14 @@ def get_args(argv=None):
     return args
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def method_config(args):
-    """The method's config: its preset, then --cross-dataset, then explicit flags (highest
-    priority)."""
+    """The method's config: its preset, then --cross-dataset, then explicit flags (highest)."""
     r = RECIPES[args.method]
     if r.config is None:
         return None
     names = {f.name for f in dataclasses.fields(r.config)}
     changes = {k: v for k, v in r.cross_dataset.items() if k in names} if args.cross_dataset else {}
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    changes.update(flags)
+    changes.update({k[4:]: v for k, v in vars(args).items() if k[:4] == "cfg_" and v is not None})
     if args.method == "maple" and "n_rm" not in changes:  # MaPLe removes the n_ctx tokens it added
         return mpl.maple(**changes)
     return dataclasses.replace(r.config, **changes)
@@ -166,11 +141,9 @@ def build_model(args, clip_model, classnames, template, method=None):
 # Training and evaluation
 
 def get_lr(epoch, base_lr, epochs):
-    """LR used during 0-based `epoch`, Dassl's scheduler as the official configs set it:
-    1) epoch 0 is a warm-up at a constant 1e-5;
-    2) then cosine annealing over T = epochs, restarted after the warm-up, so it is shifted by one
-       epoch and never reaches 0 (MaPLe, lr 0.0035, 5 epochs: 1e-5, 0.0035, 0.003166, 0.002291,
-       0.001209)."""
+    """LR used during 0-based `epoch`, Dassl's scheduler as the official configs set it: epoch 0 a
+    warm-up at a constant 1e-5, then cosine annealing over T = epochs restarted after it, so shifted
+    by one epoch, never reaching 0 (MaPLe, .0035, 5 epochs: 1e-5, .0035, .00317, .00229, .00121)."""
     if epoch == 0:
         return WARMUP_LR
     return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
@@ -196,7 +169,7 @@ def train(model, items, args, run, autocast, scaler):
         print(f"note: --epochs 1 trains only the warm-up epoch, at a constant LR of {WARMUP_LR:g}; "
               f"the recipe's LR {lr:g} starts with epoch 2")
     transform = data.train_transform(model.clip.visual.input_resolution, args.crop_scale)
-    loader = make_loader(items, transform, batch_size, True, args.workers, args.device)
+    loader = data.make_loader(items, transform, batch_size, True, args.workers, args.device)
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(epoch, lr, epochs)
@@ -217,21 +190,14 @@ def train(model, items, args, run, autocast, scaler):
     return run.timing()
 
 
-def make_loader(items, transform, batch_size, train, workers, device="cpu"):
-    dataset = data.ImageDataset(items, transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train,
-                                       drop_last=train and len(items) >= batch_size,
-                                       num_workers=workers, pin_memory=device.startswith("cuda"),
-                                       persistent_workers=workers > 0)
-
-
 @torch.no_grad()
 def evaluate(model, items, args, autocast, per_class=None):
     """Top-1 micro accuracy (%) over `items`. The class side is encoded once, not once per batch.
     A dict passed as `per_class` receives each label's accuracy (%) over its own test images."""
     model.eval()
     transform = data.test_transform(model.clip.visual.input_resolution)
-    loader = make_loader(items, transform, args.test_batch_size, False, args.workers, args.device)
+    loader = data.make_loader(items, transform, args.test_batch_size, False, args.workers,
+                              args.device)
     correct, hits = 0, {}
     with autocast():
         classes = model.encode_classes()
@@ -251,23 +217,27 @@ def hm(base, new):
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
+def with_hm(acc):
+    """{"base": B, "new": N} gains "hm"; other splits stay as they are."""
+    return dict(acc, hm=hm(acc["base"], acc["new"])) if "new" in acc else acc
+
+
 # --------------------------------------------------------------------------------------------------
 # One run: CoCoOp's base-to-new protocol (train on the base classes, test base and new)
 
 def base_to_new(args, run, clip_model, benchmarks=None):
-    """Train on the base classes (or all / base / new), evaluate; returns (results, the model, whether
-    it trained). `benchmarks`: {"base": Benchmark, "new": Benchmark} from a test or a protocol."""
+    """Train on the base classes (or all / base / new), evaluate; returns (results, the model,
+    whether it trained). `benchmarks`: {"base": Benchmark, "new": Benchmark} (a test, a protocol)."""
     train_on = "base" if args.subsample == "base2new" else args.subsample
     splits = [train_on] + (["new"] if args.subsample == "base2new" else [])
-    benches = {k: benchmarks[k] if benchmarks is not None else inputs.benchmark(args, k)
-               for k in splits}
+    benches = benchmarks or {k: inputs.benchmark(args, k) for k in splits}
     # Both models are built now, the new classes' first, so that a fault in them (a missing test
     # image, a class name too long for CLIP) stops the run before the training, not after it.
     models = {}
     for k in reversed(splits):
-        if k == train_on:
-            torch.manual_seed(args.seed)  # prompt initialisation draws from the torch RNG
-        models[k] = build_for(args, clip_model, benches[k])
+        torch.manual_seed(args.seed)  # prompt initialisation draws from the torch RNG: one start
+        with inputs.naming_long_classes(benches[k], clip_model):
+            models[k] = build_model(args, clip_model, benches[k].classnames, benches[k].template)
     bench, model = benches[train_on], models[train_on].to(args.device)
     autocast, scaler, precision = precision_setup(args.precision, args.device, model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -275,13 +245,12 @@ def base_to_new(args, run, clip_model, benchmarks=None):
           f"{len(bench.train)} training images, {n_trainable:,} trainable parameters, precision "
           f"{precision}, run directory {run.dir}")
     load_sha256 = inputs.load_prompts(args, model, run.dir)  # --load
-    sec_per_step, history = None, []
     trains = not args.eval_only and recipe(args)[1] > 0 and n_trainable > 0
     if trains:
         inputs.check_trainable(bench)  # a test-only set has nothing to train on
         if args.deterministic:
             set_deterministic()
-        sec_per_step, history = train(model, bench.train, args, run, autocast, scaler)
+        train(model, bench.train, args, run, autocast, scaler)
 
     acc, per_class = {}, {}
     for k in splits:  # the same prompts, in the model of each class set
@@ -292,15 +261,12 @@ def base_to_new(args, run, clip_model, benchmarks=None):
         by_label = {}
         acc[k] = evaluate(models[k], benches[k].test, args, autocast, by_label)
         per_class[k] = {benches[k].classnames[label]: v for label, v in by_label.items()}
-    if "new" in acc:
-        acc["hm"] = hm(acc["base"], acc["new"])
+    acc = with_hm(acc)
     print(f"{args.method} {bench.name} seed {args.seed}: "
           + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     results = dict(method=args.method, dataset=bench.name, seed=args.seed, shots=args.shots,
-                   subsample=args.subsample, accuracy=acc, config=run.config(model),
-                   identity=run.identity, trainable_params=n_trainable, sec_per_step=sec_per_step,
-                   precision=precision, device=args.device, load_sha256=load_sha256,
-                   history=history, per_class_accuracy=per_class)
+                   subsample=args.subsample, accuracy=acc, trainable_params=n_trainable,
+                   precision=precision, load_sha256=load_sha256, per_class_accuracy=per_class)
     if args.method != "zeroshot" and benchmarks is None and data.is_world(args.dataset):
         results["zeroshot"] = zero_shot(args, clip_model, autocast, benches)  # cheap here
     return results, model, trains
@@ -312,10 +278,8 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
     second one started on the same directory stops with rundir.Locked."""
     args = get_args(argv)
     if benchmarks is None:
-        inputs.check_dataset(args)  # an unknown --dataset, a --root that is not there: said now,
-        inputs.check_root(args.root, args.dataset)  # before CLIP loads
+        inputs.check_dataset(args)  # an unknown --dataset, a missing --root: said before CLIP loads
     with Run(args, recipe(args), argv, dataset=inputs.dataset_name(args)) as run:
-        t_start = time.time()
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -328,41 +292,23 @@ def main(argv=None, clip_model=None, benchmarks=None, extra=None):
         if done is not None:
             return done  # a finished run of these very settings
         results, model, trained = base_to_new(args, run, clip_model, benchmarks)
-        results.update(wall_seconds=time.time() - t_start, **(extra or {}))
-        return run.finish(results, model, trained)
-
-
-# --------------------------------------------------------------------------------------------------
-# The model of a class set, zero-shot CLIP beside the run, the run's identity
-
-def build_for(args, clip_model, b):
-    """The model of benchmark b's class set; a class whose prompt does not fit CLIP's context is
-    named, with the file that defines it."""
-    try:
-        return build_model(args, clip_model, b.classnames, b.template)
-    except ValueError as e:
-        raise inputs.class_name_error(e, b, clip_model.positional_embedding.shape[0]) from None
+        return run.finish(dict(results, **(extra or {})), model, trained)
 
 
 def zero_shot(args, clip_model, autocast, benches):
     """Zero-shot CLIP's accuracy on the same split, printed beside the run's."""
-    zs = {}
-    for split, b in benches.items():
-        model = build_model(args, clip_model, b.classnames, b.template, "zeroshot")
-        zs[split] = evaluate(model.to(args.device), b.test, args, autocast)
-    if "new" in zs:
-        zs["hm"] = hm(zs["base"], zs["new"])
+    models = {k: build_model(args, clip_model, b.classnames, b.template, "zeroshot")
+              for k, b in benches.items()}
+    zs = with_hm({k: evaluate(models[k].to(args.device), b.test, args, autocast)
+                  for k, b in benches.items()})
     print("zero-shot CLIP (same split): " + "  ".join(f"{k} {v:.2f}" for k, v in zs.items()))
     return zs
 
 
 def run_identity(args, clip_model, clip_fingerprint=None, benchmarks=None):
-    """What a run of these flags computes on this CLIP and these data (engine/inputs.py); tools/
-    protocols.py computes it too, before deciding to skip."""
-    fingerprint = clip_fingerprint or rundir.weights_fingerprint(clip_model)
-    precision = resolve_precision(args.precision, args.device)
-    return inputs.run_identity(args, recipe(args), method_config(args), precision, fingerprint,
-                               benchmarks)
+    """What a run of these flags computes on this CLIP and these data (engine/inputs.py)."""
+    return inputs.run_identity(args, recipe(args), method_config(args), clip_fingerprint
+                               or rundir.weights_fingerprint(clip_model), benchmarks)
 
 
 if __name__ == "__main__":

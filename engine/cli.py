@@ -126,10 +126,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 # ----------------------------------------------------------------------------------------------------------------------
 # train.py's flags: the method's config as flags, and the values refused when the command is parsed
 
+def peek(argv, flag, **kw):
+    """One flag's value, read before the whole parser is built (train.py's --method, whose config's fields become
+    flags); kw as for add_argument."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(flag, **kw)
+    return vars(pre.parse_known_args(argv)[0])[flag.lstrip("-").replace("-", "_")]
+
+
 def config_flags(parser, config):
     """One flag per field of a method's config dataclass, e.g. --n-ctx, --isp-self/--no-isp-self. Its help is the
     field's annotation in mpl.py / isp.py, `Annotated[type, "help [source]"]`, so the config stays the one place where
-    a setting is explained."""
+    a setting is explained. No config (zero-shot CLIP): no flags."""
+    if config is None:
+        return
     hints = typing.get_type_hints(type(config), include_extras=True)
     group = parser.add_argument_group(f"{type(config).__name__} (defaults: the preset)")
     for f in dataclasses.fields(config):

@@ -6,10 +6,12 @@ run computes; engine/rundir.py). tools/protocols.py uses it too.
 """
 import dataclasses
 import os
+from contextlib import contextmanager
 
 import data
 from engine import checkpoints
 from engine import rundir
+from engine.precision import resolve_precision
 
 DEFAULT_DATASET = "mini_world"  # no --dataset: the built-in mini world, which needs no download
 
@@ -27,8 +29,9 @@ def name_of(dataset):
 
 
 def check_dataset(args):
-    """An unknown --dataset, said before CLIP loads."""
+    """An unknown --dataset, or a --root that is not there (check_root): said before CLIP loads."""
     check_dataset_name(args.dataset)
+    check_root(args.root, args.dataset)
 
 
 def check_dataset_name(name):
@@ -113,13 +116,13 @@ def data_fingerprint(args, benchmarks=None):
     return data.split_fingerprint(args.dataset or DEFAULT_DATASET, args.root)
 
 
-def run_identity(args, recipe, cfg, precision, clip_fingerprint, benchmarks=None):
+def run_identity(args, recipe, cfg, clip_fingerprint, benchmarks=None):
     """What a run of these flags computes on this CLIP and these data (rundir.identity): the
     method's config, the precision as resolved, the CLIP's weights fingerprint, the dataset's split
-    and class names."""
+    and class names. tools/protocols.py computes it too (train.run_identity), before skipping."""
     ident = rundir.identity(args, recipe, dataclasses.asdict(cfg) if cfg is not None else None,
                             clip_fingerprint, data_fingerprint(args, benchmarks), dataset_name(args))
-    ident["precision"] = precision
+    ident["precision"] = resolve_precision(args.precision, args.device)
     return ident
 
 
@@ -146,3 +149,13 @@ def class_name_error(e, b, context):
     return ValueError(f"--dataset {b.name}: the class name {name!r} is too long: this method's "
                       f"prompt with it exceeds CLIP's context of {context} tokens; shorten it in "
                       f"{b.source or 'the class list'}")
+
+
+@contextmanager
+def naming_long_classes(b, clip_model):
+    """Around building benchmark b's model: a class whose prompt does not fit CLIP's context is
+    named, with the file that defines it (class_name_error)."""
+    try:
+        yield
+    except ValueError as e:
+        raise class_name_error(e, b, clip_model.positional_embedding.shape[0]) from None

@@ -12,7 +12,8 @@ loss, LR and seconds). What the directory guarantees: docs/runs.md.
           ...                            one step
           run.after_step(loss, params, scaler)  nothing non-finite goes on; the loss summed
       run.end_epoch(model, optimizer, scaler)   checkpoint.pt (atomic), history, the epoch's line
-      run.finish(results, model, trained)  results.json (a run that trained nothing: its checkpoint too)
+      run.finish(results, model, trained)  results.json, with the run's identity, config, timing, history
+                                         (a run that trained nothing: its checkpoint too)
 
 Ctrl-C or SIGTERM (engine/cli.py) leaves the checkpoint of the last epoch that finished; the `with` releases the lock
 and writes on the exception what is kept and the command that goes on from it (interrupted), which cli.run prints.
@@ -35,6 +36,7 @@ from tqdm import tqdm
 import clip_layers
 from engine import checkpoints
 from engine import rundir
+from engine.precision import PRECISION_HELP, PRECISIONS
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder of train.py
 
@@ -57,6 +59,7 @@ class Run:
         also goes to train.log."""
         self._stack.enter_context(rundir.RunLock(self.dir, steal=self.args.steal_lock))
         self._stack.enter_context(log_to(os.path.join(self.dir, "train.log"), self.argv))
+        self.t_start = time.time()
         return self
 
     def __exit__(self, *exc):
@@ -166,11 +169,15 @@ class Run:
         return sum(self.step_times[1:]) / max(1, len(self.step_times) - 1), self.history
 
     def finish(self, results, model, trained):
-        """results.json (atomic), with the commit of the code; a run that trained nothing first
-        writes the checkpoint of what it evaluated (untrained_checkpoint), so the two agree."""
+        """results.json (atomic): the run's results, with its config, identity, timing, history and
+        the commit of the code; a run that trained nothing first writes the checkpoint of what it
+        evaluated (untrained_checkpoint), so the two agree."""
         if not trained:
             untrained_checkpoint(self.checkpoint, model, self.args, self.recipe, self.identity)
-        results = dict(results, git_commit=git_commit())
+        sec_per_step, history = self.timing() if trained else (None, [])
+        results = dict(results, config=self.config(model), identity=self.identity,
+                       device=self.args.device, sec_per_step=sec_per_step, history=history,
+                       wall_seconds=time.time() - self.t_start, git_commit=git_commit())
         rundir.save_json(results, os.path.join(self.dir, "results.json"))
         return results
 
@@ -178,8 +185,19 @@ class Run:
 # --------------------------------------------------------------------------------------------------
 # The flags of the run directory and the machine (train.py's --help lists them with its own)
 
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_flags(p):
+    """train.py's flags for where and how a run computes and keeps its results; none of them changes
+    what the method is."""
     add = p.add_argument
+    add("--device", default=default_device(), help="default: cuda when a GPU is visible, else cpu")
+    add("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    add("--test-batch-size", type=int, default=100, help="images per evaluation batch")
+    add("--text-chunk", type=int, default=128, help="encode at most this many classes at a time "
+        "(exact; saves memory for large class sets); 0: all at once")
     add("--output", default=None, help="this one run's directory (default: output/<dataset>/"
         "<method>/shots<K>_seed<S>); tools/protocols.py's --output is the root folder above its "
         "runs' directories")

@@ -144,10 +144,10 @@ def test_tests_run_on_the_cpu_where_cuda_is_the_default(tiny, monkeypatch):
 def test_loader_pins_memory_only_for_cuda_and_keeps_its_workers(colours, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     tf = data.test_transform(32)
-    assert not train.make_loader(colours.train, tf, 4, True, 0, "cpu").pin_memory
-    assert train.make_loader(colours.train, tf, 4, True, 0, "cuda").pin_memory
-    assert train.make_loader(colours.train, tf, 4, True, 2, "cpu").persistent_workers
-    assert not train.make_loader(colours.train, tf, 4, True, 0, "cpu").persistent_workers
+    assert not data.make_loader(colours.train, tf, 4, True, 0, "cpu").pin_memory
+    assert data.make_loader(colours.train, tf, 4, True, 0, "cuda").pin_memory
+    assert data.make_loader(colours.train, tf, 4, True, 2, "cpu").persistent_workers
+    assert not data.make_loader(colours.train, tf, 4, True, 0, "cpu").persistent_workers
 
 
 def test_the_loop_checks_finiteness_once_per_step_in_one_reduction(tmp_path, tiny, colours, monkeypatch):

@@ -61,7 +61,7 @@ def test_training_lowers_loss_and_beats_chance(tmp_path, tiny, colours, capsys):
     args = train.get_args(["--method", "maple", "--depth", "2"])
     torch.manual_seed(0)
     model = train.build_model(args, tiny, colours.classnames, colours.template)
-    loader = train.make_loader(colours.train, data.test_transform(32), 32, False, 0)
+    loader = data.make_loader(colours.train, data.test_transform(32), 32, False, 0)
     images, labels, _ = next(iter(loader))
     losses = sgd_steps(model, lambda: train.loss_fn(model(images), labels), steps=30, lr=0.2)
     with torch.no_grad():

@@ -122,10 +122,8 @@ def recipe(args):
     """(lr, epochs, batch size): flags override --cross-dataset, which overrides the recipe."""
     r = RECIPES[args.method]
     xd = r.cross_dataset if args.cross_dataset else {}
-    lr, epochs = xd.get("lr", r.lr), xd.get("epochs", r.epochs)
-    return (args.lr if args.lr is not None else lr,
-            args.epochs if args.epochs is not None else epochs,
-            args.batch_size if args.batch_size is not None else r.batch_size)
+    pick = lambda flag, name: flag if flag is not None else xd.get(name, getattr(r, name))
+    return pick(args.lr, "lr"), pick(args.epochs, "epochs"), pick(args.batch_size, "batch_size")
 
 
 def build_model(args, clip_model, classnames, template, method=None):

@@ -593,8 +593,9 @@ def render_world(root, seed=0, datasets=tuple(WORLD_DATASETS)):
     folders = {}
     for name in datasets:
         folders[name], rendered = _render_dataset(root, name, seed)
-        if rendered:
-            print(f"rendered {name} to {folders[name]}")
+        if rendered:  # the folder as the user would type it: relative when under the working directory
+            where = os.path.relpath(folders[name])
+            print(f"rendered {name} to {folders[name] if where.startswith('..') else where}")
     return folders
 
 

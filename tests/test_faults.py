@@ -160,7 +160,10 @@ def test_ctrl_c_then_sigterm_of_train_py_keep_the_last_epoch_and_resume_from_it(
     for signum, status, said in ((signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143,
                                                                                  "terminated (SIGTERM)")):
         with open(tmp_path / "out.txt", "w") as out:
-            p = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True)
+            # Ctrl-C's default in the child, whatever this suite inherited: a shell starts a job it sends to the
+            # background (`.ci/run &`) with SIGINT ignored, and Python then never raises KeyboardInterrupt.
+            p = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.time() + 120
             while (checkpoint_epoch(run_dir / "checkpoint.pt") or 0) <= kept and time.time() < deadline:

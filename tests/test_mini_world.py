@@ -105,15 +105,20 @@ def test_split_json_schema_and_counts(tmp_path, small_world):
     assert labels("mini_world_shift") == labels("mini_world")
 
 
-def test_render_world_is_idempotent_and_keeps_user_files(tmp_path, small_world):
+def test_render_world_is_idempotent_and_keeps_user_files(tmp_path, small_world, monkeypatch, capsys):
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
     folder = mini_world.render_world(tmp_path)["mini_world"]
+    assert "rendered mini_world to mini_world\n" in capsys.readouterr().out  # under the working directory: relative
     split_file = os.path.join(folder, mini_world.WORLD_SPLIT_FILES["mini_world"])
     (tmp_path / "mini_world" / "split_fewshot").mkdir()  # what the loader caches next to the split
     mtime = os.stat(split_file).st_mtime_ns
     mini_world.render_world(tmp_path)
     assert os.stat(split_file).st_mtime_ns == mtime  # skipped: manifest matches
+    monkeypatch.chdir(tmp_path / "elsewhere")
     mini_world.render_world(tmp_path, seed=1)  # another seed re-renders in place ...
+    assert f"rendered mini_world to {tmp_path / 'mini_world'}\n" in capsys.readouterr().out  # not under it: whole
     assert os.stat(split_file).st_mtime_ns != mtime
     assert (tmp_path / "notes.txt").read_text() == "mine"  # ... and touches nothing it did not make
     assert (tmp_path / "mini_world" / "split_fewshot").is_dir()

@@ -595,7 +595,8 @@ def render_world(root, seed=0, datasets=tuple(WORLD_DATASETS)):
         folders[name], rendered = _render_dataset(root, name, seed)
         if rendered:  # the folder as the user would type it: relative when under the working directory
             where = os.path.relpath(folders[name])
-            print(f"rendered {name} to {folders[name] if where.startswith('..') else where}")
+            outside = where == os.pardir or where.startswith(os.pardir + os.sep)
+            print(f"rendered {name} to {folders[name] if outside else where}")
     return folders
 
 
